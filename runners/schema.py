@@ -1,0 +1,118 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+Every default is defined here exactly once; the YAML files in `conf/` only pick and override.
+A typo in an override (`model.pathh=...`) fails at compose time because the nodes are typed.
+Method schemas live with their methods (`<Method>.Config`) and are registered from the method
+registry, so adding a method needs no edit here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyModelConfig:
+    """A randomly initialised model built in code (tests, CI)."""
+    arch: str = "llama"  # llama | mistral
+    hidden_size: int = 64
+    intermediate_size: int = 160
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name shown in tables
+    source: str = MISSING  # smollm2_gguf | pretrained | tiny
+    path: Optional[str] = None  # hub id or local folder (source=pretrained)
+    revision: Optional[str] = None
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # pydoc | text | wikitext2 | c4
+    path: Optional[str] = None  # folder with valid.txt/train.txt and test.txt (name=text)
+
+
+@dataclass
+class CalibConfig:
+    nsamples: int = 32
+    seqlen: int = 512
+
+
+@dataclass
+class EvalConfig:
+    name: str = "ppl"
+    seqlen: int = MISSING  # tokens per perplexity window; printed in every table header
+    max_windows: Optional[int] = None  # first N windows only (CPU runs); null = all
+    datasets: List[str] = field(default_factory=list)  # perplexity datasets; empty = [data.name]
+
+
+@dataclass
+class KernelConfig:
+    name: str = "torch"  # torch | triton
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # wandb | none
+    project: str = "vq-bench"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online (online needs WANDB_API_KEY in the environment)
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class HessianConfig:
+    # quantized: block i's inputs come from the already-quantized blocks (GPTQ "sequential")
+    # float: Hessians of the float model (VPTQ, QuIP#): every layer independent
+    protocol: str = "quantized"
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class SaveConfig:
+    quantized: bool = False  # write a Hugging Face model folder of the quantized model
+    dir: Optional[str] = None  # default: <job dir>/quantized_model
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    method: Any = MISSING
+    kernel: KernelConfig = MISSING
+    data: DataConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    hessian: HessianConfig = field(default_factory=HessianConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    bits: float = 2.0  # target average TOTAL bits per weight over the quantized linears
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    results_root: str = "outputs"  # where finished runs are looked up (resume) and written
+    resume: bool = True  # skip a job whose run_key already finished under results_root
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="eval", name="eval_schema", node=EvalConfig)
+    cs.store(group="kernel", name="kernel_schema", node=KernelConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    from vptq.methods import METHODS, method_class
+
+    for name in METHODS:
+        cs.store(group="method", name=f"{name}_schema", node=method_class(name).Config)

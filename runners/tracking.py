@@ -1,0 +1,73 @@
+"""Experiment tracking. Local metrics.json files are the source of truth; W&B mirrors them.
+
+logger=wandb runs offline by default (no key, no network; `wandb sync <dir>` uploads later):
+one W&B run per job, the sweep as its group, the full resolved config, tags for
+model/method/bits, per-block quantization curves as history and the metrics as summary.
+An API key is read by wandb from its own environment/netrc; we never write it anywhere.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+from runners.errors import choices_error
+
+log = logging.getLogger(__name__)
+LOGGERS = ("wandb", "none")
+
+
+class Tracker:
+    def log(self, data: Dict[str, Any]) -> None:
+        pass
+
+    def summary(self, data: Dict[str, Any]) -> None:
+        pass
+
+    def finish(self, failed: bool = False) -> None:
+        pass
+
+
+class WandbTracker(Tracker):
+    def __init__(self, *, project: str, entity: Optional[str], mode: str, name: str, group: Optional[str],
+                 tags: List[str], config: Dict[str, Any], job_dir: str):
+        import wandb
+
+        if mode not in ("offline", "online", "disabled"):
+            raise choices_error("logger.mode", mode, ["offline", "online", "disabled"])
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb = wandb
+        self.run = wandb.init(project=project, entity=entity, mode=mode, name=name, group=group, tags=tags,
+                              config=config, dir=job_dir, reinit="finish_previous",
+                              settings=wandb.Settings(console="off", x_disable_stats=True))
+
+    def log(self, data):
+        self.run.log(data)
+
+    def summary(self, data):
+        for k, v in _flatten(data).items():
+            self.run.summary[k] = v
+
+    def finish(self, failed=False):
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out
+
+
+def make_tracker(cfg, *, name: str, group: Optional[str], tags: List[str], config: Dict[str, Any],
+                 job_dir: str) -> Tracker:
+    if cfg.name == "none":
+        return Tracker()
+    if cfg.name == "wandb":
+        return WandbTracker(project=cfg.project, entity=cfg.entity, mode=cfg.mode, name=name, group=group,
+                            tags=list(cfg.tags) + tags, config=config, job_dir=job_dir)
+    raise choices_error("logger", cfg.name, LOGGERS)

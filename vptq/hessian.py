@@ -1,0 +1,72 @@
+"""Hessian collection: H = E[x xᵀ] of a linear layer's inputs over the calibration tokens.
+
+The layer-wise proxy loss every second-order method minimises is
+    tr((W - Ŵ) H (W - Ŵ)ᵀ)     (GPTQ eq. 1, VPTQ eq. 2)
+with H the (in_features, in_features) second moment of the layer's inputs. `HessianAccumulator`
+is fed by forward hooks in the layer-by-layer driver; `save`/`load` let runs reuse Hessians.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+
+class HessianAccumulator:
+    """Running E[x xᵀ] over all tokens seen. x: (..., in_features)."""
+
+    def __init__(self, in_features: int, device, dtype: torch.dtype = torch.float32):
+        self.sum = torch.zeros(in_features, in_features, device=device, dtype=dtype)
+        self.count = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)  # (tokens, in)
+        self.sum.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no calibration tokens reached this layer: the calibration data is empty")
+        return self.sum / self.count
+
+
+def damp_(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Add percdamp * mean(diag H) to the diagonal, in place (GPTQ's damping)."""
+    d = torch.diagonal(H)
+    d += percdamp * torch.mean(d)
+    return H
+
+
+def dead_columns(H: torch.Tensor) -> torch.Tensor:
+    """Input columns that never see a non-zero activation (diag(H) == 0): bool (in_features,)."""
+    return torch.diagonal(H) == 0
+
+
+def proxy_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - Ŵ) H (W - Ŵ)ᵀ), computed in float64."""
+    D = (W.double() - What.double())
+    return float(torch.einsum("oi,ij,oj->", D, H.double(), D))
+
+
+def relative_proxy_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
+    """Proxy loss divided by tr(W H Wᵀ): the fraction of the layer's output energy lost."""
+    den = float(torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double()))
+    return proxy_loss(W, What, H) / max(den, 1e-30)
+
+
+def save_hessians(path: str, hessians: Dict[str, torch.Tensor], meta: Optional[Dict[str, str]] = None) -> None:
+    """Atomically write {linear name: H} as safetensors."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous().cpu() for k, v in hessians.items()}, tmp, metadata=meta or {})
+    os.replace(tmp, path)
+
+
+def load_hessians(path: str, device="cpu") -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path, device=str(device))

@@ -1,0 +1,87 @@
+"""The method registry and the one call shape every method has.
+
+`METHODS` maps a registry name to "module:Class"; classes are imported lazily so heavy
+optional dependencies load only when used. A method is constructed from its typed config
+(`Class.Config`, a dataclass that is also its Hydra schema), the run's `bits` budget and seed,
+and quantizes one linear at a time: `quantize_layer(W, H, name=...) -> QuantizedWeight`.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import zlib
+from typing import Any, ClassVar, Dict, Iterable, Optional, Tuple
+
+import torch
+
+from vptq.qweight import QuantizedWeight
+
+METHODS: Dict[str, str] = {
+    "fp16": "baselines.fp16:FP16",
+    "rtn": "baselines.rtn:RTN",
+}
+
+
+class BudgetError(ValueError):
+    """No configuration of the method meets the requested bits budget."""
+
+
+def method_class(name: str):
+    if name not in METHODS:
+        from runners.errors import choices_error
+
+        raise choices_error("method", name, METHODS)
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_method(name: str, config: Any, *, bits: Optional[float], seed: int = 0) -> "Method":
+    return method_class(name)(config, bits=bits, seed=seed)
+
+
+class Method(abc.ABC):
+    """A quantization method: turns one linear weight (and its Hessian) into a QuantizedWeight.
+
+    Subclasses set `name`, `Config` (a dataclass with a `name` field) and `needs_hessian`.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    needs_hessian: ClassVar[bool] = True
+    quantizes: ClassVar[bool] = True  # False for the unquantized reference
+    uses_bits: ClassVar[bool] = True  # False when `bits` does not change the result
+
+    def __init__(self, config: Any, *, bits: Optional[float], seed: int = 0):
+        self.config = config
+        self.bits = bits
+        self.seed = seed
+
+    def check_budget(self, shapes: Iterable[Tuple[int, int]]) -> None:
+        """Raise BudgetError before any heavy work if `bits` is impossible for these shapes."""
+
+    @abc.abstractmethod
+    def quantize_layer(self, W: torch.Tensor, H: Optional[torch.Tensor], *, name: str) -> QuantizedWeight:
+        """W: (out_features, in_features) float; H: (in_features, in_features) = E[x xᵀ] or None."""
+
+    def finetune_block(self, block: torch.nn.Module, ctx: "BlockContext") -> Dict[str, float]:
+        """Optional block-level finetuning after a block's linears are quantized."""
+        return {}
+
+    def settings(self) -> Dict[str, Any]:
+        return {}
+
+    def layer_seed(self, name: str) -> int:
+        """Deterministic per-layer seed (same config, same seed -> same codes)."""
+        return (self.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
+
+
+class BlockContext:
+    """What a block-level step (finetuning) sees: the block's calibration inputs, the float
+    block's outputs on them, and the keyword arguments the block is called with."""
+
+    def __init__(self, inputs, float_outputs, block_kwargs, device, index: int):
+        self.inputs = inputs  # (N, L, D)
+        self.float_outputs = float_outputs  # (N, L, D) or None
+        self.block_kwargs = block_kwargs
+        self.device = device
+        self.index = index

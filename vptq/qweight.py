@@ -1,0 +1,78 @@
+"""The interface every quantized weight implements.
+
+A `QuantizedWeight` stands for one (out_features, in_features) linear weight. It can
+dequantize itself and reports its exact storage, component by component, in bits, counted
+from the tensors it actually stores (indices, codebooks, residual codebooks, outliers, scales,
+norms, permutations). Bits per weight in every table come from here, never from a formula of
+the nominal budget.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+
+# storage components that count as "index" bits (per-weight codes); everything else
+# (codebooks, scales, norms, permutations, ...) is overhead that only the total includes.
+INDEX_COMPONENTS = ("indices", "res_indices", "outlier_indices", "codes")
+
+
+@dataclass
+class Storage:
+    """Bits stored for one weight, by component (e.g. {"indices": 663552, "codebooks": 16384})."""
+
+    numel: int
+    bits: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def index_bits(self) -> int:
+        return sum(v for k, v in self.bits.items() if k in INDEX_COMPONENTS)
+
+    @property
+    def total_bits(self) -> int:
+        return sum(self.bits.values())
+
+    def __add__(self, other: "Storage") -> "Storage":
+        bits = dict(self.bits)
+        for k, v in other.bits.items():
+            bits[k] = bits.get(k, 0) + v
+        return Storage(self.numel + other.numel, bits)
+
+    def per_weight(self) -> Dict[str, float]:
+        return {
+            "index": self.index_bits / max(self.numel, 1),
+            "total": self.total_bits / max(self.numel, 1),
+        }
+
+
+class QuantizedWeight(abc.ABC):
+    """A quantized (out_features, in_features) weight."""
+
+    out_features: int
+    in_features: int
+
+    @abc.abstractmethod
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense (out_features, in_features) weight the stored tensors describe."""
+
+    @abc.abstractmethod
+    def storage(self) -> Storage:
+        """Exact storage of this weight, counted from the stored tensors."""
+
+    @abc.abstractmethod
+    def to(self, device) -> "QuantizedWeight":
+        """Move the stored tensors (in place) and return self."""
+
+    def settings(self) -> Dict[str, object]:
+        """Human-readable parameters (vector length, codebook size, ...) for logs and tables."""
+        return {}
+
+
+def numel_bits(t: torch.Tensor, bits_per_element: int | None = None) -> int:
+    """Bits of a stored tensor: its element size unless a packed width is given."""
+    if t is None:
+        return 0
+    b = bits_per_element if bits_per_element is not None else t.element_size() * 8
+    return int(t.numel()) * int(b)
