@@ -18,12 +18,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from runners.arch import Arch, arch_of, blocks_of, get_attr, hessian_groups, linears_of, set_module
+from runners.checkpoint import block_path, load_block, save_block
 from vptq.hessian import HessianAccumulator, load_hessians, relative_proxy_loss, save_hessians
 from vptq.methods import BlockContext, Method
 from vptq.qlinear import QuantLinear
@@ -144,17 +145,26 @@ def quantize_model(
     kernel: str = "torch",
     protocol: str = "quantized",
     hessian_dir: Optional[str] = None,
+    checkpoint_dir: Optional[str] = None,
+    only_blocks: Optional[Sequence[int]] = None,
     on_block: Optional[Callable[[Dict], None]] = None,
 ) -> QuantStats:
     """Quantize every linear inside the model's decoder blocks, in place.
 
     calib: (N, L) calibration token windows (required when the method needs Hessians).
     hessian_dir: if set, per-block Hessians are read from / written to this folder.
+    checkpoint_dir: if set, each finished block is saved there, and blocks already saved there are
+        loaded instead of quantized again (a rerun resumes at the first unfinished block).
+    only_blocks: quantize only these blocks (the others stay float); needs protocol="float" so
+        that every block's inputs are those of the float model (layer-parallel quantization).
     """
     if protocol not in ("quantized", "float"):
         raise ValueError(f"hessian.protocol={protocol!r}; valid choices: float, quantized")
+    if only_blocks is not None and protocol != "float":
+        raise ValueError("quantizing a subset of blocks needs hessian.protocol=float")
     arch = arch_of(model)
     blocks = blocks_of(model, arch)
+    selected = set(range(len(blocks))) if only_blocks is None else set(only_blocks)
     stats = QuantStats()
     t_start = time.perf_counter()
     needs_calib = method.needs_hessian
@@ -166,6 +176,27 @@ def quantize_model(
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         block.to(device)
+        if i not in selected:  # stays float; its float outputs feed the next block
+            if needs_calib:
+                inputs = run_block(block, inputs, kwargs)
+            if str(device) != "cpu":
+                block.to("cpu")
+            continue
+        if checkpoint_dir and os.path.isfile(block_path(checkpoint_dir, i)):
+            float_out = run_block(block, inputs, kwargs) if (needs_calib and protocol == "float") else None
+            loaded, saved = load_block(checkpoint_dir, i, block, kernel=kernel, device=device)
+            for q in loaded.values():
+                stats.storage = stats.storage + q.storage()
+            stats.layers.extend(saved.get("layers", []))
+            brec = {**saved.get("block", {"block": i}), "resumed": True}
+            stats.blocks.append(brec)
+            if needs_calib:
+                inputs = float_out if protocol == "float" else run_block(block, inputs, kwargs)
+            if str(device) != "cpu":
+                block.to("cpu")
+            log.info("block %d/%d loaded from checkpoint %s", i + 1, len(blocks), checkpoint_dir)
+            continue
+        nlayers_before = len(stats.layers)
         linears = linears_of(block)
         hkeys = hessian_groups(linears, arch)
         hessians: Dict[str, torch.Tensor] = {}
@@ -211,10 +242,13 @@ def quantize_model(
             else:
                 inputs = float_out
         del hessians, float_out
-        block.to("cpu") if str(device) != "cpu" else None
+        if str(device) != "cpu":
+            block.to("cpu")
         brec = {"block": i, "time_s": time.perf_counter() - t0,
                 "mean_rel_proxy_loss": (sum(losses) / len(losses)) if losses else None, **ft}
         stats.blocks.append(brec)
+        if checkpoint_dir:
+            save_block(checkpoint_dir, i, block, {"block": brec, "layers": stats.layers[nlayers_before:]})
         log.info("block %d/%d quantized in %.1f s%s", i + 1, len(blocks), brec["time_s"],
                  f", mean rel. proxy loss {brec['mean_rel_proxy_loss']:.4g}" if losses else "")
         if on_block:

@@ -88,9 +88,12 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
         tags = [f"model:{cfg.model.name}", f"method:{mname}", f"bits:{cfg.bits}"]
         tracker = make_tracker(cfg.logger, name=os.path.basename(job_dir), group=group, tags=tags,
                                config=container, job_dir=job_dir)
-        result = _pipeline(cfg, container, job_dir, tracker)
+        result = _pipeline(cfg, container, job_dir, tracker, key)
         result = {**base, **result, "bits": {**base["bits"], **result["bits"]}, "status": "ok"}
         M.write_json_atomic(out_path, result)
+        ckpt = os.path.join(cfg.results_root, "checkpoints", key)
+        if os.path.isdir(ckpt) and not cfg.quantize.keep_checkpoints:
+            shutil.rmtree(ckpt, ignore_errors=True)
         tracker.summary(result)
         _print_summary(result)
         return _headline(result)
@@ -139,7 +142,7 @@ def _print_summary(r: Dict[str, Any]) -> None:
     print(f"[{r['model']} {r['method']} {bits}] ppl: {ppl} | quantize {r['time']['quantize_s']:.1f} s")
 
 
-def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker) -> Dict[str, Any]:
+def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker, key: str) -> Dict[str, Any]:
     from runners.data import calibration_windows, check_data, eval_windows
     from runners.driver import quantize_model, quantized_shapes
     from runners.models import load_model
@@ -189,8 +192,10 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker)
         def on_block(rec):
             tracker.log({f"quant/{k}": v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None})
 
+        ckpt = os.path.join(cfg.results_root, "checkpoints", key) if cfg.quantize.checkpoint else None
         stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name,
-                               protocol=cfg.hessian.protocol, hessian_dir=hdir, on_block=on_block)
+                               protocol=cfg.hessian.protocol, hessian_dir=hdir, checkpoint_dir=ckpt,
+                               on_block=on_block)
         M.write_json_atomic(os.path.join(job_dir, "layers.json"), {"layers": stats.layers, "blocks": stats.blocks})
 
     t1 = time.perf_counter()

@@ -81,6 +81,14 @@ class HessianConfig:
 
 
 @dataclass
+class QuantizeConfig:
+    # save each finished block under <results_root>/checkpoints/<run_key>/ so that a rerun of an
+    # interrupted job resumes at the first unfinished block; removed when the job finishes
+    checkpoint: bool = True
+    keep_checkpoints: bool = False
+
+
+@dataclass
 class SaveConfig:
     quantized: bool = False  # write a Hugging Face model folder of the quantized model
     dir: Optional[str] = None  # default: <job dir>/quantized_model
@@ -96,6 +104,7 @@ class Config:
     logger: LoggerConfig = MISSING
     calib: CalibConfig = field(default_factory=CalibConfig)
     hessian: HessianConfig = field(default_factory=HessianConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     bits: float = 2.0  # target average TOTAL bits per weight over the quantized linears
     seed: int = 0

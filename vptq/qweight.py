@@ -76,3 +76,39 @@ def numel_bits(t: torch.Tensor, bits_per_element: int | None = None) -> int:
         return 0
     b = bits_per_element if bits_per_element is not None else t.element_size() * 8
     return int(t.numel()) * int(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serialization without pickle: a QuantizedWeight is its tensors plus JSON metadata.
+
+def weight_state(q: QuantizedWeight):
+    """-> (tensors {name: Tensor}, meta {name: json-able}) for any QuantizedWeight whose
+    attributes are tensors, None, or JSON-able scalars/lists/dicts (every weight in this repo)."""
+    import json
+
+    tensors, meta = {}, {}
+    for k, v in vars(q).items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, torch.Tensor):
+            tensors[k] = v.detach().contiguous().cpu()
+        else:
+            json.dumps(v)  # raises for anything that is not plain data
+            meta[k] = v
+    meta["__class__"] = f"{type(q).__module__}:{type(q).__qualname__}"
+    return tensors, meta
+
+
+def weight_from_state(tensors, meta) -> QuantizedWeight:
+    import importlib
+
+    module, _, qual = meta["__class__"].partition(":")
+    cls = importlib.import_module(module)
+    for part in qual.split("."):
+        cls = getattr(cls, part)
+    if not (isinstance(cls, type) and issubclass(cls, QuantizedWeight)):
+        raise ValueError(f"{meta['__class__']} is not a QuantizedWeight")
+    obj = cls.__new__(cls)
+    obj.__dict__.update({k: v for k, v in meta.items() if k != "__class__"})
+    obj.__dict__.update(tensors)
+    return obj
