@@ -10,7 +10,9 @@ from typing import Dict
 
 from runners.errors import UserError
 
-EXPORTERS: Dict[str, str] = {}
+EXPORTERS: Dict[str, str] = {
+    "vptq": "vptq.format:export_run",
+}
 
 
 def check_exportable(method) -> None:

@@ -1,0 +1,352 @@
+"""vptq.format: official-format export and our safetensors loader reproduce the model bit-exactly.
+
+Models here are tiny Llamas whose linears are random VQWeights (no algorithm needed): residual,
+outliers, permutation, norm, several groups, padding rows, codebook sizes that are not powers of two.
+The helpers `random_vqweight` / `vq_tiny_llama` are reused by tests/test_interchange.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from vptq.format import (FORMAT_NAME, FORMAT_VERSION, LAYER_KEYS, export_vptq, layer_config, layer_tensors,
+                         load_vptq, read_quantization_config, vqweight_from_tensors)
+from vptq.qlinear import QuantLinear
+from vptq.vqweight import VQWeight
+
+
+def random_vqweight(out_features, in_features, *, v=6, k=12, groups=2, k_res=5, outliers=8, v_out=2, k_out=4,
+                    perm=True, norm=True, seed=0, dtype=torch.float16) -> VQWeight:
+    """A VQWeight with random codebooks and indices (every optional part switchable)."""
+    g = torch.Generator().manual_seed(seed)
+    gs = (in_features - outliers) // groups
+    assert outliers + groups * gs == in_features, "in_features - outliers must split into groups"
+    n = math.ceil(out_features / v)
+    kw = dict(out_features=out_features, in_features=in_features, vector_len=v, num_centroids=k, group_num=groups,
+              group_size=gs, centroids=(torch.randn(groups, k, v, generator=g) * 0.05).to(dtype),
+              indices=torch.randint(0, k, (groups, n, gs), generator=g))
+    if k_res:
+        kw.update(num_res_centroids=k_res, res_centroids=(torch.randn(groups, k_res, v, generator=g) * 0.01).to(dtype),
+                  res_indices=torch.randint(0, k_res, (groups, n, gs), generator=g))
+    if outliers:
+        kw.update(outlier_size=outliers, outlier_vector_len=v_out, outlier_num_centroids=k_out,
+                  outlier_centroids=(torch.randn(1, k_out, v_out, generator=g) * 0.1).to(dtype),
+                  outlier_indices=torch.randint(0, k_out, (1, math.ceil(out_features / v_out), outliers), generator=g))
+    if perm:
+        kw["perm"] = torch.randperm(in_features, generator=g)
+    if norm:
+        kw.update(weight_scale=(torch.rand(in_features, generator=g) + 0.5).to(dtype),
+                  weight_bias=(torch.randn(in_features, generator=g) * 0.01).to(dtype))
+    return VQWeight(**kw)
+
+
+def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, **vq):
+    """A tiny random Llama (the shapes of model=tiny_llama) whose decoder linears are random VQWeights.
+    rope: None (default, theta 10000) | a 5.x rope_parameters dict. bias: q/k/v/o biases (random)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from runners.arch import linears_of, set_module
+    from runners.models import byte_tokenizer
+    from runners.schema import TinyModelConfig
+
+    t = TinyModelConfig()
+    tok = byte_tokenizer()
+    conf = LlamaConfig(vocab_size=len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                       num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                       num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=tied, attention_bias=bias, rope_parameters=rope)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+        model.eval()
+        for bi, block in enumerate(model.model.layers):
+            for j, (name, lin) in enumerate(linears_of(block).items()):
+                b = torch.randn(lin.out_features) * 0.02 if lin.bias is not None else None
+                q = random_vqweight(lin.out_features, lin.in_features, seed=seed * 1000 + bi * 10 + j, **vq)
+                set_module(block, name, QuantLinear(q, bias=b))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+def input_ids(batch=2, length=19, seed=0):
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def same_vqweight(a: VQWeight, b: VQWeight) -> None:
+    for f in ("out_features", "in_features", "vector_len", "num_centroids", "group_num", "group_size",
+              "num_res_centroids", "outlier_size", "outlier_vector_len", "outlier_num_centroids"):
+        assert getattr(a, f) == getattr(b, f), f
+    for f in ("centroids", "indices", "res_centroids", "res_indices", "outlier_centroids", "outlier_indices",
+              "perm", "weight_scale", "weight_bias"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None), f
+        if x is not None:
+            assert x.dtype == y.dtype or f.endswith(("indices", "perm")), f
+            assert torch.equal(x.to(y.dtype), y), f
+
+
+# ------------------------------------------------------------------------------------ one layer
+LAYER_CASES = {
+    "full": dict(),
+    "plain_pow2": dict(k=16, k_res=0, outliers=0, perm=False, norm=False, groups=1),
+    "residual_only": dict(k=256, k_res=256, outliers=0, perm=False, norm=False, groups=1, v=4),
+    "outliers_perm": dict(k=8, k_res=0, outliers=16, v_out=4, k_out=7, groups=4),
+    "norm_groups": dict(k=5, k_res=3, outliers=0, perm=True, norm=True, groups=8, v=3),
+    "fp32_codebooks": dict(dtype=torch.float32, k=4096, k_res=0, outliers=0, v=2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+@pytest.mark.parametrize("out_features", [48, 50])  # 50: padding rows for v in (3, 4, 6)
+def test_layer_round_trip_exact(case, out_features):
+    q = random_vqweight(out_features, 64, seed=len(case) + out_features, **LAYER_CASES[case])
+    bias = torch.randn(out_features)
+    t = layer_tensors(q, bias, prefix="x.")
+    conf = layer_config(q, True)
+    assert set(conf) == set(LAYER_KEYS)
+    assert t["x.indices"].dtype == torch.int32
+    assert t["x.centroids.weight"].shape == (q.group_num, conf["num_centroids"][1] * q.vector_len)
+    sizes = {"num_centroids": q.num_centroids, "num_res_centroids": q.num_res_centroids}
+    r, b = vqweight_from_tensors(conf, t, prefix="x.", true_sizes=sizes)
+    same_vqweight(q, r)
+    assert torch.equal(b, bias)
+    assert torch.equal(q.dequantize(), r.dequantize())
+    # without our metadata (a reader that only knows the official format) the padded codebook
+    # still dequantizes to the same weight
+    r2, _ = vqweight_from_tensors(conf, t, prefix="x.")
+    assert torch.equal(q.dequantize(), r2.dequantize())
+
+
+@pytest.mark.parametrize("case", ["full", "plain_pow2", "residual_only", "outliers_perm"])
+def test_stored_bytes_equal_reported_storage(case):
+    """Bits are counted from what is stored: the file's tensors == VQWeight.storage() (pow2 k, fp16)."""
+    opts = dict(LAYER_CASES[case])
+    opts.update(k=16 if opts.get("k", 12) == 12 else opts["k"], k_res=(8 if opts.get("k_res", 5) == 5 else opts["k_res"]))
+    q = random_vqweight(50, 64, seed=3, **opts)
+    t = layer_tensors(q)
+    stored = sum(x.numel() * x.element_size() * 8 for x in t.values())
+    assert stored == q.storage().total_bits
+    assert t["indices"].numel() * 32 == q.storage().bits["indices"]
+
+
+@pytest.mark.parametrize("opts,needle", [
+    (dict(k=16, k_res=32), "num_res_centroids=32 > num_centroids=16"),
+    (dict(v_out=1), "outlier_vector_len=1"),
+    (dict(k=70000, k_res=0, outliers=0, groups=1, v=1), "num_centroids=70000 > 65536"),
+])
+def test_unexportable_layer_one_line_error(opts, needle):
+    if opts.get("k") == 70000:  # build without allocating a huge random codebook
+        q = random_vqweight(4, 8, k=4, k_res=0, outliers=0, groups=1, v=1)
+        q.num_centroids = 70000
+    else:
+        q = random_vqweight(48, 64, **opts)
+    with pytest.raises(ValueError, match=needle) as e:
+        layer_tensors(q, prefix="model.layers.0.mlp.up_proj.")
+    assert "\n" not in str(e.value) and "model.layers.0.mlp.up_proj" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ whole model
+@pytest.mark.parametrize("tied,bias", [(False, False), (True, True)])
+def test_model_save_load_bit_exact(tmp_path, tied, bias):
+    rope = {"rope_type": "default", "rope_theta": 100000.0}
+    model, tok = vq_tiny_llama(tied=tied, bias=bias, rope=rope, seed=1)
+    ids = input_ids()
+    ref = logits(model, ids)
+    out = export_vptq(model, tok, str(tmp_path / "m"), method={"name": "test"}, run_config={"seed": 0})
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no temp dir left beside it
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+
+    m2, tok2 = load_vptq(out)
+    assert torch.equal(logits(m2, ids), ref)
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            other = m2.get_submodule(name)
+            assert isinstance(other, QuantLinear)
+            same_vqweight(mod.qweight, other.qweight)
+            assert (mod.bias is None) == (other.bias is None)
+            if mod.bias is not None:
+                assert torch.equal(mod.bias, other.bias)
+    sd, sd2 = model.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    if tied:
+        assert m2.lm_head.weight is m2.model.embed_tokens.weight
+    assert tok2.encode("vq-bench") == tok.encode("vq-bench")
+
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["rope_theta"] == 100000.0  # legacy key for transformers 4.x readers
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "vptq" and qc["modules_to_not_convert"] == ["lm_head"]
+    assert len(qc["config_for_layers"]) == 2 * 7
+    me = qc["vq_bench"]
+    assert me["format"] == FORMAT_NAME and me["format_version"] == FORMAT_VERSION
+    assert me["method"] == {"name": "test"} and me["run_config"] == {"seed": 0}
+    assert me["layers"]["model.layers.0.mlp.down_proj"]["num_centroids"] == 12
+    assert 0 < me["bits"]["index"] < me["bits"]["total"]
+
+
+def test_config_accepted_by_transformers_vptq_config(tmp_path):
+    """transformers' VptqConfig (5.x here) validates every layer entry (VptqLayerConfig) and reads the
+    keys its replace_with_vptq_linear indexes."""
+    from transformers.utils.quantization_config import VptqConfig
+
+    model, tok = vq_tiny_llama()
+    export_vptq(model, None, str(tmp_path / "m"))
+    qc = read_quantization_config(str(tmp_path / "m"))
+    vc = VptqConfig.from_dict(qc)
+    for name, lp in vc.config_for_layers.items():
+        for key in ("vector_lens", "num_centroids", "num_res_centroids", "group_num", "group_size",
+                    "outlier_size", "indices_as_float", "enable_norm", "enable_perm"):
+            assert key in lp, (name, key)
+        assert lp["is_indice_packed"] is True
+    assert not os.path.exists(tmp_path / "m" / "tokenizer.json")
+
+
+def test_sharded_checkpoint_loads_identically(tmp_path):
+    model, tok = vq_tiny_llama(seed=2)
+    ids = input_ids(seed=2)
+    out = export_vptq(model, tok, str(tmp_path / "m"), max_shard_bytes=20_000)
+    shards = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    assert len(shards) > 2 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    m2, _ = load_vptq(out)
+    assert torch.equal(logits(m2, ids), logits(model, ids))
+
+
+def test_export_is_atomic(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, tok = vq_tiny_llama()
+    out = str(tmp_path / "m")
+    export_vptq(model, tok, out)
+    before = sorted(os.listdir(out))
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        export_vptq(model, tok, out)
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="simulated"):
+        export_vptq(model, tok, out, overwrite=True)
+    with pytest.raises(OSError, match="simulated"):
+        export_vptq(model, tok, str(tmp_path / "fresh"))
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no half-written folder, no temp dir
+    assert sorted(os.listdir(out)) == before  # the previous export untouched
+    monkeypatch.undo()
+    m2, _ = load_vptq(out)
+    assert torch.equal(logits(m2, input_ids()), logits(model, input_ids()))
+
+
+def test_refusals(tmp_path):
+    from transformers import LlamaConfig
+
+    from vptq.qweight import QuantizedWeight
+
+    model, tok = vq_tiny_llama()
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        export_vptq(torch.nn.Sequential(torch.nn.Linear(2, 2)), None, str(tmp_path / "a"))
+
+    class Other(QuantizedWeight):  # a quantized weight that is not a VQWeight
+        out_features, in_features = 4, 4
+
+        def dequantize(self, dtype=torch.float32):
+            return torch.zeros(4, 4, dtype=dtype)
+
+        def storage(self):
+            raise NotImplementedError
+
+        def to(self, device):
+            return self
+
+    model.model.layers[0].mlp.up_proj = QuantLinear(Other())
+    with pytest.raises(ValueError, match="up_proj holds a Other, not a VQWeight"):
+        export_vptq(model, tok, str(tmp_path / "b"))
+
+    plain = tmp_path / "plain"
+    LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=1).save_pretrained(plain)
+    with pytest.raises(ValueError, match="quant_method is None; valid: 'vptq'"):
+        load_vptq(str(plain))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_vptq(str(tmp_path))
+
+
+def test_pickle_checkpoints_are_not_loaded(tmp_path):
+    model, tok = vq_tiny_llama()
+    out = export_vptq(model, tok, str(tmp_path / "m"))
+    os.rename(os.path.join(out, "model.safetensors"), os.path.join(out, "pytorch_model.bin"))
+    with pytest.raises(FileNotFoundError, match="only safetensors"):
+        load_vptq(out)
+
+
+# ------------------------------------------------------------------------------------ the harness
+def test_exporter_registered():
+    from runners.save import EXPORTERS
+
+    assert EXPORTERS.get("vptq") == "vptq.format:export_run"
+
+
+def test_export_run_writes_self_description(tmp_path):
+    """export_run (what save.quantized=true calls) on a hand-built model and a composed run config."""
+    from omegaconf import OmegaConf
+
+    from vptq.format import export_run
+
+    model, tok = vq_tiny_llama(seed=3)
+    cfg = OmegaConf.create({"method": {"name": "vptq", "vector_len": 6}, "bits": 2.0, "seed": 0,
+                            "model": {"name": "tiny_llama"}, "run_dir": "${model.name}-${bits}"})
+    result = {"settings": {"v": 6}, "bits": {"index": 2.1, "total": 2.5}, "ppl": {"pydoc": 300.0}}
+    out = str(tmp_path / "quantized_model")
+    export_run(model, tok, cfg, result, out)
+    me = read_quantization_config(out)["vq_bench"]
+    assert me["method"] == {"name": "vptq", "settings": {"v": 6}}
+    assert me["run_config"]["run_dir"] == "tiny_llama-2.0"  # resolved
+    assert me["run"]["ppl"] == {"pydoc": 300.0}
+    m2, _ = load_vptq(out)
+    assert torch.equal(logits(m2, input_ids()), logits(model, input_ids()))
+
+
+@pytest.mark.slow
+def test_harness_save_quantized_reloads_to_same_ppl(tmp_path):
+    """`save.quantized=true method=vptq` through the CLI; the reloaded folder gives the job's perplexity."""
+    from vptq.methods import METHODS
+
+    if "vptq" not in METHODS:
+        pytest.skip("method=vptq is not registered yet (vptq/methods.py METHODS)")
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from helpers import run_cli
+
+    from runners.data import eval_windows
+    from runners.ppl import perplexity
+
+    job = tmp_path / "job"
+    r = run_cli(["model=tiny_llama", "method=vptq", "bits=4", "logger=none", "save.quantized=true",
+                 "calib.nsamples=4", "calib.seqlen=64", "eval.seqlen=64", "eval.max_windows=4",
+                 f"hydra.run.dir={job}", f"results_root={tmp_path}"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(job / "metrics.json") as f:
+        met = json.load(f)
+    assert met["status"] == "ok"
+    m2, tok2 = load_vptq(str(job / "quantized_model"))
+    qc = read_quantization_config(str(job / "quantized_model"))
+    assert qc["vq_bench"]["run_config"]["method"]["name"] == "vptq"
+    ds = next(iter(met["ppl"]))
+    w = eval_windows(ds, None, tok2, 64, 4)
+    assert perplexity(m2, w, torch.device("cpu")) == pytest.approx(met["ppl"][ds], rel=1e-6)
