@@ -1,0 +1,189 @@
+"""Which kernel runs a `QuantLinear` forward under `kernel=triton`, and with which block sizes.
+
+The dispatch table (`ROUTES`) picks by token count: up to `gemv.MAX_TOKENS` tokens (decode) the
+fused dequantize-GEMV, above that (prefill) Triton dequantization + `F.linear`. Anything the
+kernels do not take returns None, and `QuantLinear.forward` falls back to the torch path:
+  * weights that are not a `VQWeight`, or whose index width is outside 1..32 merged bits,
+  * activations that are not float16 / bfloat16 / float32,
+  * a device Triton cannot run on (CPU, unless TRITON_INTERPRET=1 was set before the import).
+
+Autotuning: the first call for a (shape, format, tokens, dtype, device) key times each candidate
+block configuration end to end (`triton.testing.do_bench`, median, L2 flushed) and keeps the
+fastest in `TUNE_CACHE`; the candidates cover rows per program, columns per step, warps and a
+column split (SPLIT > 1 adds an fp32 buffer, atomics and a cast: the timing includes them).
+Under the interpreter a fixed small configuration is used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import triton
+
+from vptq.kernels import gemv as G
+from vptq.kernels.dequant import DEQUANT_CONFIG, INTERPRET, INTERPRET_DEQUANT_CONFIG, dequantize
+from vptq.kernels.layout import KernelWeight, Unsupported, from_vqweight
+
+log = logging.getLogger("vq-bench")
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TUNE = os.environ.get("VQ_KERNEL_TUNE", "1") != "0"  # 0: always the default configuration
+TUNE_CACHE: Dict[Tuple, dict] = {}
+STATS: Counter = Counter()  # route name -> calls (tests check the kernels really ran)
+_warned = set()
+
+
+# ---------------------------------------------------------------------------------- tuning
+def gemv_candidates(kw: KernelWeight, tokens: int, sm_count: int) -> List[dict]:
+    """Block configurations worth timing for this weight (a small, shape-aware list)."""
+    if tokens == 1:  # elementwise path: tile C x R x VP fp32 in registers
+        tiles = [(1, 128, 4), (2, 64, 4), (4, 64, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 8)]
+    else:  # tl.dot path: R * VP >= 16, C >= 16
+        tiles = [(4, 32, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8)]
+    vp = kw.main.vp
+    out = []
+    for R, C, w in tiles:
+        if tokens > 1 and R * vp < 16:
+            continue
+        if R * C * vp > 16384 // max(1, min(tokens, 2)):
+            continue
+        blocks = triton.cdiv(kw.main.rows, R)
+        splits = {1}
+        if blocks < 4 * sm_count:  # too few programs to fill the GPU: also try a column split
+            s = 1
+            while blocks * s < 4 * sm_count and kw.main.ncols // (s * 2) >= 4 * C:
+                s *= 2
+            splits.add(s)
+            if s >= 4:
+                splits.add(s // 2)
+        for s in sorted(splits):
+            out.append({"BLOCK_R": R, "BLOCK_C": C, "SPLIT": s, "num_warps": w, "num_stages": 2})
+    return out or [dict(G.DEFAULT_CONFIG)]
+
+
+def _key(kw: KernelWeight, x: torch.Tensor, has_bias: bool) -> Tuple:
+    m = kw.main
+    return ("gemv", kw.out_features, kw.in_features, m.v, m.k, m.k_res, m.groups, m.group_size,
+            kw.outlier is not None, kw.perm is not None, kw.scale is not None, has_bias,
+            x.shape[0], x.dtype, str(x.device))
+
+
+def tune_gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              candidates: Optional[List[dict]] = None, warmup_ms: int = 5, rep_ms: int = 20) -> dict:
+    """The fastest candidate for this call shape (cached). Fixed configs under the interpreter."""
+    if INTERPRET or x.device.type != "cuda":
+        return G.INTERPRET_CONFIG if INTERPRET else G.DEFAULT_CONFIG
+    key = _key(kw, x, bias is not None)
+    if key in TUNE_CACHE:
+        return TUNE_CACHE[key]
+    if not TUNE and candidates is None:
+        TUNE_CACHE[key] = dict(G.DEFAULT_CONFIG)
+        return TUNE_CACHE[key]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    cands = candidates or gemv_candidates(kw, x.shape[0], sms)
+    best, best_t, times = None, float("inf"), []
+    for cfg in cands:
+        try:
+            t = triton.testing.do_bench(lambda: G.gemv(kw, x, bias, cfg), warmup=warmup_ms, rep=rep_ms,
+                                        return_mode="median")
+        except Exception as e:  # a configuration that does not compile/fit (e.g. out of resources)
+            log.debug("gemv config %s failed: %s", cfg, e)
+            continue
+        times.append((t, cfg))
+        if t < best_t:
+            best, best_t = cfg, t
+    if best is None:
+        raise RuntimeError(f"no gemv configuration ran for key {key}")
+    TUNE_CACHE[key] = {**best, "tuned_us": best_t * 1e3}
+    log.debug("gemv tuned %s -> %s (%.2f us; %d candidates)", key, best, best_t * 1e3, len(times))
+    return TUNE_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------- routes
+def _run_gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    cfg = tune_gemv(kw, x, bias)
+    return G.gemv(kw, x, bias, {k: v for k, v in cfg.items() if k != "tuned_us"})
+
+
+def _run_dequant_matmul(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    W = dequantize(kw, x.dtype, INTERPRET_DEQUANT_CONFIG if INTERPRET else DEQUANT_CONFIG)  # (out, in)
+    return F.linear(x, W, None if bias is None else bias.to(x.dtype))
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    max_tokens: Optional[int]  # None: any number of tokens
+    run: Callable[[KernelWeight, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+ROUTES = (
+    Route("gemv", G.MAX_TOKENS, _run_gemv),  # decode: fused, never writes the dense weight
+    Route("dequant_matmul", None, _run_dequant_matmul),  # prefill: dequantize, then cuBLAS
+)
+
+
+def choose(tokens: int) -> Route:
+    for r in ROUTES:
+        if r.max_tokens is None or tokens <= r.max_tokens:
+            return r
+    raise AssertionError("the last route takes any token count")
+
+
+# ---------------------------------------------------------------------------------- entry
+def runnable(device: torch.device) -> bool:
+    """Triton runs here: a CUDA device, or any tensor under the interpreter."""
+    return device.type == "cuda" or INTERPRET
+
+
+def kernel_weight(qlinear) -> Optional[KernelWeight]:
+    """The cached kernel buffers of this layer (built on first use, rebuilt if it moved device)."""
+    from vptq.vqweight import VQWeight
+
+    q = qlinear.qweight
+    if not isinstance(q, VQWeight):
+        return None
+    cached = getattr(qlinear, "_triton_weight", None)
+    dev = q.centroids.device
+    if cached is not None and cached[0] == dev and cached[1] is q:
+        return cached[2]
+    try:
+        kw = from_vqweight(q)
+    except Unsupported as e:
+        _warn_once(("unsupported", str(e)), f"kernel=triton: torch path for a weight: {e}")
+        kw = None
+    qlinear._triton_weight = (dev, q, kw)
+    return kw
+
+
+def triton_linear(qlinear, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """`KERNELS["triton"]`: y = x W^T + b through the Triton kernels, or None (torch path)."""
+    if x.dtype not in DTYPES or not runnable(x.device):
+        if not runnable(x.device):
+            _warn_once(("device", x.device.type), f"kernel=triton: Triton cannot run on {x.device.type} "
+                       "(set TRITON_INTERPRET=1 before importing for the interpreter); using the torch path")
+        STATS["torch"] += 1
+        return None
+    kw = kernel_weight(qlinear)
+    if kw is None or kw.device != x.device:
+        STATS["torch"] += 1
+        return None
+    x2 = x.reshape(-1, kw.in_features)  # (tokens, in)
+    if x2.shape[0] == 0:
+        return None
+    route = choose(x2.shape[0])
+    y = route.run(kw, x2.contiguous(), qlinear.bias)
+    STATS[route.name] += 1
+    return y.reshape(*x.shape[:-1], kw.out_features)
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)

@@ -1,0 +1,182 @@
+"""Fused dequantize-GEMV for decode (1-16 tokens), and its torch reference.
+
+    y[b, o] = sum_j Wp[o, j] * xp[b, j] + c[b] + bias[o]
+
+computed straight from the packed index stream (`layout.py`): each program owns BLOCK_R vector
+rows (BLOCK_R * v outputs) and a span of stored columns; per BLOCK_C columns it decodes the
+(C, R) merged indices, gathers the codewords (codebooks stay on chip, in L1/L2), and
+accumulates in fp32; the dense weight is never written. Any v (padded to VP = next_pow2(v)
+with masks), any codebook size up to 32 merged index bits, residual codebooks, groups, and
+outlier columns (a second launch over their own stream).
+
+The permutation and the norm act on x instead of W (VPTQ stores W = W'[:, perm] * s + b):
+    xp[b, j] = x[b, perm[j]] * s[perm[j]]      (x permuted and scaled, fp32)
+    c[b]     = sum_i x[b, i] * bias_norm[i]     (the norm's bias is one dot per token)
+
+Batch 1 accumulates elementwise (a (C, R, VP) fp32 tile reduced once at the end); 2-16 tokens
+use tl.dot on fp32 operands (tf32 on tensor cores; codewords are float16 values, exact in
+tf32). SPLIT > 1 splits the columns over programs that add into an fp32 output (atomics).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import triton
+import triton.language as tl
+
+from vptq.kernels.dequant import INTERPRET, _codewords, _store, dequantize_reference
+from vptq.kernels.layout import KernelWeight, Segment, next_pow2
+
+MAX_TOKENS = 16  # the dispatch sends more tokens to dequantize + matmul
+
+
+@triton.jit
+def _vq_gemv_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
+                    B, OUT, N_ROWS, GS, NCOLS, W_WORDS, K, KR, G_LAST, X_COL0, SPAN, stride_x, stride_y,
+                    V: tl.constexpr, VP: tl.constexpr, TB: tl.constexpr, IB: tl.constexpr, RB: tl.constexpr,
+                    ONE_GROUP: tl.constexpr, BP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    USE_DOT: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr,
+                    BF16_BITS: tl.constexpr):
+    """grid (cdiv(N_ROWS, BLOCK_R), SPLIT): rows block x column span [pid_s*SPAN, +SPAN)."""
+    # 1. this program's vector rows and column span
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
+    rmask = rows < N_ROWS
+    c_lo = pid_s * SPAN
+    c_hi = tl.minimum(c_lo + SPAN, NCOLS)
+    offs_c = tl.arange(0, BLOCK_C)  # (C,)
+    toks = tl.arange(0, BP)  # (BP,)
+    if USE_DOT:
+        acc = tl.zeros((BP, BLOCK_R * VP), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_C, BLOCK_R, VP), dtype=tl.float32)
+    # 2. stream the packed indices, BLOCK_C columns at a time
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cols = c0 + offs_c  # (C,)
+        cmask = cols < c_hi
+        mask = cmask[:, None] & rmask[None, :]  # (C, R)
+        cw = _codewords(packed_ptr, cb_ptr, rcb_ptr, rows, cols, mask, N_ROWS, GS, W_WORDS, K, KR, G_LAST,
+                        VP, TB, IB, RB, ONE_GROUP)  # (C, R, VP) fp32
+        if USE_DOT:
+            xm = (toks[:, None] < B) & cmask[None, :]
+            xt = tl.load(x_ptr + toks[:, None] * stride_x + X_COL0 + cols[None, :], mask=xm,
+                         other=0.0).to(tl.float32)  # (BP, C)
+            acc += tl.dot(xt, tl.reshape(cw, (BLOCK_C, BLOCK_R * VP)))  # (BP, R*VP)
+        else:
+            xv = tl.load(x_ptr + X_COL0 + cols, mask=cmask, other=0.0).to(tl.float32)  # (C,)
+            acc += cw * xv[:, None, None]  # (C, R, VP)
+    # 3. epilogue: outputs o = r * V + lane; bias and the norm's per-token constant once (span 0)
+    first = pid_s == 0  # (a scalar; masks below build their own bool tensors from pid_s)
+    if USE_DOT:
+        f = tl.arange(0, BLOCK_R * VP)  # (R*VP,)
+        lane = f % VP
+        o = (pid_r * BLOCK_R + f // VP) * V + lane  # (R*VP,)
+        omask = (lane < V) & (o < OUT)
+        res = acc  # (BP, R*VP)
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + o, mask=omask & (o * 0 + pid_s == 0), other=0.0).to(tl.float32)[None, :]
+        if HAS_C:
+            res += tl.load(c_ptr + toks, mask=(toks < B) & (toks * 0 + pid_s == 0), other=0.0)[:, None]
+        ptrs = y_ptr + toks[:, None] * stride_y + o[None, :]
+        ok = (toks[:, None] < B) & omask[None, :]
+    else:
+        res = tl.sum(acc, axis=0)  # (R, VP)
+        lane = tl.arange(0, VP)
+        o = rows[:, None] * V + lane[None, :]  # (R, VP)
+        ok = (lane[None, :] < V) & (o < OUT)
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + o, mask=ok & (o * 0 + pid_s == 0), other=0.0).to(tl.float32)
+        if HAS_C:
+            res += tl.where(first, tl.load(c_ptr), 0.0)
+        ptrs = y_ptr + o
+    if ATOMIC:
+        tl.atomic_add(ptrs, res, mask=ok, sem="relaxed")
+    else:
+        _store(ptrs, res, ok, BF16_BITS)
+
+
+# ---------------------------------------------------------------------------------- launch
+DEFAULT_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 3}
+INTERPRET_CONFIG = {"BLOCK_R": 8, "BLOCK_C": 16, "SPLIT": 2, "num_warps": 1, "num_stages": 1}
+
+
+def prepare_x(kw: KernelWeight, x: torch.Tensor):
+    """x (B, in) -> (xp (B, in) in stored column order, c (B,) fp32 or None).
+
+    Without perm and norm x is used as is (its own dtype); otherwise xp is fp32.
+    """
+    c = None
+    if kw.scale is None and kw.perm is None:
+        return x, c
+    xf = x.float()
+    if kw.scale is not None:
+        c = (xf @ kw.wbias).contiguous()  # (B,)
+        xf = xf * kw.scale[None, :]
+    if kw.perm is not None:
+        xf = xf[:, kw.perm.long()]
+    return xf.contiguous(), c
+
+
+def _launch_segment(y, xp, kw: KernelWeight, seg: Segment, cfg: dict, atomic: bool, bias, c, epilogue: bool):
+    B = xp.shape[0]
+    use_dot = B > 1
+    R, C = cfg["BLOCK_R"], cfg["BLOCK_C"]
+    if use_dot:  # tl.dot needs every dimension >= 16
+        R, C = max(R, triton.cdiv(16, seg.vp)), max(C, 16)
+    split = max(1, min(cfg["SPLIT"], triton.cdiv(seg.ncols, C)))
+    span = triton.cdiv(triton.cdiv(seg.ncols, split), C) * C
+    split = triton.cdiv(seg.ncols, span)
+    grid = (triton.cdiv(seg.rows, R), split)
+    dummy = seg.packed
+    has_bias = epilogue and bias is not None
+    has_c = epilogue and c is not None
+    bf16 = y.dtype == torch.bfloat16
+    _vq_gemv_kernel[grid](
+        xp, y.view(torch.int16) if bf16 else y, seg.packed, seg.codebook, seg.res_codebook if seg.res_codebook is not None else seg.codebook,
+        bias if has_bias else dummy, c if has_c else dummy,
+        B, kw.out_features, seg.rows, seg.group_size, seg.ncols, seg.words, seg.k, max(seg.k_res, 1),
+        seg.groups - 1, seg.col0, span, xp.stride(0), y.stride(0),
+        V=seg.v, VP=seg.vp, TB=seg.total_bits, IB=seg.index_bits, RB=seg.res_bits, ONE_GROUP=seg.groups == 1,
+        BP=max(16, next_pow2(B)) if use_dot else 1, BLOCK_R=R, BLOCK_C=C, USE_DOT=use_dot,
+        ATOMIC=atomic, HAS_BIAS=has_bias, HAS_C=has_c, BF16_BITS=bf16,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def needs_atomic(kw: KernelWeight, cfg: dict) -> bool:
+    return kw.outlier is not None or min(cfg["SPLIT"], triton.cdiv(kw.main.ncols, cfg["BLOCK_C"])) > 1
+
+
+def gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         config: Optional[dict] = None) -> torch.Tensor:
+    """x (B, in), B <= 16, fp16/bf16/fp32 -> y (B, out) in x.dtype; never writes the dense weight."""
+    if x.dim() != 2 or x.shape[1] != kw.in_features:
+        raise ValueError(f"x shape {tuple(x.shape)}: expected (tokens, {kw.in_features})")
+    if not 1 <= x.shape[0] <= MAX_TOKENS:
+        raise ValueError(f"gemv takes 1..{MAX_TOKENS} tokens, got {x.shape[0]}")
+    cfg = config or (INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG)
+    x = x.contiguous()
+    xp, c = prepare_x(kw, x)
+    B = x.shape[0]
+    atomic = needs_atomic(kw, cfg)
+    if atomic:  # partial sums from several programs / segments meet in an fp32 buffer
+        y = torch.zeros(B, kw.out_features, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(B, kw.out_features, dtype=x.dtype, device=x.device)
+    bias = None if bias is None else bias.contiguous()
+    _launch_segment(y, xp, kw, kw.main, cfg, atomic, bias, c, epilogue=True)
+    if kw.outlier is not None:
+        _launch_segment(y, xp, kw, kw.outlier, {**cfg, "SPLIT": 1}, True, bias, c, epilogue=False)
+    return y.to(x.dtype) if atomic else y
+
+
+# ---------------------------------------------------------------------------------- reference
+def gemv_reference(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain torch: dequantize the packed buffers in fp32 and multiply in fp32; y in x.dtype."""
+    W = dequantize_reference(kw, torch.float32)  # (out, in)
+    y = x.float() @ W.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
