@@ -23,7 +23,7 @@ n = ceil(out/v), W = ceil(group_size * (log2 k + log2 k_res) / 32), see `vptq.pa
     <p>.weight_scale, .weight_bias (in,)            float            (norm only)
     <p>.bias                      (out,)            float            (linear bias only)
 Everything else (embeddings, norms, lm_head) is stored as the model holds it; a tied lm_head is
-stored once (under the input embedding's name) and re-tied on load.
+stored as a copy too (the official loader does not re-tie it) and re-tied by our loader.
 
 Differences from a `VQWeight` that the format forces, all exact:
   * codebook sizes are padded with zero rows up to a power of two (VQuantLinear sizes packed
@@ -217,8 +217,12 @@ def quantized_layers(model: nn.Module) -> Dict[str, QuantLinear]:
 
 
 def _float_tensors(model: nn.Module, skip: List[str]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """The non-quantized state (embeddings, norms, lm_head...), aliases of one storage kept once.
-    -> (tensors, dropped alias names)."""
+    """The non-quantized state (embeddings, norms, lm_head...). -> (tensors, alias names).
+
+    A tensor that shares its storage with an earlier one (a tied lm_head) is written again as a
+    copy: transformers' loaders re-tie it, but the official vptq 0.0.5.post1 loader does not and
+    leaves a missing lm_head.weight on the meta device (measured: "Cannot copy out of meta tensor").
+    safetensors refuses shared storage, hence the copy."""
     prefixes = tuple(s + "." for s in skip)
     out: Dict[str, torch.Tensor] = {}
     seen: Dict[Tuple[int, torch.device], str] = {}
@@ -229,6 +233,7 @@ def _float_tensors(model: nn.Module, skip: List[str]) -> Tuple[Dict[str, torch.T
         key = (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), tuple(t.shape))
         if key in seen:
             aliases.append(name)
+            out[name] = _cpu(t).clone()
             continue
         seen[key] = name
         out[name] = _cpu(t)
