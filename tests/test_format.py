@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from vptq.format import (FORMAT_NAME, FORMAT_VERSION, LAYER_KEYS, export_vptq, layer_config, layer_tensors,
                          load_vptq, read_quantization_config, vqweight_from_tensors)
+from vptq.methods import Method
 from vptq.qlinear import QuantLinear
 from vptq.vqweight import VQWeight
 
@@ -192,6 +194,13 @@ def test_model_save_load_bit_exact(tmp_path, tied, bias):
     assert cfg["rope_theta"] == 100000.0  # legacy key for transformers 4.x readers
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "vptq" and qc["modules_to_not_convert"] == ["lm_head"]
+    # transformers 5.x replaces EVERY nn.Linear not in modules_to_not_convert and needs its config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        arch = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    linears = {n for n, m in arch.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(qc["config_for_layers"]) | set(qc["modules_to_not_convert"]) == linears
     assert len(qc["config_for_layers"]) == 2 * 7
     me = qc["vq_bench"]
     assert me["format"] == FORMAT_NAME and me["format_version"] == FORMAT_VERSION
@@ -321,6 +330,69 @@ def test_export_run_writes_self_description(tmp_path):
     assert torch.equal(logits(m2, input_ids()), logits(model, input_ids()))
 
 
+class NearestVQ(Method):
+    """A stand-in VQ method for the harness test (no algorithm): codebook = k of the layer's own
+    column vectors, nearest-centroid indices, VQWeight layout with padding rows (64 % 6). Registered
+    under the name "vptq" only inside the test."""
+
+    name = "vptq"
+    needs_hessian = False
+
+    @dataclass
+    class Config:
+        name: str = "vptq"
+        vector_len: int = 6
+        num_centroids: int = 16
+
+    def quantize_layer(self, W, H, *, name):
+        v, k = self.config.vector_len, self.config.num_centroids
+        out_f, in_f = W.shape
+        n = math.ceil(out_f / v)
+        Wp = torch.nn.functional.pad(W.float(), (0, 0, 0, n * v - out_f))  # (n*v, in)
+        vec = Wp.T.reshape(in_f, n, v).permute(1, 0, 2).reshape(-1, v)  # (n*in, v): vector row r, column c
+        g = torch.Generator().manual_seed(self.layer_seed(name))
+        cb = vec[torch.randperm(vec.shape[0], generator=g)[:k]].half()  # (k, v)
+        idx = torch.cdist(vec, cb.float()).argmin(1).reshape(n, in_f)  # (n, in)
+        return VQWeight(out_features=out_f, in_features=in_f, vector_len=v, num_centroids=k, group_num=1,
+                        group_size=in_f, centroids=cb[None], indices=idx[None])
+
+
+def test_harness_save_quantized_in_process(tmp_path, monkeypatch):
+    """save.quantized=true through runners.job.run_job (check_exportable, driver, EXPORTERS, export_run)
+    with a stand-in VQ method; the reloaded folder reproduces the job's perplexity exactly."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from runners.cli import register_resolvers
+    from runners.data import eval_windows
+    from runners.job import run_job
+    from runners.ppl import perplexity
+    from runners.schema import register_configs
+    from vptq import methods
+
+    register_configs()
+    register_resolvers()
+    monkeypatch.setitem(methods.METHODS, "vptq", "tests.test_format:NearestVQ")
+    ov = ["model=tiny_llama", "method=rtn", "bits=4", "logger=none", "save.quantized=true", "eval.seqlen=64",
+          "eval.max_windows=2", f"results_root={tmp_path}", "resume=false", "device=cpu"]
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf"),
+                               version_base="1.3"):
+        cfg = compose(config_name="config", overrides=ov)
+    OmegaConf.set_struct(cfg, False)
+    cfg.method = OmegaConf.structured(NearestVQ.Config())
+    job = tmp_path / "job"
+    ppl = run_job(cfg, job_dir=str(job))
+    with open(job / "metrics.json") as f:
+        met = json.load(f)
+    assert met["status"] == "ok" and met["method"] == "vptq"
+    m2, tok2 = load_vptq(str(job / "quantized_model"))
+    me = read_quantization_config(str(job / "quantized_model"))["vq_bench"]
+    assert me["run_config"]["method"]["name"] == "vptq" and me["run_config"]["model"]["name"] == "tiny_llama"
+    assert me["bits"]["total"] == pytest.approx(met["bits"]["total"], rel=1e-12)
+    w = eval_windows(cfg.data.name, None, tok2, 64, 2)
+    assert perplexity(m2, w, torch.device("cpu")) == ppl
+
+
 @pytest.mark.slow
 def test_harness_save_quantized_reloads_to_same_ppl(tmp_path):
     """`save.quantized=true method=vptq` through the CLI; the reloaded folder gives the job's perplexity."""
@@ -328,13 +400,9 @@ def test_harness_save_quantized_reloads_to_same_ppl(tmp_path):
 
     if "vptq" not in METHODS:
         pytest.skip("method=vptq is not registered yet (vptq/methods.py METHODS)")
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    from helpers import run_cli
-
     from runners.data import eval_windows
     from runners.ppl import perplexity
+    from tests.helpers import run_cli
 
     job = tmp_path / "job"
     r = run_cli(["model=tiny_llama", "method=vptq", "bits=4", "logger=none", "save.quantized=true",

@@ -20,9 +20,7 @@ import torch
 from vptq.format import export_vptq, load_vptq
 from vptq.pack import pack_indices, to_uint16_view, unpack_indices
 from vptq.qlinear import QuantLinear
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_format import input_ids, logits, vq_tiny_llama  # noqa: E402
+from tests.test_format import input_ids, logits, vq_tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "interchange_env.py")
