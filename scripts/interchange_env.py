@@ -71,9 +71,18 @@ def is_ready(root: str | None = None) -> bool:
         return False
 
 
+class BuildError(RuntimeError):
+    pass
+
+
 def _run(cmd, log) -> None:
     print("+", " ".join(cmd), file=log, flush=True)
-    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log.write(r.stdout)
+    if r.returncode != 0:
+        lines = [ln for ln in r.stdout.strip().splitlines() if ln.strip() and not ln.startswith("WARNING: Location")]
+        raise BuildError(f"`{' '.join(cmd[1:])[:150]}` failed (exit {r.returncode}): "
+                         f"{lines[-1].strip() if lines else 'no output'}")
 
 
 def _site_packages(py: str) -> str:
@@ -82,7 +91,8 @@ def _site_packages(py: str) -> str:
 
 
 def build(rebuild: bool = False, log=sys.stderr) -> str:
-    """Build the venv if it is not ready; return its python. Raises CalledProcessError on failure."""
+    """Build the venv if it is not ready; return its python. Raises BuildError (one line) on failure
+    and removes the partial venv."""
     root = venv_dir()
     os.makedirs(os.path.dirname(root), exist_ok=True)
     with open(root + ".lock", "w") as lock:
@@ -91,28 +101,36 @@ def build(rebuild: bool = False, log=sys.stderr) -> str:
             return venv_python(root)
         t0 = time.time()
         shutil.rmtree(root, ignore_errors=True)
-        base = getattr(sys, "_base_executable", sys.executable)
-        _run([base, "-m", "venv", root], log)
-        py = venv_python(root)
-        pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        _run(pip + PINS, log)
-        _run(pip + ["--no-deps", VPTQ_PIN], log)
-        st = os.path.join(_site_packages(py), "sentence_transformers")
-        os.makedirs(st, exist_ok=True)
-        with open(os.path.join(st, "__init__.py"), "w") as f:
-            f.write(STUB)
-        with open(os.path.join(st, "SentenceTransformer.py"), "w") as f:
-            f.write(STUB_ST)
-        # -I: isolated, so the working directory (maybe our repo, whose `vptq` would shadow theirs)
-        # is not on sys.path
-        _run([py, "-I", "-c", "import vptq, transformers, torch; "
-                              "assert vptq.__version__ == '0.0.5.post1', vptq.__file__; "
-                              "print('vptq', vptq.__version__, 'transformers', transformers.__version__, "
-                              "'torch', torch.__version__)"], log)
-        with open(_marker(root), "w") as f:
-            f.write(STAMP + "\n")
+        try:
+            _build(root, log)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
         print(f"interchange venv built in {time.time() - t0:.0f} s: {root}", file=log, flush=True)
-        return py
+        return venv_python(root)
+
+
+def _build(root: str, log) -> None:
+    base = getattr(sys, "_base_executable", sys.executable)
+    _run([base, "-m", "venv", root], log)
+    py = venv_python(root)
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--retries", "2", "--timeout", "30"]
+    _run(pip + PINS, log)
+    _run(pip + ["--no-deps", VPTQ_PIN], log)
+    st = os.path.join(_site_packages(py), "sentence_transformers")
+    os.makedirs(st, exist_ok=True)
+    with open(os.path.join(st, "__init__.py"), "w") as f:
+        f.write(STUB)
+    with open(os.path.join(st, "SentenceTransformer.py"), "w") as f:
+        f.write(STUB_ST)
+    # -I: isolated, so the working directory (maybe our repo, whose `vptq` would shadow theirs)
+    # is not on sys.path
+    _run([py, "-I", "-c", "import vptq, transformers, torch; "
+                          "assert vptq.__version__ == '0.0.5.post1', vptq.__file__; "
+                          "print('vptq', vptq.__version__, 'transformers', transformers.__version__, "
+                          "'torch', torch.__version__)"], log)
+    with open(_marker(root), "w") as f:
+        f.write(STAMP + "\n")
 
 
 def main() -> int:
@@ -126,7 +144,11 @@ def main() -> int:
             return 0
         print(f"not built: {venv_dir()}", file=sys.stderr)
         return 1
-    print(build(rebuild=a.rebuild))
+    try:
+        print(build(rebuild=a.rebuild))
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
