@@ -133,8 +133,7 @@ def test_layer_round_trip_exact(case, out_features):
 @pytest.mark.parametrize("case", ["full", "plain_pow2", "residual_only", "outliers_perm"])
 def test_stored_bytes_equal_reported_storage(case):
     """Bits are counted from what is stored: the file's tensors == VQWeight.storage() (pow2 k, fp16)."""
-    opts = dict(LAYER_CASES[case])
-    opts.update(k=16 if opts.get("k", 12) == 12 else opts["k"], k_res=(8 if opts.get("k_res", 5) == 5 else opts["k_res"]))
+    opts = {"k": 16, "k_res": 8, **LAYER_CASES[case]}  # powers of two: no codebook padding
     q = random_vqweight(50, 64, seed=3, **opts)
     t = layer_tensors(q)
     stored = sum(x.numel() * x.element_size() * 8 for x in t.values())

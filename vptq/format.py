@@ -225,17 +225,17 @@ def _float_tensors(model: nn.Module, skip: List[str]) -> Tuple[Dict[str, torch.T
     safetensors refuses shared storage, hence the copy."""
     prefixes = tuple(s + "." for s in skip)
     out: Dict[str, torch.Tensor] = {}
-    seen: Dict[Tuple[int, torch.device], str] = {}
+    seen = set()  # (device, storage pointer) already written
     aliases = []
     for name, t in model.state_dict(keep_vars=False).items():
         if name.startswith(prefixes):
             continue
-        key = (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), tuple(t.shape))
-        if key in seen:
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        if key in seen:  # tied (or any tensor sharing memory with an earlier one): write a copy
             aliases.append(name)
             out[name] = _cpu(t).clone()
             continue
-        seen[key] = name
+        seen.add(key)
         out[name] = _cpu(t)
     return out, aliases
 

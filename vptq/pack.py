@@ -58,7 +58,8 @@ def check_packable(group_size: int, index_bits: int, res_bits: int = 0) -> None:
                          f"(num_centroids 2..65536)")
     if res_bits < 0 or res_bits > index_bits:
         raise ValueError(f"res_bits={res_bits} > index_bits={index_bits}: the official unpacker masks residual "
-                         f"indices with the main index width; valid: 0..{index_bits} (num_res_centroids <= num_centroids)")
+                         f"indices with the main index width; valid: 0..{index_bits} "
+                         f"(num_res_centroids <= num_centroids)")
     if t > MAX_TOTAL_BITS:
         raise ValueError(f"index_bits+res_bits={t} > {MAX_TOTAL_BITS}; valid: at most {MAX_TOTAL_BITS}")
     if group_size < 1:
