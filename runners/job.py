@@ -57,7 +57,7 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
     job_dir = job_dir or hdir
     os.makedirs(job_dir, exist_ok=True)
     out_path = os.path.join(job_dir, M.METRICS_FILE)
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = _abspaths(OmegaConf.to_container(cfg, resolve=True))
     mname = cfg.method.name
     uses_bits = method_class(mname).uses_bits if mname in METHODS else True
     key = M.run_key(M.semantic_config(container, uses_bits=uses_bits))
@@ -121,6 +121,51 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
             tracker.finish(failed=failed)
 
 
+def _abspaths(container: Dict[str, Any]) -> Dict[str, Any]:
+    """Local data folders as absolute paths (the run key must not depend on the cwd)."""
+    ev = container.get("eval") or {}
+    for k in ("paths", "qa_data"):
+        if ev.get(k):
+            ev[k] = {n: os.path.abspath(os.path.expanduser(p)) if p else p for n, p in ev[k].items()}
+    return container
+
+
+def ppl_datasets(cfg: DictConfig):
+    """-> [(name shown in tables, built-in dataset, folder or None, seqlen)] for `eval.datasets`
+    (empty = [data.name]). A name that is not a built-in dataset is a local text folder given in
+    `eval.paths`; `eval.seqlens` overrides `eval.seqlen` per dataset."""
+    from runners.data import DATASETS, check_data
+
+    names = list(cfg.eval.datasets) or [cfg.data.name]
+    paths = dict(cfg.eval.paths or {})
+    seqlens = dict(cfg.eval.seqlens or {})
+    if len(set(names)) != len(names):
+        raise UserError(f"eval.datasets={names} lists a dataset twice")
+    for what, d in (("seqlens", seqlens), ("paths", paths)):
+        extra = sorted(set(d) - set(names))
+        if extra:
+            raise UserError(f"eval.{what} has {extra[0]!r}, which is not in eval.datasets={names}")
+    out = []
+    for ds in names:
+        if ds in DATASETS:
+            kind = ds
+            path = paths.get(ds) or (cfg.data.path if ds == cfg.data.name else None)
+            if ds in paths and ds != "text":
+                raise UserError(f"eval.paths.{ds}: {ds!r} is a built-in dataset; give a local folder another "
+                                f"name, e.g. eval.datasets=[{ds}_local] eval.paths.{ds}_local=FOLDER")
+        elif ds in paths:
+            kind, path = "text", paths[ds]
+        else:
+            raise UserError(f"unknown evaluation dataset {ds!r}; valid choices: {', '.join(DATASETS)}, "
+                            f"or a local folder: eval.paths.{ds}=FOLDER (with test.txt)")
+        seqlen = seqlens.get(ds, cfg.eval.seqlen)
+        if seqlen is None or int(seqlen) < 2:
+            raise UserError(f"eval.seqlens.{ds}={seqlen} must be an integer >= 2")
+        check_data(kind, path)
+        out.append((ds, kind, path, int(seqlen)))
+    return out
+
+
 def _load(path):
     import json
 
@@ -139,7 +184,9 @@ def _print_summary(r: Dict[str, Any]) -> None:
     ppl = ", ".join(f"{k} {v:.3f}" for k, v in r.get("ppl", {}).items())
     b = r["bits"]
     bits = f"{b['total']:.3f} bits/weight" if b.get("total") is not None else "unquantized"
-    print(f"[{r['model']} {r['method']} {bits}] ppl: {ppl} | quantize {r['time']['quantize_s']:.1f} s")
+    qa = (r.get("qa") or {}).get("mean") or {}
+    qa = f" | QA mean acc {qa['acc']:.3f}" if "acc" in qa else ""
+    print(f"[{r['model']} {r['method']} {bits}] ppl: {ppl}{qa} | quantize {r['time']['quantize_s']:.1f} s")
 
 
 def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker, key: str) -> Dict[str, Any]:
@@ -157,10 +204,22 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
     if bits > 16:
         raise UserError(f"bits={cfg.bits} is above 16: nothing to quantize; valid: 0 < bits <= 16")
     device = resolve_device(cfg.device)
-    datasets = list(cfg.eval.datasets) or [cfg.data.name]
+    if cfg.kernel.name == "triton":
+        import vptq.kernels  # noqa: F401  (registers "triton" in vptq.qlinear.KERNELS)
+    from vptq.qlinear import KERNELS
+
+    if cfg.kernel.name != "torch" and cfg.kernel.name not in KERNELS:
+        raise UserError(f"kernel={cfg.kernel.name!r} is not registered; valid choices: torch, triton")
     check_data(cfg.data.name, cfg.data.path)
-    for ds in datasets:
-        check_data(ds, cfg.data.path if ds == cfg.data.name else None)
+    ppl_sets = ppl_datasets(cfg)
+    if cfg.quantize.parallel and cfg.hessian.protocol != "float":
+        raise UserError("quantize.parallel=true needs hessian.protocol=float (every block's Hessian from the "
+                        f"float model), got hessian.protocol={cfg.hessian.protocol}")
+    from runners.qa import check_qa_args, prepare_qa
+
+    qa_data = {t: p for t, p in (cfg.eval.qa_data or {}).items() if p}
+    qa_args = dict(limit=cfg.eval.qa_limit, batch_size=cfg.eval.qa_batch_size, data=qa_data)
+    check_qa_args(list(cfg.eval.qa_tasks), **qa_args)
     method_cfg = OmegaConf.to_object(cfg.method)
     method = build_method(cfg.method.name, method_cfg, bits=bits, seed=cfg.seed)
     if cfg.save.quantized:
@@ -177,9 +236,9 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
         except BudgetError as e:
             raise UserError(str(e)) from None
 
-    # evaluation data first: a missing dataset fails before hours of quantization
-    windows = {ds: eval_windows(ds, cfg.data.path if ds == cfg.data.name else None, tok, cfg.eval.seqlen,
-                                cfg.eval.max_windows) for ds in datasets}
+    # evaluation data first: a missing dataset or QA task fails before hours of quantization
+    windows = {ds: eval_windows(kind, path, tok, seqlen, cfg.eval.max_windows) for ds, kind, path, seqlen in ppl_sets}
+    qa_suite = prepare_qa(list(cfg.eval.qa_tasks), **qa_args)
     calib = None
     if method.quantizes and method.needs_hessian:
         calib = calibration_windows(cfg.data.name, cfg.data.path, tok, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
@@ -193,14 +252,28 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
             tracker.log({f"quant/{k}": v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None})
 
         ckpt = os.path.join(cfg.results_root, "checkpoints", key) if cfg.quantize.checkpoint else None
-        stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name,
-                               protocol=cfg.hessian.protocol, hessian_dir=hdir, checkpoint_dir=ckpt,
-                               on_block=on_block)
+        if cfg.quantize.parallel:  # blocks quantized by separate jobs, assembled here
+            from runners.parallel import quantize_parallel
+
+            stats = quantize_parallel(cfg, model, method, calib=calib, device=device,
+                                      checkpoint_dir=ckpt or os.path.join(cfg.results_root, "checkpoints", key))
+            for rec in stats.blocks:
+                on_block(rec)
+        else:
+            stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name,
+                                   protocol=cfg.hessian.protocol, hessian_dir=hdir, checkpoint_dir=ckpt,
+                                   on_block=on_block)
         M.write_json_atomic(os.path.join(job_dir, "layers.json"), {"layers": stats.layers, "blocks": stats.blocks})
 
     t1 = time.perf_counter()
     model.to(device)
     ppl = {ds: perplexity(model, w, device) for ds, w in windows.items()}
+    ppl_s = time.perf_counter() - t1
+    qa, qa_info = ({}, None)
+    if qa_suite is not None:
+        from runners.qa import evaluate_qa
+
+        qa, qa_info = evaluate_qa(qa_suite, model, tok)
     eval_s = time.perf_counter() - t1
 
     bits_rec: Dict[str, Any] = {"index": None, "total": None}
@@ -214,12 +287,15 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
         "bits": bits_rec,
         "settings": method.settings(),
         "ppl": ppl,
-        "eval": {"seqlen": int(cfg.eval.seqlen), "windows": {ds: int(w.shape[0]) for ds, w in windows.items()}},
+        "eval": {"seqlen": int(cfg.eval.seqlen), "seqlens": {ds: sl for ds, _, _, sl in ppl_sets},
+                 "windows": {ds: int(w.shape[0]) for ds, w in windows.items()},
+                 "paths": {ds: os.path.abspath(p) for ds, _, p, _ in ppl_sets if p}, "qa": qa_info},
         "calib": {"data": cfg.data.name, "nsamples": int(cfg.calib.nsamples), "seqlen": int(cfg.calib.seqlen)}
         if calib is not None else None,
         "hessian_protocol": cfg.hessian.protocol if calib is not None else None,
-        "qa": {},
+        "qa": qa,
         "time": {"quantize_s": stats.quantize_s if stats else 0.0, "eval_s": eval_s, "load_s": load_s,
+                 "ppl_s": ppl_s, "qa_s": qa_info["time_s"] if qa_info else 0.0,
                  "per_block_s": [b["time_s"] for b in stats.blocks] if stats else []},
         "memory": {"peak_rss_gb": M.peak_rss_gb(),
                    "peak_gpu_gb": (torch.cuda.max_memory_allocated(device) / 1024**3) if device.type == "cuda" else None},
@@ -227,6 +303,12 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
         "env": M.env_info(device),
         "seed": int(cfg.seed),
     }
+    if cfg.kernel.throughput or (cfg.kernel.throughput is None and device.type == "cuda"):
+        from runners.throughput import measure
+
+        res["kernel"].update(measure(model, device, prompt_tokens=int(cfg.kernel.prompt_tokens),
+                                     decode_tokens=int(cfg.kernel.decode_tokens),
+                                     warmup_tokens=int(cfg.kernel.warmup_tokens), seed=int(cfg.seed)))
     if cfg.save.quantized:
         from runners.save import save_quantized
 

@@ -8,7 +8,7 @@ registry, so adding a method needs no edit here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -51,16 +51,39 @@ class CalibConfig:
 
 
 @dataclass
+class QADataConfig:
+    """Local copies of QA tasks in their published format (a task left null comes from the hub).
+    One field per format that runners/qa.py LOCAL_FORMATS can read."""
+    piqa: Optional[str] = None  # folder with valid.jsonl + valid-labels.lst, e.g. ../shared/data/piqa
+
+
+@dataclass
 class EvalConfig:
     name: str = "ppl"
     seqlen: int = MISSING  # tokens per perplexity window; printed in every table header
     max_windows: Optional[int] = None  # first N windows only (CPU runs); null = all
     datasets: List[str] = field(default_factory=list)  # perplexity datasets; empty = [data.name]
+    # per-dataset window length (tokens), e.g. {pydoc: 512, wikitext2: 2048}; others use `seqlen`
+    seqlens: Dict[str, int] = field(default_factory=dict)
+    # local text folders (test.txt) by dataset name: a name in `datasets` that is not a built-in
+    # dataset is read from here, e.g. datasets=[pydoc,wikitext2_v1] paths.wikitext2_v1=DIR
+    paths: Dict[str, str] = field(default_factory=dict)
+    # zero-shot QA through lm-eval (runners/qa.py) on the in-memory quantized model; [] = none
+    qa_tasks: List[str] = field(default_factory=list)
+    qa_limit: Optional[int] = None  # first N questions per task (CPU runs); null = all
+    qa_batch_size: int = 16
+    qa_data: "QADataConfig" = field(default_factory=lambda: QADataConfig())
 
 
 @dataclass
 class KernelConfig:
     name: str = "torch"  # torch | triton
+    # decode tok/s + per-layer GEMV timing into metrics.json "kernel" (runners/throughput.py);
+    # null = on for a CUDA device, off on CPU (keeps CPU runs fast)
+    throughput: Optional[bool] = None
+    prompt_tokens: int = 16  # prefilled before the timed decode
+    decode_tokens: int = 32  # timed greedy decode steps, batch 1
+    warmup_tokens: int = 4  # untimed decode steps first (compilation, autotuning)
 
 
 @dataclass
@@ -86,6 +109,12 @@ class QuantizeConfig:
     # interrupted job resumes at the first unfinished block; removed when the job finishes
     checkpoint: bool = True
     keep_checkpoints: bool = False
+    # layer-parallel quantization (needs hessian.protocol=float): blocks are quantized by separate
+    # jobs (a submitit job array on Slurm, local processes otherwise) into the checkpoint folder,
+    # then this job assembles the model from the checkpoints (runners/parallel.py)
+    parallel: bool = False
+    blocks_per_job: int = 1
+    executor: str = "auto"  # auto (Slurm under hydra/launcher=slurm|submitit_slurm, else local) | local | slurm
 
 
 @dataclass

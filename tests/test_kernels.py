@@ -121,7 +121,12 @@ if not CHILD:
 else:
     from vptq.kernels import dispatch
     from vptq.kernels.dequant import dequantize, dequantize_reference
-    from vptq.kernels.gemv import INTERPRET_CONFIG, gemv, gemv_reference
+    from vptq.kernels.gemv import gemv, gemv_reference
+
+    # small blocks: several row blocks, several column steps per program, split columns (atomics)
+    SMALL_DEQUANT = {"BLOCK_R": 2, "BLOCK_C": 16, "num_warps": 1}
+    SMALL_SPLIT = {"BLOCK_R": 2, "BLOCK_C": 16, "SPLIT": 2, "num_warps": 1, "num_stages": 1}
+    SMALL_DIRECT = {**SMALL_SPLIT, "SPLIT": 1}
     from vptq.kernels.layout import from_vqweight
     from vptq.qlinear import QuantLinear
 
@@ -132,11 +137,10 @@ else:
         kw = from_vqweight(q)
         ref = q.dequantize(dtype)
         assert torch.equal(dequantize_reference(kw, dtype), ref)  # the packed-stream oracle
-        W = dequantize(kw, dtype)
-        assert W.dtype == dtype and W.shape == ref.shape
-        assert torch.equal(W, ref), f"max |diff| {float((W.float() - ref.float()).abs().max())}"
-
-    SPLIT1 = {**INTERPRET_CONFIG, "SPLIT": 1}
+        for cfg in (None, SMALL_DEQUANT):  # the default blocks, and many small programs
+            W = dequantize(kw, dtype, cfg)
+            assert W.dtype == dtype and W.shape == ref.shape
+            assert torch.equal(W, ref), f"{cfg}: max |diff| {float((W.float() - ref.float()).abs().max())}"
 
     # 16 tokens (the largest decode batch) in float16 only: keeps the interpreter run short
     GEMV_PARAMS = [pytest.param(c, d, t, id=f"{c}-{str(d)[6:]}-{t}") for c in CASES
@@ -151,7 +155,7 @@ else:
         x = torch.randn(tokens, q.in_features, generator=g).to(DEVICE, dtype)
         bias = torch.randn(q.out_features, generator=g).to(DEVICE, dtype)
         y64 = x.double() @ q.dequantize(torch.float32).double().T + bias.double()  # exact weight
-        for cfg in (None, SPLIT1):  # split columns + atomics, and the direct store
+        for cfg in (None, SMALL_SPLIT, SMALL_DIRECT):  # default; split columns + atomics; direct store
             y = gemv(kw, x, bias, cfg)
             assert y.dtype == dtype and y.shape == (tokens, q.out_features)
             assert torch.isfinite(y).all()

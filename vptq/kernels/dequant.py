@@ -114,7 +114,7 @@ def _vq_dequant_kernel(w_ptr, packed_ptr, cb_ptr, rcb_ptr, perm_ptr, scale_ptr, 
 
 # ---------------------------------------------------------------------------------- launch
 DEQUANT_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "num_warps": 4}  # fixed: prefill time is the matmul's
-INTERPRET_DEQUANT_CONFIG = {"BLOCK_R": 8, "BLOCK_C": 16, "num_warps": 1}
+INTERPRET_DEQUANT_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "num_warps": 1}
 
 
 def _launch_segment(W: torch.Tensor, kw: KernelWeight, seg: Segment, cfg: dict) -> None:

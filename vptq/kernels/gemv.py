@@ -100,7 +100,8 @@ def _vq_gemv_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
 
 # ---------------------------------------------------------------------------------- launch
 DEFAULT_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 3}
-INTERPRET_CONFIG = {"BLOCK_R": 8, "BLOCK_C": 16, "SPLIT": 2, "num_warps": 1, "num_stages": 1}
+# interpreter: few, large programs (its cost is per program instance and per op, not per element)
+INTERPRET_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "SPLIT": 2, "num_warps": 1, "num_stages": 1}
 
 
 def prepare_x(kw: KernelWeight, x: torch.Tensor):
