@@ -19,6 +19,7 @@ from vptq.qweight import QuantizedWeight
 METHODS: Dict[str, str] = {
     "fp16": "baselines.fp16:FP16",
     "rtn": "baselines.rtn:RTN",
+    "gptq": "baselines.gptq:GPTQ",
 }
 
 
