@@ -73,12 +73,16 @@ def vq_from_dense(W: torch.Tensor, v: int, k: int, *, k_res: int = 0, outliers: 
 
 def tiny_vq_model():
     """tiny_llama (hidden 64, MLP 160, 2 blocks) with every decoder linear a QuantLinear(VQWeight)."""
+    from types import SimpleNamespace
+
     from runners.arch import arch_of, blocks_of, linears_of, set_module
     from runners.models import tiny_model
-    from runners.schema import ModelConfig
     from vptq.qlinear import QuantLinear
 
-    model, tok = tiny_model(ModelConfig(name="tiny_llama", source="tiny"))
+    # conf/model/tiny_llama.yaml's shape, without Hydra (absent on the GPU machine)
+    tiny = SimpleNamespace(arch="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, init_seed=0)
+    model, tok = tiny_model(SimpleNamespace(name="tiny_llama", source="tiny", dtype="float32", tiny=tiny))
     variants = [dict(v=6, k=64), dict(v=4, k=32, k_res=16), dict(v=6, k=48, outliers=8, perm=True, norm=True)]
     i = 0
     for block in blocks_of(model, arch_of(model)):

@@ -78,7 +78,7 @@ def _store(ptrs, val, mask, BF16_BITS: tl.constexpr):
         tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["OUT", "IN", "N_ROWS", "GS", "NCOLS", "W_WORDS", "K", "KR", "G_LAST", "COL0"])
 def _vq_dequant_kernel(w_ptr, packed_ptr, cb_ptr, rcb_ptr, perm_ptr, scale_ptr, wbias_ptr,
                        OUT, IN, N_ROWS, GS, NCOLS, W_WORDS, K, KR, G_LAST, COL0,
                        V: tl.constexpr, VP: tl.constexpr, TB: tl.constexpr, IB: tl.constexpr,

@@ -14,8 +14,9 @@ The permutation and the norm act on x instead of W (VPTQ stores W = W'[:, perm] 
     c[b]     = sum_i x[b, i] * bias_norm[i]     (the norm's bias is one dot per token)
 
 Batch 1 accumulates elementwise (a (C, R, VP) fp32 tile reduced once at the end); 2-16 tokens
-use tl.dot on fp32 operands (tf32 on tensor cores; codewords are float16 values, exact in
-tf32). SPLIT > 1 splits the columns over programs that add into an fp32 output (atomics).
+use tl.dot on fp32 operands: tf32 tensor cores for fp16/bf16 activations (float16 codewords and
+fp16/bf16 activations are exact in tf32; a residual sum or a scaled x rounds to tf32 there),
+full fp32 ("ieee") for fp32 activations. SPLIT > 1 splits the columns over programs that add into an fp32 output (atomics).
 """
 from __future__ import annotations
 
@@ -32,13 +33,15 @@ from vptq.kernels.layout import KernelWeight, Segment, next_pow2
 MAX_TOKENS = 16  # the dispatch sends more tokens to dequantize + matmul
 
 
-@triton.jit
+# shape integers are not specialized: one binary per block configuration serves every layer shape
+@triton.jit(do_not_specialize=["B", "OUT", "N_ROWS", "GS", "NCOLS", "W_WORDS", "K", "KR", "G_LAST", "X_COL0", "SPAN",
+                               "stride_x", "stride_y"])
 def _vq_gemv_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
                     B, OUT, N_ROWS, GS, NCOLS, W_WORDS, K, KR, G_LAST, X_COL0, SPAN, stride_x, stride_y,
                     V: tl.constexpr, VP: tl.constexpr, TB: tl.constexpr, IB: tl.constexpr, RB: tl.constexpr,
                     ONE_GROUP: tl.constexpr, BP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                     USE_DOT: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr,
-                    BF16_BITS: tl.constexpr):
+                    BF16_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """grid (cdiv(N_ROWS, BLOCK_R), SPLIT): rows block x column span [pid_s*SPAN, +SPAN)."""
     # 1. this program's vector rows and column span
     pid_r = tl.program_id(0)
@@ -64,7 +67,7 @@ def _vq_gemv_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
             xm = (toks[:, None] < B) & cmask[None, :]
             xt = tl.load(x_ptr + toks[:, None] * stride_x + X_COL0 + cols[None, :], mask=xm,
                          other=0.0).to(tl.float32)  # (BP, C)
-            acc += tl.dot(xt, tl.reshape(cw, (BLOCK_C, BLOCK_R * VP)))  # (BP, R*VP)
+            acc += tl.dot(xt, tl.reshape(cw, (BLOCK_C, BLOCK_R * VP)), input_precision=DOT_PRECISION)  # (BP, R*VP)
         else:
             xv = tl.load(x_ptr + X_COL0 + cols, mask=cmask, other=0.0).to(tl.float32)  # (C,)
             acc += cw * xv[:, None, None]  # (C, R, VP)
@@ -121,7 +124,8 @@ def prepare_x(kw: KernelWeight, x: torch.Tensor):
     return xf.contiguous(), c
 
 
-def _launch_segment(y, xp, kw: KernelWeight, seg: Segment, cfg: dict, atomic: bool, bias, c, epilogue: bool):
+def _launch_segment(y, xp, kw: KernelWeight, seg: Segment, cfg: dict, atomic: bool, bias, c, epilogue: bool,
+                    precision: str):
     B = xp.shape[0]
     use_dot = B > 1
     R, C = cfg["BLOCK_R"], cfg["BLOCK_C"]
@@ -142,7 +146,7 @@ def _launch_segment(y, xp, kw: KernelWeight, seg: Segment, cfg: dict, atomic: bo
         seg.groups - 1, seg.col0, span, xp.stride(0), y.stride(0),
         V=seg.v, VP=seg.vp, TB=seg.total_bits, IB=seg.index_bits, RB=seg.res_bits, ONE_GROUP=seg.groups == 1,
         BP=max(16, next_pow2(B)) if use_dot else 1, BLOCK_R=R, BLOCK_C=C, USE_DOT=use_dot,
-        ATOMIC=atomic, HAS_BIAS=has_bias, HAS_C=has_c, BF16_BITS=bf16,
+        ATOMIC=atomic, HAS_BIAS=has_bias, HAS_C=has_c, BF16_BITS=bf16, DOT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -167,9 +171,11 @@ def gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
     else:
         y = torch.empty(B, kw.out_features, dtype=x.dtype, device=x.device)
     bias = None if bias is None else bias.contiguous()
-    _launch_segment(y, xp, kw, kw.main, cfg, atomic, bias, c, epilogue=True)
+    # float32 activations: an exact fp32 dot; fp16/bf16 ones are exact in tf32 (as are float16 codewords)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _launch_segment(y, xp, kw, kw.main, cfg, atomic, bias, c, True, precision)
     if kw.outlier is not None:
-        _launch_segment(y, xp, kw, kw.outlier, {**cfg, "SPLIT": 1}, True, bias, c, epilogue=False)
+        _launch_segment(y, xp, kw, kw.outlier, {**cfg, "SPLIT": 1}, True, bias, c, False, precision)
     return y.to(x.dtype) if atomic else y
 
 
