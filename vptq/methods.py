@@ -20,6 +20,7 @@ METHODS: Dict[str, str] = {
     "fp16": "baselines.fp16:FP16",
     "rtn": "baselines.rtn:RTN",
     "gptq": "baselines.gptq:GPTQ",
+    "aqlm": "baselines.aqlm:AQLM",
 }
 
 

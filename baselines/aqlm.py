@@ -1,0 +1,651 @@
+"""AQLM-style additive quantization (Egiazarian et al., arXiv 2401.06118; Vahe1994/AQLM): a
+re-implementation behind the common `Method` interface.
+
+Owns: the AQLM budget rule, the additive weight format `AQLMWeight` (codes packed B bits each,
+fp16 codebooks, fp16 per-output-channel scales), residual k-means initialisation, the
+alternation of Adam codebook/scale updates and beam search over codes on the layer proxy loss,
+and the optional block finetuning.
+
+The representation (paper eq. 2-3). Each row o of W (out, in) is cut into n = in/g groups of g
+consecutive input weights; group j of row o is the sum of one codeword from each of M codebooks
+C_m (2^B entries of g values), times the row's scale s_o:
+
+    Ŵ[o, j*g:(j+1)*g] = s_o · Σ_m C_m[b_{o,j,m}]              b: (out, n, M) in [0, 2^B)
+
+Scheme "MxB" (paper naming: "1x16", "2x8"): index bits/weight = M·B/g. Storage per layer:
+out·n·M·B bits of codes + M·2^B·g·16 bits of codebooks + out·16 bits of scales, all counted.
+
+The objective (paper eq. 4) is the layer proxy loss  L = tr((W - Ŵ) H (W - Ŵ)ᵀ),  H = E[x xᵀ]
+(never the raw activations). Algorithm (paper Alg. 1, CPU-sized by default):
+  1. scales s_o = RMS of row o; residual k-means on the normalised groups: stage m clusters the
+     residual left by stages < m (Lloyd iterations weighted by s_o²·diag(H) per coordinate, so
+     each coordinate counts as it does in L when H is diagonal); then the per-row scale that
+     minimises L for these codes in closed form.
+  2. repeat up to `max_iterations` times, or until an iteration improves L by less than
+     `rel_tol` (relative):
+       (b) beam search over codes (paper §3.2, eq. 5-6): for every group j in turn, for every
+           codebook m in turn, each hypothesis of each row is extended by all 2^B codewords;
+           the change of L is exact,  ΔL = -2 δᵀ(H r)_j + δᵀ H_jj δ  (r = row residual,
+           δ = s·(C_m[c] - C_m[b])), and the `beam_width` best hypotheses per row survive.
+           Rows are independent (L is a sum over rows), groups within a row are not (H couples
+           them): that is why the search runs over groups in sequence, as AQLM's does.
+       (a) `adam_steps` Adam steps on codebooks and scales with the codes fixed (paper §3.3),
+           on analytic gradients of L (dL/dŴ = -2 (W - Ŵ) H, chained through the gather).
+     Codebooks and scales are rounded to fp16 after every update, so the codes are searched
+     and the loss is measured against exactly what is stored; the best state seen is kept,
+     so more iterations never give a higher stored loss.
+  3. optional block finetuning (paper §3.4): codebooks, scales and the block's norm weights
+     tuned by Adam on the block-output MSE against the float block (`finetune_block`).
+
+Why not the column-wise error-feedback loop of `vptq.solver`: it fixes columns left to right
+and pushes each column's error onto the columns not yet quantized, which needs a quantizer that
+commits one column (or `step` adjacent columns) at a time. AQLM's codes are not column-local:
+its M codewords add up inside a group, its codebooks are shared by every row and are
+re-optimised after the codes, and the objective is joint over the whole row. The paper
+therefore optimises L directly, with beam search over codes (which already accounts for the
+cross-group coupling through H r) alternating with codebook updates.
+
+Determinism: every random choice (k-means seeding) comes from a CPU generator seeded by
+`layer_seed(name)`; segment sums use a sort and a float64 cumulative sum, not atomics, so a
+layer's result is a function of (W, H, config, seed) on a given device.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from vptq.methods import BlockContext, BudgetError, Method
+from vptq.qweight import QuantizedWeight, Storage
+
+log = logging.getLogger(__name__)
+
+VALUE_BITS = 16  # codebook entries and scales are stored as fp16
+MAX_CODEBOOKS = 8
+MAX_CODE_BITS = 16
+GROUP_SIZES = tuple(range(2, 17))  # g the budget may choose (those dividing in_features)
+CHUNK_ELEMS = 1 << 24  # candidate scores / distances evaluated per chunk
+LAZY_COLUMNS = 128  # beam search: H r is updated on later columns once per block of this many
+KMEANS_POINTS_PER_CLUSTER = 64  # k-means trains on at most this many points per centroid
+
+
+# ----------------------------------------------------------------------------- budget
+
+def parse_scheme(scheme: str) -> Tuple[int, int]:
+    """"MxB" -> (num_codebooks M, bits per codebook B)."""
+    m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(scheme))
+    if not m:
+        raise ValueError(f"method.scheme={scheme!r} is not of the form MxB (e.g. 1x16, 2x8, 1x8)")
+    M, B = int(m.group(1)), int(m.group(2))
+    if not (1 <= M <= MAX_CODEBOOKS and 1 <= B <= MAX_CODE_BITS):
+        raise ValueError(f"method.scheme={scheme!r}: valid M is 1..{MAX_CODEBOOKS}, valid B is 1..{MAX_CODE_BITS}")
+    return M, B
+
+
+def packed_code_bits(out_f: int, in_f: int, M: int, B: int, g: int) -> int:
+    """Bits of the stored code tensor: out·(in/g)·M codes of B bits, packed into whole bytes."""
+    return math.ceil(out_f * (in_f // g) * M * B / 8) * 8
+
+
+def aqlm_total_bits(M: int, B: int, g: int, out_f: int, in_f: int) -> float:
+    """Realized total bits/weight of one (out_f, in_f) layer: codes + codebooks + scales."""
+    bits = packed_code_bits(out_f, in_f, M, B, g) + M * (2**B) * g * VALUE_BITS + out_f * VALUE_BITS
+    return bits / (out_f * in_f)
+
+
+def scheme_name(M: int, B: int, g: int) -> str:
+    return f"{M}x{B}/g{g}"
+
+
+def valid_group_sizes(in_f: int, limit: int = 32) -> List[int]:
+    return [g for g in range(1, min(limit, in_f) + 1) if in_f % g == 0]
+
+
+def _rank_key(M: int, B: int, g: int):
+    """Expected accuracy, best first: more index bits (rate dominates: ~6 dB per bit), then the
+    larger codebook per stage B, then fewer codebooks (at equal rate and B, the shorter group).
+    Measured on SmolLM2-135M layers with real Hessians at 2 bits, all candidates with the CPU
+    defaults: 1x6/g3 < 3x4/g6 < 2x4/g4 < 1x4/g2 < ... < 8x2/g8 (k_proj), 1x8/g4 < 2x8/g8 (down_proj),
+    1x8/g4 best on q/gate; AQLM Table 1 likewise ranks 1x16 above 2x8."""
+    return (-(M * B) / g, -B, M, -g)
+
+
+def choose_scheme(bits: Optional[float], tolerance: float, out_f: int, in_f: int,
+                  scheme: Optional[str] = None, group_size: Optional[int] = None) -> Tuple[int, int, int]:
+    """The (M, B, g) expected to be most accurate whose realized total fits bits + tolerance.
+
+    An explicit `scheme` fixes (M, B) and an explicit `group_size` fixes g; a budget that they
+    cannot meet raises BudgetError naming the nearest valid choices. bits=None: no budget (an
+    explicit scheme is then required; g defaults to 8)."""
+    if group_size is not None:
+        if group_size < 1 or in_f % group_size:
+            raise ValueError(f"method.in_group_size={group_size} does not divide in_features={in_f}; "
+                             f"valid: {', '.join(map(str, valid_group_sizes(in_f)))}")
+        gs: Sequence[int] = (group_size,)
+    else:
+        gs = [g for g in GROUP_SIZES if in_f % g == 0]
+        if not gs:
+            raise ValueError(f"no default in_group_size in {GROUP_SIZES} divides in_features={in_f}; "
+                             f"set method.in_group_size to one of {', '.join(map(str, valid_group_sizes(in_f)))}")
+    fixed = parse_scheme(scheme) if scheme is not None else None
+    if bits is None:
+        if fixed is None:
+            raise BudgetError("method=aqlm needs bits or an explicit method.scheme (e.g. 2x8)")
+        return fixed[0], fixed[1], (group_size or (8 if in_f % 8 == 0 else max(gs)))
+    limit = bits + tolerance + 1e-12
+    combos = [(M, B, g) for g in gs for M in range(1, MAX_CODEBOOKS + 1) for B in range(1, MAX_CODE_BITS + 1)]
+    fits = [c for c in combos if aqlm_total_bits(*c, out_f, in_f) <= limit]
+    if fixed is not None:
+        mine = [c for c in fits if (c[0], c[1]) == fixed]
+        if mine:
+            return min(mine, key=lambda c: _rank_key(*c))
+        need = min(aqlm_total_bits(fixed[0], fixed[1], g, out_f, in_f) for g in gs)
+        near = sorted(fits, key=lambda c: _rank_key(*c))[:4]  # the best the budget allows, best first
+        raise BudgetError(
+            f"method.scheme={scheme} cannot meet bits={bits:g} (+{tolerance:g}) on a {out_f}x{in_f} layer: "
+            f"it needs >= {need:.3f} bits/weight (codebooks {fixed[0]}x2^{fixed[1]}xg fp16 included); valid here: "
+            + (", ".join(f"{scheme_name(*c)} ({aqlm_total_bits(*c, out_f, in_f):.3f} b)" for c in near) or "none")
+            + f", or bits >= {need - tolerance:.3f}")
+    if not fits:
+        low = min((c for c in combos), key=lambda c: aqlm_total_bits(*c, out_f, in_f))
+        need = aqlm_total_bits(*low, out_f, in_f)
+        raise BudgetError(f"bits={bits:g} is impossible for method=aqlm on a {out_f}x{in_f} layer: the cheapest "
+                          f"scheme ({scheme_name(*low)}) needs {need:.3f} bits/weight; valid: bits >= {need - tolerance:.3f}")
+    return min(fits, key=lambda c: _rank_key(*c))
+
+
+# ----------------------------------------------------------------------------- storage format
+
+def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    """codes (...) ints in [0, 2^nbits) -> uint8 bit stream, little-endian: bit p of the i-th
+    code (row-major order) is stream bit i*nbits + p, stream bit q is bit q%8 of byte q//8."""
+    flat = codes.reshape(-1).to(torch.int64)
+    shifts = torch.arange(nbits, device=flat.device)
+    bits = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)  # (N*nbits,)
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    weights = (1 << torch.arange(8, device=flat.device)).to(torch.int64)
+    return (bits.reshape(-1, 8).to(torch.int64) * weights).sum(1).to(torch.uint8)  # (ceil(N*nbits/8),)
+
+
+def unpack_codes(packed: torch.Tensor, nbits: int, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of `pack_codes`: -> int64 codes of `shape`."""
+    n = math.prod(shape)
+    bits = (packed.to(torch.int64)[:, None] >> torch.arange(8, device=packed.device)) & 1  # (bytes, 8)
+    bits = bits.reshape(-1)[: n * nbits].reshape(n, nbits)
+    codes = (bits << torch.arange(nbits, device=packed.device)).sum(1)
+    return codes.reshape(tuple(shape))
+
+
+def decode(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Σ_m codebooks[m][codes[..., m]]: codebooks (M, K, g), codes (..., M) -> (..., g), summed
+    in codebook order m = 0, 1, ... (float32)."""
+    cb = codebooks.float()
+    U = cb[0][codes[..., 0]]
+    for m in range(1, codebooks.shape[0]):
+        U = U + cb[m][codes[..., m]]
+    return U
+
+
+class AQLMWeight(QuantizedWeight):
+    """One additive-quantized weight (out_features, in_features).
+
+    packed_codes: (ceil(out·n·M·B / 8),) uint8, the codes (out, n, M) packed B bits each
+    codebooks:    (M, 2^B, g) float16
+    scales:       (out,) float16
+    dequantize:   Ŵ[o, j·g:(j+1)·g] = float(scales[o]) · Σ_m float(codebooks[m, codes[o, j, m]])
+    """
+
+    def __init__(self, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, nbits: int):
+        out_f, n, M = codes.shape
+        Mc, K, g = codebooks.shape
+        if Mc != M or K != 2**nbits or scales.shape != (out_f,):
+            raise ValueError(f"inconsistent AQLM tensors: codes {tuple(codes.shape)}, codebooks "
+                             f"{tuple(codebooks.shape)}, scales {tuple(scales.shape)}, nbits={nbits}")
+        self.nbits = int(nbits)
+        self.num_codebooks = M
+        self.in_group_size = g
+        self.out_features, self.in_features = out_f, n * g
+        self.codes_shape = (out_f, n, M)
+        self.packed_codes = pack_codes(codes, nbits)
+        self.codebooks = codebooks.to(torch.float16)
+        self.scales = scales.to(torch.float16)
+
+    def codes(self) -> torch.Tensor:
+        """(out, n, M) int64, unpacked from the stored bit stream."""
+        return unpack_codes(self.packed_codes, self.nbits, self.codes_shape)
+
+    def dequantize(self, dtype=torch.float32):
+        U = decode(self.codebooks, self.codes())  # (out, n, g)
+        W = self.scales.float()[:, None, None] * U
+        return W.reshape(self.out_features, self.in_features).to(dtype)
+
+    def storage(self) -> Storage:
+        return Storage(self.out_features * self.in_features, {
+            "codes": int(self.packed_codes.numel()) * 8,
+            "codebooks": int(self.codebooks.numel()) * VALUE_BITS,
+            "scales": int(self.scales.numel()) * VALUE_BITS,
+        })
+
+    def to(self, device):
+        self.packed_codes = self.packed_codes.to(device)
+        self.codebooks = self.codebooks.to(device)
+        self.scales = self.scales.to(device)
+        return self
+
+    def settings(self) -> Dict[str, object]:
+        return {"scheme": f"{self.num_codebooks}x{self.nbits}", "in_group_size": self.in_group_size}
+
+
+# ----------------------------------------------------------------------------- numerics
+
+class Segments:
+    """Deterministic segment sums for a fixed index: out[k] = Σ_{i: index[i]=k} values[i].
+
+    On the CPU `index_add_` accumulates in index order (deterministic). On other devices
+    scatter-adds use atomics (run-dependent order), so there a stable sort and a float64
+    cumulative sum are used instead; the sort is done once per index, so repeated sums over
+    the same index (Adam steps with the codes fixed) are cheap. index: (N,) int64 in [0, size)."""
+
+    def __init__(self, index: torch.Tensor, size: int):
+        self.index, self.size = index, size
+        if index.device.type != "cpu":
+            self.order = torch.sort(index, stable=True).indices  # (N,)
+            idx = index[self.order]
+            ks = torch.arange(size, device=index.device)
+            self.starts = torch.searchsorted(idx, ks, right=False)  # (size,)
+            self.ends = torch.searchsorted(idx, ks, right=True)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """values (N, d) -> (size, d) float32."""
+        if self.index.device.type == "cpu":
+            out = torch.zeros(self.size, values.shape[1], dtype=values.dtype, device=values.device)
+            return out.index_add_(0, self.index, values).float()
+        cs = torch.cumsum(values[self.order].double(), 0)  # (N, d)
+        cs = torch.cat([cs.new_zeros(1, cs.shape[1]), cs])
+        return (cs[self.ends] - cs[self.starts]).float()
+
+
+def segment_sum(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    return Segments(index, size).sum(values)
+
+
+def weighted_kmeans(X: torch.Tensor, w: torch.Tensor, k: int, iters: int, gen: torch.Generator):
+    """Lloyd's k-means minimising Σ_i Σ_d w_id (x_id - c_{a(i),d})².
+
+    X, w: (N, g) points and per-coordinate weights (w >= 0). -> centroids (k, g), labels (N,).
+    Lloyd iterations run on a seeded subsample of at most KMEANS_POINTS_PER_CLUSTER·k points
+    (the beam search refines the codes afterwards); the final labels cover all N points.
+    Seeding: k distinct training points drawn with `gen` (cycled when there are fewer than
+    k). An empty cluster keeps its previous centroid, and so does a coordinate no member weighs."""
+    N, g = X.shape
+    A = torch.cat([w, w * X], 1)  # (N, 2g): [w, w⊙x], so that distances are one matmul
+    perm = torch.randperm(N, generator=gen).to(X.device)
+    C = X[perm[torch.arange(k, device=X.device) % N]].clone()  # (k, g)
+    train = perm[: min(N, KMEANS_POINTS_PER_CLUSTER * k)]
+    Xt, wt, At = X[train], w[train], A[train]
+    for _ in range(iters):
+        seg = Segments(_weighted_assign(At, C), k)
+        num, den = seg.sum(wt * Xt), seg.sum(wt)  # (k, g) each
+        C = torch.where(den > 0, num / den.clamp_min(1e-30), C)
+    return C, _weighted_assign(A, C)
+
+
+def _weighted_assign(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """argmin_k Σ_d w_d (x_d - c_kd)² = argmin_k [w, w⊙x] · [c_k², -2 c_k]  (ties: lowest k).
+    A: (N, 2g) = [w, w⊙x]; C: (k, g) -> labels (N,) int64."""
+    N = A.shape[0]
+    k = C.shape[0]
+    rows = max(1, CHUNK_ELEMS // max(k, 1))
+    out = torch.empty(N, dtype=torch.int64, device=A.device)
+    Ct = torch.cat([C * C, -2 * C], 1).T  # (2g, k)
+    for a in range(0, N, rows):
+        out[a:a + rows] = (A[a:a + rows] @ Ct).argmin(1)
+    return out
+
+
+def row_losses(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """(out,) float64: r_oᵀ H r_o per row."""
+    R = (W - What).double()
+    return ((R @ H.double()) * R).sum(1)
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest float16 value (kept as float32); clamps to the fp16 range."""
+    return t.clamp(-65504.0, 65504.0).to(torch.float16).float()
+
+
+def optimal_scales(W: torch.Tensor, H: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """Per-row s minimising (w - s u)ᵀ H (w - s u): s = wᵀHu / uᵀHu. W, U: (out, in) -> (out,)."""
+    UH = U @ H
+    num = (UH * W).sum(1)
+    den = (UH * U).sum(1)
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
+
+
+@torch.no_grad()
+def beam_search(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, s: torch.Tensor, codes: torch.Tensor,
+                beam_width: int) -> torch.Tensor:
+    """New codes (out, n, M) that lower Σ_o r_oᵀ H r_o, searching groups j = 0..n-1 and, within a
+    group, codebooks m = 0..M-1 in turn with `beam_width` hypotheses per row (AQLM §3.2).
+
+    W: (out, in); H: (in, in); C: (M, K, g) float32 holding the stored values; s: (out,);
+    codes: (out, n, M) int64, the starting point (always one of the hypotheses' ancestors, so
+    the best final hypothesis is never worse than it, up to float rounding)."""
+    out_f, in_f = W.shape
+    _, n, M = codes.shape
+    K, g = C.shape[1], C.shape[2]
+    rows = max(1, CHUNK_ELEMS // max(beam_width * K, 1))
+    new_codes = torch.empty_like(codes)
+    for a in range(0, out_f, rows):
+        b_ = slice(a, min(a + rows, out_f))
+        Wc, sc = W[b_], s[b_]
+        r = Wc - sc[:, None] * decode(C, codes[b_]).reshape(Wc.shape[0], in_f)
+        Q = (r @ H)[:, None]  # (rows, beam, in): H r of every hypothesis
+        loss = (Q[:, 0] * r).sum(1)[:, None]  # (rows, beam)
+        hyp = codes[b_][:, None].clone()  # (rows, beam, n, M)
+        s3 = sc[:, None, None]
+        gb = max(1, LAZY_COLUMNS // g)  # groups per lazy block
+        for j0 in range(0, n, gb):
+            j1 = min(j0 + gb, n)
+            c0, c1 = j0 * g, j1 * g  # the block's columns
+            Dblk = Q.new_zeros(Q.shape[0], Q.shape[1], c1 - c0)  # changes of Ŵ in this block
+            for j in range(j0, j1):
+                sl = slice(j * g, (j + 1) * g)
+                Hj = H[sl, j * g:c1]  # (g, columns j*g .. c1)
+                for m in range(M):
+                    Cm = C[m]  # (K, g)
+                    P = Cm @ Hj[:, :g]  # (K, g): C_m H_jj
+                    Gd = (P * Cm).sum(1)  # (K,): c H_jj cᵀ of every codeword
+                    cur = hyp[:, :, j, m]  # (rows, beam)
+                    # ΔL(c) = f(c) - f(cur), f(c) = v·C_c + s² C_c H_jj C_cᵀ, v = -2s((H r)_j + s C_cur H_jj)
+                    v = -2 * s3 * (Q[:, :, sl] + s3 * P[cur])  # (rows, beam, g)
+                    f = (v.reshape(-1, g) @ Cm.T).reshape(v.shape[0], v.shape[1], K) + (s3 * s3) * Gd
+                    base = loss - f.gather(2, cur[..., None]).squeeze(2)  # (rows, beam): L - f(cur)
+                    kk = min(beam_width, f.shape[1] * K)
+                    if kk == 1:
+                        fmin, idx = f[:, 0].min(1, keepdim=True)  # (rows, 1)
+                        val = base + fmin
+                    else:
+                        val, idx = torch.topk((f + base[..., None]).reshape(f.shape[0], -1), kk, dim=1,
+                                              largest=False, sorted=True)
+                    parent, c = idx // K, idx % K  # (rows, kk)
+                    if hyp.shape[1] > 1 or kk > 1:
+                        hyp = hyp.gather(1, parent[:, :, None, None].expand(-1, -1, n, M)).clone()
+                        Q = Q.gather(1, parent[:, :, None].expand(-1, -1, in_f))
+                        Dblk = Dblk.gather(1, parent[:, :, None].expand(-1, -1, c1 - c0))
+                    old = hyp[:, :, j, m].clone()
+                    hyp[:, :, j, m] = c
+                    dvec = s3 * (Cm[c] - Cm[old])  # (rows, kk, g): change of Ŵ in group j
+                    Dblk[:, :, j * g - c0:(j + 1) * g - c0] += dvec
+                    # H r after the change, only on the block's columns not yet searched (lazy)
+                    Q[:, :, j * g:c1] -= (dvec.reshape(-1, g) @ Hj).reshape(dvec.shape[0], dvec.shape[1], -1)
+                    loss = val
+            if c1 < in_f:  # the block's changes reach the later columns in one product
+                Q[:, :, c1:] -= (Dblk.reshape(-1, c1 - c0) @ H[c0:c1, c1:]).reshape(Q.shape[0], Q.shape[1], -1)
+        new_codes[b_] = hyp[torch.arange(hyp.shape[0], device=W.device), loss.argmin(1)]
+    return new_codes
+
+
+class _Adam:
+    """Plain Adam (Kingma & Ba) on a list of tensors, deterministic, with per-tensor lr."""
+
+    def __init__(self, params: List[torch.Tensor], lrs: List[float], betas=(0.9, 0.999), eps=1e-12):
+        self.params, self.lrs, self.betas, self.eps = params, lrs, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, grads: List[torch.Tensor]) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        for p, g, m, v, lr in zip(self.params, grads, self.m, self.v, self.lrs):
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            mh = m / (1 - b1**self.t)
+            vh = v / (1 - b2**self.t)
+            p.sub_(lr * mh / (vh.sqrt() + self.eps))
+
+
+def loss_grads(W, H, C, s, codes, segs: List[Segments]):
+    """Gradients of L with the codes fixed: -> (dL/dC (M, K, g), dL/ds (out,)).
+    segs[m]: `Segments` of codes[..., m] flattened (out*n,)."""
+    out_f, in_f = W.shape
+    g = C.shape[2]
+    U = decode(C, codes)  # (out, n, g)
+    R = W - s[:, None] * U.reshape(out_f, in_f)
+    G = (-2 * (R @ H)).reshape_as(U)  # dL/dŴ: (out, n, g)
+    gs = (G * U).sum((1, 2))  # (out,)
+    sG = (s[:, None, None] * G).reshape(-1, g)  # (out*n, g)
+    gC = torch.stack([seg.sum(sG) for seg in segs])
+    return gC, gs
+
+
+# ----------------------------------------------------------------------------- the method
+
+class AQLM(Method):
+    name = "aqlm"
+
+    @dataclass
+    class Config:
+        name: str = "aqlm"
+        scheme: Optional[str] = None  # "MxB", e.g. "1x16", "2x8"; null = chosen by the budget per layer shape
+        in_group_size: Optional[int] = None  # g input weights per code group; null = chosen by the budget
+        tolerance: float = 0.1  # realized total may exceed the target by at most this
+        # CPU-sized search (AQLM's GPU runs: beam 8, hundreds of Adam steps, ~10+ iterations):
+        max_iterations: int = 4  # beam-search + Adam alternations
+        rel_tol: float = 0.01  # stop when an iteration lowers the proxy loss by less than this fraction
+        beam_width: int = 1
+        adam_steps: int = 10  # Adam steps on codebooks + scales per iteration
+        lr: float = 0.003  # Adam step, relative to the parameter's scale (codebooks: RMS-normalised rows)
+        kmeans_iters: int = 6  # Lloyd iterations per residual k-means stage
+        finetune_steps: int = 0  # block finetuning Adam steps (0 = off: CPU default)
+        finetune_lr: float = 1e-4
+        finetune_batch: int = 4  # calibration windows per finetuning step
+
+    def __init__(self, config, *, bits, seed=0):
+        super().__init__(config, bits=bits, seed=seed)
+        c = config
+        for field, lo in (("max_iterations", 0), ("beam_width", 1), ("adam_steps", 0), ("kmeans_iters", 0),
+                          ("finetune_steps", 0), ("finetune_batch", 1)):
+            if int(getattr(c, field)) < lo:
+                raise ValueError(f"method.{field}={getattr(c, field)} must be >= {lo}")
+        if c.scheme is not None:
+            parse_scheme(c.scheme)
+        self._chosen: Dict[Tuple[int, int], Tuple[int, int, int]] = {}
+
+    def _choose(self, out_f: int, in_f: int) -> Tuple[int, int, int]:
+        key = (out_f, in_f)
+        if key not in self._chosen:
+            c = self.config
+            self._chosen[key] = choose_scheme(self.bits, c.tolerance, out_f, in_f, c.scheme, c.in_group_size)
+        return self._chosen[key]
+
+    def check_budget(self, shapes):
+        for out_f, in_f in sorted(set(tuple(s) for s in shapes)):
+            self._choose(out_f, in_f)
+
+    def settings(self):
+        c = self.config
+        s = {"scheme": c.scheme or "auto", "in_group_size": c.in_group_size or "auto",
+             "max_iterations": c.max_iterations, "rel_tol": c.rel_tol, "beam_width": c.beam_width,
+             "adam_steps": c.adam_steps, "lr": c.lr, "kmeans_iters": c.kmeans_iters,
+             "finetune_steps": c.finetune_steps}
+        if self._chosen:
+            s["chosen"] = " ".join(f"{o}x{i}:{scheme_name(*v)}" for (o, i), v in sorted(self._chosen.items()))
+        return s
+
+    # -- per layer
+    @torch.no_grad()
+    def quantize_layer(self, W, H, *, name):
+        if W.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(W.shape)}")
+        if not torch.isfinite(W).all():
+            raise ValueError(f"{name}: weight contains NaN or Inf")
+        out_f, in_f = W.shape
+        M, B, g = self._choose(out_f, in_f)
+        W = W.detach().float()
+        if H is None:
+            H = torch.eye(in_f, device=W.device)
+        H = H.detach().float().to(W.device)
+        if H.shape != (in_f, in_f):
+            raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match in_features={in_f}")
+        if not torch.isfinite(H).all():
+            raise ValueError(f"{name}: Hessian contains NaN or Inf")
+        dead = torch.diagonal(H) <= 0
+        if bool(dead.any()):  # columns that never see an activation do not matter: zero them
+            H = H.clone()
+            H[dead, dead] = 1.0
+            W = W.clone()
+            W[:, dead] = 0.0
+        with _single_thread(W.device):
+            codes, C, s, hist = self.quantize(W, H, M, B, g, seed=self.layer_seed(name))
+        log.debug("%s: aqlm %s proxy loss %s", name, scheme_name(M, B, g), hist)
+        q = AQLMWeight(codes, C, s, B)
+        q.history = hist  # proxy loss after init and after every iteration (not stored)
+        return q
+
+    def quantize(self, W, H, M, B, g, *, seed: int):
+        """-> codes (out, n, M), codebooks (M, 2^B, g) and scales (out,), both holding fp16
+        values, and the history of the stored proxy loss [init, iteration 1, ...]."""
+        c = self.config
+        out_f, in_f = W.shape
+        n, K = in_f // g, 2**B
+        gen = torch.Generator().manual_seed(seed)
+        # 1. init: per-row RMS scale, residual k-means on the normalised groups
+        s = W.pow(2).mean(1).sqrt().clamp_min(1e-8)  # (out,)
+        Rn = (W / s[:, None]).reshape(-1, g)  # (out*n, g) normalised groups, row-major
+        wts = (s[:, None, None] ** 2 * torch.diagonal(H).clamp_min(0).reshape(1, n, g)).reshape(-1, g)
+        Cs, labels = [], []
+        for _ in range(M):
+            Cm, lab = weighted_kmeans(Rn, wts, K, c.kmeans_iters, gen)
+            Rn = Rn - Cm[lab]
+            Cs.append(Cm)
+            labels.append(lab)
+        codes = torch.stack(labels, -1).reshape(out_f, n, M)  # (out, n, M)
+        C = _fp16(torch.stack(Cs))  # (M, K, g)
+        s = _fp16(optimal_scales(W, H, decode(C, codes).reshape(out_f, in_f)))
+
+        def stored_loss(C_, s_, codes_):
+            return float(row_losses(W, s_[:, None] * decode(C_, codes_).reshape(out_f, in_f), H).sum())
+
+        best = (stored_loss(C, s, codes), codes, C, s)
+        hist = [best[0]]
+        s_unit = float(s.abs().mean().clamp_min(1e-12))
+        for _ in range(c.max_iterations):
+            prev = best[0]
+            # (b) beam search over codes against the stored codebooks/scales
+            codes = beam_search(W, H, C, s, codes, c.beam_width)
+            L = stored_loss(C, s, codes)
+            if L <= best[0]:
+                best = (L, codes, C, s)
+            else:
+                codes = best[1]
+            # (a) Adam on codebooks and scales (codes fixed), fp16-rounded after each step
+            if c.adam_steps:
+                Cw, sw = best[2].clone(), best[3].clone()
+                opt = _Adam([Cw, sw], [c.lr, c.lr * s_unit])
+                segs = [Segments(codes[..., m].reshape(-1), K) for m in range(M)]
+                for _ in range(c.adam_steps):
+                    gC, gs = loss_grads(W, H, Cw, sw, codes, segs)
+                    opt.step([gC, gs])
+                C2, s2 = _fp16(Cw), _fp16(sw)
+                L = stored_loss(C2, s2, codes)
+                if L <= best[0]:
+                    best = (L, codes, C2, s2)
+            L, codes, C, s = best
+            hist.append(L)
+            if prev <= 0 or (prev - L) / prev < c.rel_tol:
+                break
+        return best[1], best[2], best[3], hist
+
+    # -- per block
+    def finetune_block(self, block: torch.nn.Module, ctx: BlockContext) -> Dict[str, float]:
+        """Adam on the block-output MSE vs the float block (paper §3.4): codebooks, scales and the
+        block's norm weights are tuned, codes stay fixed. The tuned state is kept only if it
+        lowers the MSE on the calibration windows."""
+        c = self.config
+        if c.finetune_steps <= 0 or ctx.float_outputs is None:
+            return {}
+        from vptq.qlinear import QuantLinear
+
+        qws = [m.qweight for m in block.modules() if isinstance(m, QuantLinear) and isinstance(m.qweight, AQLMWeight)]
+        if not qws:
+            return {}
+        norms = [p for n_, p in block.named_parameters() if "norm" in n_.lower()]
+        saved = [(q.codebooks, q.scales) for q in qws], [p.detach().clone() for p in norms]
+        req = [p.requires_grad for p in norms]
+        X, Y = ctx.inputs, ctx.float_outputs  # (N, L, D)
+        N = X.shape[0]
+
+        def block_mse() -> float:
+            with torch.no_grad():
+                num = den = 0.0
+                for i in range(N):
+                    y = _first(block(X[i:i + 1], **ctx.block_kwargs))
+                    num += float((y.float() - Y[i:i + 1].float()).pow(2).sum())
+                    den += float(Y[i:i + 1].float().pow(2).sum())
+            return num / max(den, 1e-30)
+
+        before = block_mse()
+        params, groups = [], []
+        for q in qws:
+            q.codebooks = q.codebooks.float().clone().requires_grad_(True)
+            q.scales = q.scales.float().clone().requires_grad_(True)
+            groups.append({"params": [q.codebooks], "lr": c.finetune_lr})
+            groups.append({"params": [q.scales], "lr": c.finetune_lr * float(q.scales.detach().abs().mean())})
+        for p in norms:
+            p.requires_grad_(True)
+        if norms:
+            groups.append({"params": norms, "lr": c.finetune_lr})
+        opt = torch.optim.Adam(groups)
+        den = float(Y.float().pow(2).mean().clamp_min(1e-30))
+        with torch.enable_grad():
+            for step in range(c.finetune_steps):
+                opt.zero_grad(set_to_none=True)
+                for k in range(c.finetune_batch):
+                    i = (step * c.finetune_batch + k) % N
+                    y = _first(block(X[i:i + 1], **ctx.block_kwargs))
+                    loss = (y.float() - Y[i:i + 1].float()).pow(2).mean() / den / c.finetune_batch
+                    loss.backward()
+                opt.step()
+        with torch.no_grad():
+            for q in qws:  # store fp16, exactly what dequantize will use
+                q.codebooks = q.codebooks.detach().to(torch.float16)
+                q.scales = q.scales.detach().to(torch.float16)
+        for p, r in zip(norms, req):
+            p.requires_grad_(r)
+        after = block_mse()
+        if not after < before:
+            for q, (cb, sc) in zip(qws, saved[0]):
+                q.codebooks, q.scales = cb, sc
+            with torch.no_grad():
+                for p, v in zip(norms, saved[1]):
+                    p.copy_(v)
+        return {"ft_rel_mse_before": before, "ft_rel_mse_after": min(after, before)}
+
+
+@contextlib.contextmanager
+def _single_thread(device):
+    """Beam search and k-means issue thousands of small ops: on a CPU, OpenMP fork/join costs
+    more than it gains there, and collapses when the cores are shared (measured: a 576x1536
+    layer 8x slower on 2 threads than on 1 with a loaded 2-core machine). Run them on one."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
