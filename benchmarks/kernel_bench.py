@@ -182,8 +182,8 @@ def main(argv=None) -> int:
             for T in tokens:
                 x = torch.randn(T, inn, device=dev, dtype=torch.float16)
                 io = (T * inn + T * out) * 2
-                cfg = dispatch.tune_gemv(kw, x)
-                run_cfg = {k: v for k, v in cfg.items() if k != "tuned_us"}
+                run_cfg = dispatch.tune_gemv(kw, x)
+                cands = dispatch.TUNE_LOG.get(dispatch._key(kw, x, False), {})
                 y = gemv(kw, x, None, run_cfg)
                 yr = x.float() @ q.dequantize(torch.float32).T
                 err = float((y.float() - yr).norm() / yr.norm())
@@ -197,7 +197,8 @@ def main(argv=None) -> int:
                        "bytes_quant": qbytes, "bytes_fp16": out * inn * 2, "us": {k: v * 1e3 for k, v in t.items()},
                        "gbps": {k: gb[k] / (t[k] * 1e-3) / 1e9 for k in t},
                        "speedup_vs_fp16": {k: t["fp16"] / t[k] for k in t if k != "fp16"},
-                       "gemv_config": run_cfg, "gemv_rel_err": err, "dequant_exact": exact}
+                       "gemv_config": run_cfg, "gemv_candidates_us": cands, "gemv_rel_err": err,
+                       "dequant_exact": exact}
                 row["roofline"] = {k: (v / peak if peak else None) for k, v in row["gbps"].items()}
                 rows.append(row)
                 print(fmt_row(row), flush=True)
@@ -219,6 +220,8 @@ def fmt_row(r) -> str:
 
 
 def markdown(meta, rows) -> str:
+    from vptq.kernels.dispatch import config_label
+
     peak = meta.get("peak_gbps")
     pct = (lambda v: f"{v * 100:.0f}%" if v is not None else "n/a")
     lines = [f"Device: {meta['device']} (vendor peak {peak} GB/s; measured copy {meta.get('copy_gbps') or 0:.0f} GB/s); "
@@ -236,7 +239,7 @@ def markdown(meta, rows) -> str:
         lines.append(f"| {r['format']} | {shape} | {r['tokens']} | {us['fp16']:.1f} | {torch_us} | {us['tri_dq']:.1f} | "
                      f"{us['gemv']:.1f} | {r['speedup_vs_fp16']['gemv']:.2f}x | {r['gbps']['gemv']:.0f} | "
                      f"{pct(rf['gemv'])} | {pct(rf['fp16'])} | "
-                     f"R{c['BLOCK_R']} C{c['BLOCK_C']} S{c['SPLIT']} w{c['num_warps']} |")
+                     f"{config_label(c)} |")
     return "\n".join(lines)
 
 

@@ -125,8 +125,9 @@ else:
 
     # small blocks: several row blocks, several column steps per program, split columns (atomics)
     SMALL_DEQUANT = {"BLOCK_R": 2, "BLOCK_C": 16, "num_warps": 1}
-    SMALL_SPLIT = {"BLOCK_R": 2, "BLOCK_C": 16, "SPLIT": 2, "num_warps": 1, "num_stages": 1}
+    SMALL_SPLIT = {"BLOCK_R": 2, "BLOCK_C": 16, "SPLIT": 2, "num_warps": 1, "num_stages": 1, "DOT": False}
     SMALL_DIRECT = {**SMALL_SPLIT, "SPLIT": 1}
+    SMALL_DOT = {**SMALL_SPLIT, "DOT": True}  # tl.dot inner product (2+ tokens)
     from vptq.kernels.layout import from_vqweight
     from vptq.qlinear import QuantLinear
 
@@ -142,10 +143,11 @@ else:
             assert W.dtype == dtype and W.shape == ref.shape
             assert torch.equal(W, ref), f"{cfg}: max |diff| {float((W.float() - ref.float()).abs().max())}"
 
-    # 16 tokens (the largest decode batch) in float16 only: keeps the interpreter run short
+    # 1 and 3 tokens: elementwise path (one accumulator per token); 5 and 16 (the largest decode
+    # batch): tl.dot path, float16 only (keeps the interpreter run short)
     GEMV_PARAMS = [pytest.param(c, d, t, id=f"{c}-{str(d)[6:]}-{t}") for c in CASES
-                   for d in (torch.float32, torch.float16, torch.bfloat16) for t in (1, 5, 16)
-                   if t < 16 or d == torch.float16]
+                   for d in (torch.float32, torch.float16, torch.bfloat16) for t in (1, 3, 5, 16)
+                   if t <= 3 or d == torch.float16]
 
     @pytest.mark.parametrize("case,dtype,tokens", GEMV_PARAMS)
     def test_gemv_matches_reference(case, dtype, tokens):
@@ -155,7 +157,8 @@ else:
         x = torch.randn(tokens, q.in_features, generator=g).to(DEVICE, dtype)
         bias = torch.randn(q.out_features, generator=g).to(DEVICE, dtype)
         y64 = x.double() @ q.dequantize(torch.float32).double().T + bias.double()  # exact weight
-        for cfg in (None, SMALL_SPLIT, SMALL_DIRECT):  # default; split columns + atomics; direct store
+        cfgs = (None, SMALL_SPLIT, SMALL_DIRECT) + ((SMALL_DOT,) if tokens > 1 else ())
+        for cfg in cfgs:  # default; split columns + atomics; direct store; tl.dot
             y = gemv(kw, x, bias, cfg)
             assert y.dtype == dtype and y.shape == (tokens, q.out_features)
             assert torch.isfinite(y).all()

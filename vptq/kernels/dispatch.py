@@ -34,37 +34,45 @@ log = logging.getLogger("vq-bench")
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TUNE = os.environ.get("VQ_KERNEL_TUNE", "1") != "0"  # 0: always the default configuration
-TUNE_CACHE: Dict[Tuple, dict] = {}
+TUNE_CACHE: Dict[Tuple, dict] = {}  # key -> the chosen launch configuration
+TUNE_LOG: Dict[Tuple, Dict[str, float]] = {}  # key -> {candidate label: median us} (benchmarks, docs)
 STATS: Counter = Counter()  # route name -> calls (tests check the kernels really ran)
 _warned = set()
 
 
 # ---------------------------------------------------------------------------------- tuning
 def gemv_candidates(kw: KernelWeight, tokens: int, sm_count: int) -> List[dict]:
-    """Block configurations worth timing for this weight (a small, shape-aware list)."""
-    if tokens == 1:  # elementwise path: tile C x R x VP fp32 in registers
-        tiles = [(1, 128, 4), (2, 64, 4), (4, 64, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 8)]
-    else:  # tl.dot path: R * VP >= 16, C >= 16
-        tiles = [(4, 32, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8)]
-    vp = kw.main.vp
-    out = []
-    for R, C, w in tiles:
-        if tokens > 1 and R * vp < 16:
-            continue
-        if R * C * vp > 16384 // max(1, min(tokens, 2)):
-            continue
-        blocks = triton.cdiv(kw.main.rows, R)
+    """Block configurations worth timing for this weight and token count (a small list).
+
+    (BLOCK_R, BLOCK_C, num_warps, DOT) tiles; each also with a column split when its row blocks
+    alone would leave the GPU under-filled (< 4 programs per multiprocessor)."""
+    elementwise = [(16, 32, 4), (8, 64, 4), (16, 64, 8), (32, 32, 8), (4, 64, 4), (8, 32, 4)]
+    dot = [(4, 32, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8)]
+    if tokens == 1:
+        tiles = [(r, c, w, False) for r, c, w in elementwise]
+    elif tokens <= G.MAX_ELEMENTWISE_TOKENS:
+        tiles = [(r, c, w, False) for r, c, w in elementwise[:4]] + [(r, c, w, True) for r, c, w in dot[1:4]]
+    else:
+        tiles = [(r, c, w, True) for r, c, w in dot]
+    out, seen = [], set()
+    for R, C, w, d in tiles:
+        base = {"BLOCK_R": R, "BLOCK_C": C, "num_warps": w, "num_stages": 2, "DOT": d}
+        Rt, Ct = G.tile({**base, "SPLIT": 1}, tokens, kw.main.vp)[:2]
+        blocks = triton.cdiv(kw.main.rows, Rt)
         splits = {1}
         if blocks < 4 * sm_count:  # too few programs to fill the GPU: also try a column split
             s = 1
-            while blocks * s < 4 * sm_count and kw.main.ncols // (s * 2) >= 4 * C:
+            while blocks * s < 4 * sm_count and kw.main.ncols // (s * 2) >= 4 * Ct:
                 s *= 2
             splits.add(s)
             if s >= 4:
                 splits.add(s // 2)
         for s in sorted(splits):
-            out.append({"BLOCK_R": R, "BLOCK_C": C, "SPLIT": s, "num_warps": w, "num_stages": 2})
-    return out or [dict(G.DEFAULT_CONFIG)]
+            key = (Rt, Ct, w, d, s)
+            if key not in seen:  # tiles that shrink to the same launch are timed once
+                seen.add(key)
+                out.append({**base, "BLOCK_R": Rt, "BLOCK_C": Ct, "SPLIT": s})
+    return out
 
 
 def _key(kw: KernelWeight, x: torch.Tensor, has_bias: bool) -> Tuple:
@@ -100,15 +108,20 @@ def tune_gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = 
             best, best_t = cfg, t
     if best is None:
         raise RuntimeError(f"no gemv configuration ran for key {key}")
-    TUNE_CACHE[key] = {**best, "tuned_us": best_t * 1e3}
+    TUNE_CACHE[key] = dict(best)
+    TUNE_LOG[key] = {config_label(c): t * 1e3 for t, c in times}
     log.debug("gemv tuned %s -> %s (%.2f us; %d candidates)", key, best, best_t * 1e3, len(times))
     return TUNE_CACHE[key]
 
 
+def config_label(cfg: dict) -> str:
+    return (f"R{cfg['BLOCK_R']} C{cfg['BLOCK_C']} S{cfg['SPLIT']} w{cfg['num_warps']}"
+            + (" dot" if cfg.get("DOT") else ""))
+
+
 # ---------------------------------------------------------------------------------- routes
 def _run_gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    cfg = tune_gemv(kw, x, bias)
-    return G.gemv(kw, x, bias, {k: v for k, v in cfg.items() if k != "tuned_us"})
+    return G.gemv(kw, x, bias, tune_gemv(kw, x, bias))
 
 
 def _run_dequant_matmul(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -13,10 +13,12 @@ The permutation and the norm act on x instead of W (VPTQ stores W = W'[:, perm] 
     xp[b, j] = x[b, perm[j]] * s[perm[j]]      (x permuted and scaled, fp32)
     c[b]     = sum_i x[b, i] * bias_norm[i]     (the norm's bias is one dot per token)
 
-Batch 1 accumulates elementwise (a (C, R, VP) fp32 tile reduced once at the end); 2-16 tokens
-use tl.dot on fp32 operands: tf32 tensor cores for fp16/bf16 activations (float16 codewords and
-fp16/bf16 activations are exact in tf32; a residual sum or a scaled x rounds to tf32 there),
-full fp32 ("ieee") for fp32 activations. SPLIT > 1 splits the columns over programs that add into an fp32 output (atomics).
+Products accumulate elementwise in fp32, one per (token, row, column, lane) of the tile, and
+the column sum is taken once at the end (no reduction inside the loop); the words of the next
+column step are loaded before the current codewords are gathered (DRAM latency overlaps the
+math). Optionally (DOT, 2-16 tokens) tl.dot on fp32 operands: tf32 tensor cores for fp16/bf16
+activations (float16 codewords and fp16/bf16 activations are exact in tf32; a residual sum or a
+scaled x rounds to tf32), full fp32 ("ieee") for fp32 activations. SPLIT > 1 splits the columns over programs that add into an fp32 output (atomics).
 """
 from __future__ import annotations
 
@@ -27,10 +29,30 @@ import torch
 import triton
 import triton.language as tl
 
-from vptq.kernels.dequant import INTERPRET, _codewords, _store, dequantize_reference
+from vptq.kernels.dequant import INTERPRET, _decode, _store, _words, dequantize_reference
 from vptq.kernels.layout import KernelWeight, Segment, next_pow2
 
 MAX_TOKENS = 16  # the dispatch sends more tokens to dequantize + matmul
+
+
+@triton.jit
+def _token_out(acc, y_ptr, bias_ptr, c_ptr, t, rows, pid_s, OUT, stride_y,
+               V: tl.constexpr, VP: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_C: tl.constexpr, BF16_BITS: tl.constexpr):
+    """Epilogue of one token: acc (R, C, VP) products -> y[t, r*V + lane] (+ bias, + c[t] on span 0)."""
+    res = tl.sum(acc, axis=1)  # (R, VP): the column sum, once
+    lane = tl.arange(0, VP)
+    o = rows[:, None] * V + lane[None, :]  # (R, VP)
+    ok = (lane[None, :] < V) & (o < OUT)
+    if HAS_BIAS:
+        res += tl.load(bias_ptr + o, mask=ok & (o * 0 + pid_s == 0), other=0.0).to(tl.float32)
+    if HAS_C:
+        res += tl.where(pid_s == 0, tl.load(c_ptr + t), 0.0)
+    ptrs = y_ptr + t * stride_y + o
+    if ATOMIC:
+        tl.atomic_add(ptrs, res, mask=ok, sem="relaxed")
+    else:
+        _store(ptrs, res, ok, BF16_BITS)
 
 
 # shape integers are not specialized: one binary per block configuration serves every layer shape
@@ -42,7 +64,10 @@ def _vq_gemv_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
                     ONE_GROUP: tl.constexpr, BP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                     USE_DOT: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr,
                     BF16_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """grid (cdiv(N_ROWS, BLOCK_R), SPLIT): rows block x column span [pid_s*SPAN, +SPAN)."""
+    """grid (cdiv(N_ROWS, BLOCK_R), SPLIT): rows block x column span [pid_s*SPAN, +SPAN).
+
+    Elementwise path (USE_DOT=False): BP = B = 1..4 tokens, one (R, C, VP) fp32 accumulator each.
+    Dot path: BP = next_pow2(B) >= 16 padded tokens, a (R*VP, BP) accumulator."""
     # 1. this program's vector rows and column span
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -50,61 +75,92 @@ def _vq_gemv_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
     rmask = rows < N_ROWS
     c_lo = pid_s * SPAN
     c_hi = tl.minimum(c_lo + SPAN, NCOLS)
-    offs_c = tl.arange(0, BLOCK_C)  # (C,)
-    toks = tl.arange(0, BP)  # (BP,)
+    acc0 = tl.zeros((BLOCK_R, BLOCK_C, VP), dtype=tl.float32)  # products of token 0, summed over C at the end
+    acc1 = tl.zeros((BLOCK_R, BLOCK_C, VP), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_R, BLOCK_C, VP), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_R, BLOCK_C, VP), dtype=tl.float32)
     if USE_DOT:
-        acc = tl.zeros((BP, BLOCK_R * VP), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_C, BLOCK_R, VP), dtype=tl.float32)
-    # 2. stream the packed indices, BLOCK_C columns at a time
+        toks = tl.arange(0, BP)  # (BP,) padded tokens
+        accd = tl.zeros((BLOCK_R * VP, BP), dtype=tl.float32)
+    # 2. stream the packed indices BLOCK_C columns at a time; the next step's words are loaded
+    #    before this step's codewords are gathered, so their DRAM latency hides behind the math
+    cols = c_lo + tl.arange(0, BLOCK_C)  # (C,)
+    w0, w1 = _words(packed_ptr, rows, cols, rmask[:, None] & (cols < c_hi)[None, :], N_ROWS, GS, W_WORDS, G_LAST,
+                    TB, ONE_GROUP)  # (R, C)
     for c0 in range(c_lo, c_hi, BLOCK_C):
-        cols = c0 + offs_c  # (C,)
+        ncols = cols + BLOCK_C
+        nw0, nw1 = _words(packed_ptr, rows, ncols, rmask[:, None] & (ncols < c_hi)[None, :], N_ROWS, GS, W_WORDS,
+                          G_LAST, TB, ONE_GROUP)
+        cw = _decode(cb_ptr, rcb_ptr, w0, w1, cols, GS, K, KR, G_LAST, VP, TB, IB, RB, ONE_GROUP)  # (R, C, VP)
         cmask = cols < c_hi
-        mask = cmask[:, None] & rmask[None, :]  # (C, R)
-        cw = _codewords(packed_ptr, cb_ptr, rcb_ptr, rows, cols, mask, N_ROWS, GS, W_WORDS, K, KR, G_LAST,
-                        VP, TB, IB, RB, ONE_GROUP)  # (C, R, VP) fp32
+        xrow = x_ptr + X_COL0 + cols  # (C,) token 0; masked columns read as 0
         if USE_DOT:
-            xm = (toks[:, None] < B) & cmask[None, :]
-            xt = tl.load(x_ptr + toks[:, None] * stride_x + X_COL0 + cols[None, :], mask=xm,
+            xt = tl.load(xrow[None, :] + toks[:, None] * stride_x, mask=(toks < B)[:, None] & cmask[None, :],
                          other=0.0).to(tl.float32)  # (BP, C)
-            acc += tl.dot(xt, tl.reshape(cw, (BLOCK_C, BLOCK_R * VP)), input_precision=DOT_PRECISION)  # (BP, R*VP)
+            wt = tl.reshape(tl.permute(cw, (0, 2, 1)), (BLOCK_R * VP, BLOCK_C))  # (R*VP, C)
+            accd += tl.dot(wt, tl.trans(xt), input_precision=DOT_PRECISION)  # (R*VP, BP)
         else:
-            xv = tl.load(x_ptr + X_COL0 + cols, mask=cmask, other=0.0).to(tl.float32)  # (C,)
-            acc += cw * xv[:, None, None]  # (C, R, VP)
+            acc0 += cw * tl.load(xrow, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
+            if BP >= 2:
+                acc1 += cw * tl.load(xrow + stride_x, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
+            if BP >= 3:
+                acc2 += cw * tl.load(xrow + 2 * stride_x, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
+            if BP >= 4:
+                acc3 += cw * tl.load(xrow + 3 * stride_x, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
+        cols, w0, w1 = ncols, nw0, nw1
     # 3. epilogue: outputs o = r * V + lane; bias and the norm's per-token constant once (span 0)
-    first = pid_s == 0  # (a scalar; masks below build their own bool tensors from pid_s)
     if USE_DOT:
-        f = tl.arange(0, BLOCK_R * VP)  # (R*VP,)
-        lane = f % VP
-        o = (pid_r * BLOCK_R + f // VP) * V + lane  # (R*VP,)
-        omask = (lane < V) & (o < OUT)
-        res = acc  # (BP, R*VP)
-        if HAS_BIAS:
-            res += tl.load(bias_ptr + o, mask=omask & (o * 0 + pid_s == 0), other=0.0).to(tl.float32)[None, :]
-        if HAS_C:
-            res += tl.load(c_ptr + toks, mask=(toks < B) & (toks * 0 + pid_s == 0), other=0.0)[:, None]
-        ptrs = y_ptr + toks[:, None] * stride_y + o[None, :]
-        ok = (toks[:, None] < B) & omask[None, :]
-    else:
-        res = tl.sum(acc, axis=0)  # (R, VP)
         lane = tl.arange(0, VP)
+        res = tl.permute(tl.reshape(accd, (BLOCK_R, VP, BP)), (2, 0, 1))  # (BP, R, VP)
         o = rows[:, None] * V + lane[None, :]  # (R, VP)
-        ok = (lane[None, :] < V) & (o < OUT)
+        omask = (lane[None, :] < V) & (o < OUT)
         if HAS_BIAS:
-            res += tl.load(bias_ptr + o, mask=ok & (o * 0 + pid_s == 0), other=0.0).to(tl.float32)
+            res += tl.load(bias_ptr + o, mask=omask & (o * 0 + pid_s == 0), other=0.0).to(tl.float32)[None, :, :]
         if HAS_C:
-            res += tl.where(first, tl.load(c_ptr), 0.0)
-        ptrs = y_ptr + o
-    if ATOMIC:
-        tl.atomic_add(ptrs, res, mask=ok, sem="relaxed")
+            res += tl.load(c_ptr + toks, mask=(toks < B) & (toks * 0 + pid_s == 0), other=0.0)[:, None, None]
+        ptrs = y_ptr + toks[:, None, None] * stride_y + o[None, :, :]  # (BP, R, VP)
+        ok = (toks < B)[:, None, None] & omask[None, :, :]
+        if ATOMIC:
+            tl.atomic_add(ptrs, res, mask=ok, sem="relaxed")
+        else:
+            _store(ptrs, res, ok, BF16_BITS)
     else:
-        _store(ptrs, res, ok, BF16_BITS)
+        _token_out(acc0, y_ptr, bias_ptr, c_ptr, 0, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                   BF16_BITS)
+        if BP >= 2:
+            _token_out(acc1, y_ptr, bias_ptr, c_ptr, 1, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                       BF16_BITS)
+        if BP >= 3:
+            _token_out(acc2, y_ptr, bias_ptr, c_ptr, 2, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                       BF16_BITS)
+        if BP >= 4:
+            _token_out(acc3, y_ptr, bias_ptr, c_ptr, 3, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                       BF16_BITS)
 
 
 # ---------------------------------------------------------------------------------- launch
-DEFAULT_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 3}
+DEFAULT_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "SPLIT": 1, "num_warps": 4, "num_stages": 2, "DOT": False}
 # interpreter: few, large programs (its cost is per program instance and per op, not per element)
-INTERPRET_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "SPLIT": 2, "num_warps": 1, "num_stages": 1}
+INTERPRET_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "SPLIT": 2, "num_warps": 1, "num_stages": 1, "DOT": False}
+MAX_TILE = 8192  # fp32 products held per program (elementwise path: tokens * R * C * VP), per 4 warps
+MAX_ELEMENTWISE_TOKENS = 4  # one register accumulator per token; more tokens take the tl.dot path
+
+
+def tile(cfg: dict, tokens: int, vp: int) -> tuple:
+    """(BLOCK_R, BLOCK_C, BP, use_dot) actually launched for this config, token count and VP.
+
+    Elementwise (1-4 tokens): BP = tokens accumulators of R * C * VP fp32 products; C, then R,
+    shrink to fit MAX_TILE. tl.dot (DOT, or more than 4 tokens): every dimension >= 16."""
+    R, C = cfg["BLOCK_R"], cfg["BLOCK_C"]
+    use_dot = tokens > MAX_ELEMENTWISE_TOKENS or (bool(cfg.get("DOT")) and tokens > 1)
+    if use_dot:
+        return max(R, triton.cdiv(16, vp)), max(C, 16), max(16, next_pow2(tokens)), True
+    limit = MAX_TILE * max(1, cfg["num_warps"] // 4)
+    while tokens * R * C * vp > limit and C > 16:
+        C //= 2
+    while tokens * R * C * vp > limit and R > 1:
+        R //= 2
+    return R, C, tokens, False
 
 
 def prepare_x(kw: KernelWeight, x: torch.Tensor):
@@ -127,10 +183,7 @@ def prepare_x(kw: KernelWeight, x: torch.Tensor):
 def _launch_segment(y, xp, kw: KernelWeight, seg: Segment, cfg: dict, atomic: bool, bias, c, epilogue: bool,
                     precision: str):
     B = xp.shape[0]
-    use_dot = B > 1
-    R, C = cfg["BLOCK_R"], cfg["BLOCK_C"]
-    if use_dot:  # tl.dot needs every dimension >= 16
-        R, C = max(R, triton.cdiv(16, seg.vp)), max(C, 16)
+    R, C, BP, use_dot = tile(cfg, B, seg.vp)
     split = max(1, min(cfg["SPLIT"], triton.cdiv(seg.ncols, C)))
     span = triton.cdiv(triton.cdiv(seg.ncols, split), C) * C
     split = triton.cdiv(seg.ncols, span)
@@ -145,13 +198,14 @@ def _launch_segment(y, xp, kw: KernelWeight, seg: Segment, cfg: dict, atomic: bo
         B, kw.out_features, seg.rows, seg.group_size, seg.ncols, seg.words, seg.k, max(seg.k_res, 1),
         seg.groups - 1, seg.col0, span, xp.stride(0), y.stride(0),
         V=seg.v, VP=seg.vp, TB=seg.total_bits, IB=seg.index_bits, RB=seg.res_bits, ONE_GROUP=seg.groups == 1,
-        BP=max(16, next_pow2(B)) if use_dot else 1, BLOCK_R=R, BLOCK_C=C, USE_DOT=use_dot,
+        BP=BP, BLOCK_R=R, BLOCK_C=C, USE_DOT=use_dot,
         ATOMIC=atomic, HAS_BIAS=has_bias, HAS_C=has_c, BF16_BITS=bf16, DOT_PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def needs_atomic(kw: KernelWeight, cfg: dict) -> bool:
-    return kw.outlier is not None or min(cfg["SPLIT"], triton.cdiv(kw.main.ncols, cfg["BLOCK_C"])) > 1
+def needs_atomic(kw: KernelWeight, cfg: dict, tokens: int) -> bool:
+    C = tile(cfg, tokens, kw.main.vp)[1]
+    return kw.outlier is not None or min(cfg["SPLIT"], triton.cdiv(kw.main.ncols, C)) > 1
 
 
 def gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -165,7 +219,7 @@ def gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
     x = x.contiguous()
     xp, c = prepare_x(kw, x)
     B = x.shape[0]
-    atomic = needs_atomic(kw, cfg)
+    atomic = needs_atomic(kw, cfg, B)
     if atomic:  # partial sums from several programs / segments meet in an fp32 buffer
         y = torch.zeros(B, kw.out_features, dtype=torch.float32, device=x.device)
     else:
