@@ -21,6 +21,7 @@ METHODS: Dict[str, str] = {
     "rtn": "baselines.rtn:RTN",
     "gptq": "baselines.gptq:GPTQ",
     "aqlm": "baselines.aqlm:AQLM",
+    "vptq": "vptq.quantizer:VPTQ",
 }
 
 

@@ -1,0 +1,353 @@
+"""VPTQ, the quantizer side (arXiv 2409.17066): `method=vptq`.
+
+One linear W (out, in) with its Hessian H = E[x xᵀ] (in, in) becomes a `VQWeight`:
+
+ 1. Budget (`vptq.budget`): `bits` -> (v, k, k_res, outliers, groups, perm, norm) per shape;
+    explicit Config fields override it.
+ 2. Dead columns (diag H = 0: never active) are zeroed and get H_cc = 1 (`prepare_hessian`).
+ 3. Optional per-input-column norm (the reference's `enable_norm`, norm_dim=0):
+    s_c = max_r W_rc - min_r W_rc, b_c = min_r W_rc, both stored float16, and the
+    normalised weight W' = (W - b) / s is quantized. Since W = W' diag(s) + b, the layer's
+    proxy loss tr(ΔW H ΔWᵀ) equals tr(ΔW' diag(s) H diag(s) ΔW'ᵀ): by default
+    (`norm_hessian: scaled`) W' is quantized under H' = diag(s) H diag(s) (k-means weights
+    s_c² H_cc, error feedback with H'). `norm_hessian: raw` reproduces the reference
+    (microsoft/VPTQ `algorithm` branch), which uses the raw H for the normalised weight.
+ 4. Column order: the `outlier_size` columns with the largest Hessian diagonal (of the
+    Hessian the weight is quantized under) come first, with their own codebook; the other
+    columns follow in act order (descending diagonal, as the reference's `enable_perm`) or
+    in their original order. The order is stored as `VQWeight.perm` whenever it is not the
+    identity by construction (perm or outliers on).
+ 5. Codebook initialisation, paper §3.3 ("Hessian-weighted k-means", eq. 9): vectors of
+    length v run along the OUTPUT dimension within one input column (so the whole vector
+    shares the Hessian weight H_cc of its column); each region (outlier columns, each of
+    `group_num` contiguous column groups of the permuted order) gets its own codebook by
+    weighted k-means (`vptq.kmeans`). Residual VQ (§3.4): a second codebook, k-means on the
+    residual of the first stage at initialisation. Centroids are rounded to float16 right
+    away: indices are chosen against the float16 codebook that is stored.
+ 6. Channel-independent second-order optimisation, paper §3.2 (eq. 5-7): the shared GPTQ
+    loop `vptq.solver.error_feedback` with step=1; each column's ceil(out/v) vectors are
+    assigned to their nearest centroid (plain L2: every entry of a vector shares H_cc),
+    greedily first stage then residual stage, and the column's error is fed back.
+
+Padding rows (out not a multiple of v): a column is padded to n·v rows; the padding entries
+are "don't care": the last vector of a column is matched on its existing coordinates only
+(masked distance, in k-means and in the assignment), the solver never sees them, and
+dequantization drops them. They are counted in storage (the packed indices cover n·v rows).
+
+Layer-wise finetuning (paper §4) lives in `vptq.finetune` (`VPTQ.finetune_block`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from vptq.budget import LayerConfig, choose_config, check_format
+from vptq.kmeans import kmeans
+from vptq.methods import BudgetError, Method
+from vptq.solver import error_feedback, prepare_hessian
+from vptq.vqweight import VQWeight
+
+
+@dataclass
+class QuantOptions:
+    """Algorithm knobs that do not change the storage format."""
+
+    percdamp: float = 0.01
+    block_size: int = 128
+    norm_hessian: str = "scaled"  # scaled: diag(s) H diag(s) (consistent) | raw: H (reference)
+    kmeans_iters: int = 10
+    kmeans_tol: float = 1e-3
+    kmeans_init_sample: int = 8192
+    kmeans_max_train: Optional[int] = 32768
+
+
+class _Codebook:
+    """A float16-rounded codebook (k, v) and fast nearest-centroid lookup for one column's
+    n vectors, the last of which may have only `last_valid` < v existing coordinates."""
+
+    def __init__(self, C: torch.Tensor, last_valid: int):
+        self.C = C  # (k, v) float32 holding float16 values
+        self.v = C.shape[1]
+        self.Ct = C.t().contiguous()  # (v, k)
+        self.cn = (C * C).sum(1)  # (k,)
+        self.last_valid = last_valid
+        if last_valid < self.v:
+            Cv = C[:, :last_valid]  # (k, d)
+            self.Ctt = Cv.t().contiguous()  # (d, k)
+            self.cnt = (Cv * Cv).sum(1)
+
+    def nearest(self, X: torch.Tensor) -> torch.Tensor:
+        """X (n, v) -> indices (n,)."""
+        idx = torch.addmm(self.cn, X, self.Ct, alpha=-2.0).min(1).indices  # (n,); ties -> first
+        if self.last_valid < self.v:
+            x = X[-1:, :self.last_valid]  # (1, d)
+            idx[-1] = torch.addmm(self.cnt, x, self.Ctt, alpha=-2.0).min(1).indices[0]
+        return idx
+
+
+def _column_vectors(Wc: torch.Tensor, v: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Columns Wc (out, m) -> vectors (m*n, v) along the output dim (column-major: column j's
+    n vectors are rows j*n .. j*n+n-1), padded with zeros, and each vector's count of
+    existing coordinates (m*n,)."""
+    out_f, m = Wc.shape
+    n = math.ceil(out_f / v)
+    pad = n * v - out_f
+    X = F.pad(Wc.t(), (0, pad)).reshape(m * n, v)  # (m, n*v) -> (m*n, v)
+    valid = torch.full((n,), v, dtype=torch.int64, device=Wc.device)
+    valid[-1] = v - pad
+    return X, valid.repeat(m)
+
+
+@contextlib.contextmanager
+def _single_thread(device):
+    """Run on one CPU thread. The column loop issues thousands of tiny ops, and k-means many
+    small ones: OpenMP fork/join costs more than it gains on them, and collapses (10-100x
+    slower, measured) when the cores are shared with other processes."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round to float16 and back (what is stored is what is used)."""
+    h = t.half()
+    if not torch.isfinite(h).all():
+        raise ValueError("a value overflows float16 (|x| > 65504)")
+    return h.float()
+
+
+def fit_codebooks(X, w, valid, k, k_res, seed, opts: QuantOptions):
+    """Hessian-weighted k-means of one region's vectors X (N, v), weights w (N,):
+    -> float16-rounded centroids (k, v) and residual centroids (k_res, v) or None."""
+    km = kmeans(X, k, weights=w, valid=valid, seed=seed, iters=opts.kmeans_iters, tol=opts.kmeans_tol,
+                init_sample=opts.kmeans_init_sample, max_train=opts.kmeans_max_train, final_assign=k_res > 0)
+    C = _fp16(km.centroids)
+    R = None
+    if k_res:
+        mask = torch.arange(X.shape[1], device=X.device)[None, :] < valid[:, None]
+        resid = (X - C[km.labels]) * mask  # (N, v) first-stage residual at init
+        kr = kmeans(resid, k_res, weights=w, valid=valid, seed=seed + 7919, iters=opts.kmeans_iters,
+                    tol=opts.kmeans_tol, init_sample=opts.kmeans_init_sample, max_train=opts.kmeans_max_train,
+                    final_assign=False)
+        R = _fp16(kr.centroids)
+    return C, R
+
+
+@torch.no_grad()
+def quantize_weight(W: torch.Tensor, H: torch.Tensor, cfg: LayerConfig, *, seed: int = 0,
+                    opts: Optional[QuantOptions] = None, name: str = "layer") -> Tuple[VQWeight, Dict[str, Any]]:
+    """Quantize W (out, in) under H (in, in) with the layer configuration `cfg`.
+
+    Returns the VQWeight and an info dict (solver loss, configuration). On CPU it runs on one
+    thread (see `_single_thread`)."""
+    with _single_thread(W.device):
+        return _quantize_weight(W, H, cfg, seed=seed, opts=opts, name=name)
+
+
+def _quantize_weight(W, H, cfg, *, seed, opts, name):
+    opts = opts or QuantOptions()
+    if W.dim() != 2:
+        raise ValueError(f"{name}: weight must be 2-D (out, in), got shape {tuple(W.shape)}")
+    out_f, in_f = W.shape
+    if H is None:
+        raise ValueError(f"{name}: VPTQ needs the layer's Hessian (calibration data), got None")
+    if tuple(H.shape) != (in_f, in_f):
+        raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} != {(in_f, in_f)}")
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name}: weight contains NaN or Inf")
+    if not torch.isfinite(H).all():
+        raise ValueError(f"{name}: Hessian contains NaN or Inf")
+    if opts.norm_hessian not in ("scaled", "raw"):
+        raise ValueError(f"norm_hessian={opts.norm_hessian!r}; valid choices: raw, scaled")
+    check_format(out_f, in_f, cfg)
+    try:
+        W, H, dead = prepare_hessian(W, H)  # float32 copies; dead columns zeroed, H_cc = 1
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    dev = W.device
+
+    # 3. per-input-column norm
+    scale16 = bias16 = None
+    Hq = H
+    if cfg.norm:
+        wmin, wmax = W.min(0).values, W.max(0).values  # (in,)
+        rng = wmax - wmin
+        s = _fp16(torch.where(rng > 0, rng, torch.ones_like(rng)))
+        s = torch.where(s > 0, s, torch.ones_like(s))  # a range that underflows float16
+        b = _fp16(wmin)
+        scale16, bias16 = s.half(), b.half()
+        W = (W - b[None, :]) / s[None, :]
+        if opts.norm_hessian == "scaled":
+            Hq = H * s[:, None] * s[None, :]
+
+    # 4. column order
+    d = torch.diagonal(Hq).clone()
+    d[dead] = 0.0  # dead columns never matter: zero k-means weight, last in act order
+    o = cfg.outlier_size
+    if cfg.perm or o:
+        desc = torch.sort(d, descending=True, stable=True).indices  # (in,)
+        if cfg.perm:
+            order = desc
+        else:
+            is_out = torch.zeros(in_f, dtype=torch.bool, device=dev)
+            is_out[desc[:o]] = True
+            order = torch.cat([desc[:o], torch.nonzero(~is_out).flatten()])
+    else:
+        order = None
+    Wp = W if order is None else W[:, order]  # (out, in), permuted
+    dp = d if order is None else d[order]
+
+    # 5. codebooks per region
+    v, k, kr, G = cfg.vector_len, cfg.num_centroids, cfg.num_res_centroids, cfg.group_num
+    gs = (in_f - o) // G
+    n = math.ceil(out_f / v)
+    cents, rcents = [], []
+    for g in range(G):
+        c0 = o + g * gs
+        X, valid = _column_vectors(Wp[:, c0:c0 + gs], v)
+        wv = dp[c0:c0 + gs].repeat_interleave(n)
+        C, R = fit_codebooks(X, wv, valid, k, kr, seed + 1000 * g, opts)
+        cents.append(C)
+        rcents.append(R)
+    if o:
+        vo, ko = cfg.outlier_vector_len, cfg.outlier_num_centroids
+        no = math.ceil(out_f / vo)
+        X, valid = _column_vectors(Wp[:, :o], vo)
+        Co, _ = fit_codebooks(X, dp[:o].repeat_interleave(no), valid, ko, 0, seed + 999_983, opts)
+        out_book = _Codebook(Co, out_f - (no - 1) * vo)
+        out_idx = torch.empty(1, no, o, dtype=torch.int64, device=dev)
+
+    # 6. second-order error feedback, one column at a time
+    last = out_f - (n - 1) * v
+    books = [_Codebook(C, last) for C in cents]
+    rbooks = [_Codebook(R, last) for R in rcents] if kr else None
+    idx = torch.empty(G, n, gs, dtype=torch.int64, device=dev)
+    ridx = torch.empty(G, n, gs, dtype=torch.int64, device=dev) if kr else None
+    pad = n * v - out_f
+
+    def quantize_cols(col: int, Wc: torch.Tensor) -> torch.Tensor:
+        x = Wc[:, 0]  # (out,)
+        if col < o:
+            padv = no * vo - out_f
+            X = F.pad(x, (0, padv)).reshape(no, vo)
+            a = out_book.nearest(X)
+            out_idx[0, :, col] = a
+            return out_book.C[a].reshape(-1)[:out_f, None]
+        g, c = divmod(col - o, gs)
+        X = F.pad(x, (0, pad)).reshape(n, v) if pad else x.reshape(n, v)  # (n, v)
+        a = books[g].nearest(X)
+        idx[g, :, c] = a
+        q = books[g].C[a]  # (n, v)
+        if kr:
+            ra = rbooks[g].nearest(X - q)
+            ridx[g, :, c] = ra
+            q = q + rbooks[g].C[ra]
+        return q.reshape(-1)[:out_f, None]
+
+    res = error_feedback(W, Hq, quantize_cols, block_size=opts.block_size, step=1,
+                         percdamp=opts.percdamp, perm=order)
+
+    qw = VQWeight(
+        out_features=out_f, in_features=in_f, vector_len=v, num_centroids=k, group_num=G, group_size=gs,
+        centroids=torch.stack(cents).half(), indices=idx,
+        num_res_centroids=kr, res_centroids=torch.stack(rcents).half() if kr else None, res_indices=ridx,
+        outlier_size=o, outlier_vector_len=cfg.outlier_vector_len if o else 0,
+        outlier_num_centroids=cfg.outlier_num_centroids if o else 0,
+        outlier_centroids=out_book.C[None].half() if o else None, outlier_indices=out_idx if o else None,
+        perm=order, weight_scale=scale16, weight_bias=bias16,
+    )
+    # Q: the solver's dequantized weight (original column order, normalised space if norm)
+    info = {"config": cfg.short(), "solver_loss": res.loss, "Q": res.Q}
+    return qw, info
+
+
+class VPTQ(Method):
+    """Vector post-training quantization (arXiv 2409.17066) behind the common interface."""
+
+    name = "vptq"
+    needs_hessian = True
+
+    @dataclass
+    class Config:
+        name: str = "vptq"
+        tolerance: float = 0.1  # realized total bits may exceed the target by at most this
+        # explicit parameters override the bits budget (null = the budget decides)
+        vector_len: Optional[int] = None
+        num_centroids: Optional[int] = None
+        num_res_centroids: Optional[int] = None  # 0 = no residual stage
+        group_num: Optional[int] = None
+        outlier_size: Optional[int] = None  # input columns with their own codebook (0 = none)
+        outlier_vector_len: Optional[int] = None
+        outlier_num_centroids: Optional[int] = None
+        enable_perm: Optional[bool] = None  # act-order permutation (stored, 16 bits per column)
+        enable_norm: Optional[bool] = None  # per-input-column weight_scale / weight_bias
+        norm_hessian: str = "scaled"  # scaled: diag(s) H diag(s) (consistent) | raw: as the reference
+        percdamp: float = 0.01
+        block_size: int = 128
+        kmeans_iters: int = 10
+        kmeans_tol: float = 1e-3
+        kmeans_init_sample: int = 8192
+        kmeans_max_train: Optional[int] = 32768  # Lloyd on at most this many vectors (null = all)
+        finetune: bool = False  # layer-wise finetuning of centroids and norms (paper §4)
+        finetune_epochs: int = 4
+        finetune_lr: float = 1e-4
+        finetune_batch: int = 4
+
+    def __init__(self, config, *, bits, seed=0):
+        super().__init__(config, bits=bits, seed=seed)
+        self._configs: Dict[Tuple[int, int], LayerConfig] = {}
+        c = config
+        self.opts = QuantOptions(percdamp=c.percdamp, block_size=c.block_size, norm_hessian=c.norm_hessian,
+                                 kmeans_iters=c.kmeans_iters, kmeans_tol=c.kmeans_tol,
+                                 kmeans_init_sample=c.kmeans_init_sample, kmeans_max_train=c.kmeans_max_train)
+
+    def _overrides(self) -> Dict[str, Any]:
+        c = self.config
+        keys = {"vector_len": c.vector_len, "num_centroids": c.num_centroids,
+                "num_res_centroids": c.num_res_centroids, "group_num": c.group_num,
+                "outlier_size": c.outlier_size, "outlier_vector_len": c.outlier_vector_len,
+                "outlier_num_centroids": c.outlier_num_centroids, "perm": c.enable_perm, "norm": c.enable_norm}
+        return {k: v for k, v in keys.items() if v is not None}
+
+    def layer_config(self, out_f: int, in_f: int) -> LayerConfig:
+        key = (out_f, in_f)
+        if key not in self._configs:
+            self._configs[key] = choose_config(out_f, in_f, self.bits, self.config.tolerance, **self._overrides())
+        return self._configs[key]
+
+    def check_budget(self, shapes) -> None:
+        for out_f, in_f in shapes:
+            self.layer_config(out_f, in_f)
+
+    def settings(self) -> Dict[str, Any]:
+        s: Dict[str, Any] = {f"{o}x{i}": c.short() for (o, i), c in self._configs.items()}
+        s.update(finetune=self.config.finetune, norm_hessian=self.config.norm_hessian)
+        return s
+
+    def quantize_layer(self, W, H, *, name):
+        if W.dim() != 2:
+            raise ValueError(f"{name}: weight must be 2-D (out, in), got shape {tuple(W.shape)}")
+        if not torch.isfinite(W).all():
+            raise ValueError(f"{name}: weight contains NaN or Inf")
+        cfg = self.layer_config(*W.shape)
+        qw, _ = quantize_weight(W, H, cfg, seed=self.layer_seed(name), opts=self.opts, name=name)
+        return qw
+
+    def finetune_block(self, block, ctx):
+        if not self.config.finetune:
+            return {}
+        from vptq.finetune import finetune_block
+
+        return finetune_block(block, ctx, epochs=self.config.finetune_epochs, lr=self.config.finetune_lr,
+                              batch=self.config.finetune_batch, seed=self.seed * 7 + ctx.index)
