@@ -20,6 +20,7 @@ METHODS: Dict[str, str] = {
     "fp16": "baselines.fp16:FP16",
     "rtn": "baselines.rtn:RTN",
     "gptq": "baselines.gptq:GPTQ",
+    "gptvq": "baselines.gptvq:GPTVQ",
     "aqlm": "baselines.aqlm:AQLM",
     "vptq": "vptq.quantizer:VPTQ",
 }
