@@ -46,7 +46,9 @@ def settings_str(s) -> str:
 
 def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """-> (finished runs, failed runs). Columns of the first: model, method, bits_target, settings,
-    seed, bits_index, bits_total, quant_s, eval_s, peak_rss_gb, ppl::<ds>@<seqlen>, qa::<task>::<metric>."""
+    seed, bits_index, bits_total, quant_s, eval_s, peak_rss_gb, peak_gpu_gb, mem_gb (peak GPU memory
+    on GPU runs, else peak process RSS), device, ppl::<ds>@<seqlen> (each dataset's own seqlen),
+    qa::<task>::<metric> (and qa::mean::<metric>)."""
     ok, failed = [], []
     for m in dedupe(runs):
         b = m.get("bits") or {}
@@ -56,15 +58,19 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
             row["error"] = m.get("error", "")
             failed.append(row)
             continue
-        seqlen = (m.get("eval") or {}).get("seqlen")
+        ev = m.get("eval") or {}
+        seqlen, seqlens = ev.get("seqlen"), ev.get("seqlens") or {}
+        mem = m.get("memory") or {}
         row.update({"settings": settings_str(m.get("settings")), "seed": m.get("seed"),
                     "bits_index": b.get("index"), "bits_total": b.get("total"),
                     "quant_s": (m.get("time") or {}).get("quantize_s"),
                     "eval_s": (m.get("time") or {}).get("eval_s"),
-                    "peak_rss_gb": (m.get("memory") or {}).get("peak_rss_gb"),
+                    "peak_rss_gb": mem.get("peak_rss_gb"), "peak_gpu_gb": mem.get("peak_gpu_gb"),
+                    "mem_gb": mem.get("peak_gpu_gb") if mem.get("peak_gpu_gb") is not None else mem.get("peak_rss_gb"),
+                    "device": (m.get("env") or {}).get("device"),
                     "protocol": m.get("hessian_protocol")})
         for ds, v in (m.get("ppl") or {}).items():
-            row[f"ppl::{ds}@{seqlen}"] = v
+            row[f"ppl::{ds}@{seqlens.get(ds, seqlen)}"] = v
         for task, vals in (m.get("qa") or {}).items():
             if isinstance(vals, dict):
                 for metric, v in vals.items():

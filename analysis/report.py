@@ -1,9 +1,15 @@
-"""python analysis/report.py [DIR]
+"""python analysis/report.py [DIR] [--wandb] [--project NAME] [--qa-metric acc|acc_norm]
 
-Gathers every metrics.json below DIR (default: outputs) and writes DIR/results.md,
-DIR/results.tex and DIR/results.csv: one row per (model, method, bits), realized bits counted
-from what is stored, units in the headers, the best value of every metric column in bold and
-the second best underlined (within each model; the unquantized reference is shown, not ranked).
+Gathers every metrics.json below DIR (default: outputs) and writes
+- DIR/results.md, results.tex, results.csv: one row per (model, method, bits, settings), realized
+  bits counted from what is stored, units in the headers, the best value of every metric column
+  in bold and the second best underlined (within each model; the unquantized reference is shown,
+  not ranked);
+- DIR/results_paper.tex: the papers' layout (rows: method x bits; columns: W2, C4 (and any other
+  perplexity corpus), each QA task, AvgQA, bits, time (h), mem (GB)), best bold, second underlined;
+- DIR/pareto_<model>_<dataset>_<seqlen>.png: realized total bits vs perplexity (analysis/plots.py).
+--wandb logs the table (wandb.Table) and the plots (wandb.Image) as one W&B run of job_type
+"report" in the sweep's group (offline unless --mode online).
 """
 from __future__ import annotations
 
@@ -44,8 +50,12 @@ def columns_for(df: pd.DataFrame) -> List[Column]:
     for c in df.columns:
         if c.startswith("qa::"):
             parts = c.split("::")[1:]
+            if parts[0] == "mean":
+                parts[0] = "AvgQA"
             cols.append(Column(c, f"{' '.join(parts)} (%) ↑", "higher", "{:.1f}"))
     cols.append(Column("quant_s", "quant time (s) ↓", "lower", "{:.1f}"))
+    if "mem_gb" in df and df["mem_gb"].notna().any():
+        cols.append(Column("mem_gb", "mem (GB) ↓", "lower", "{:.2f}"))
     return cols
 
 
@@ -67,12 +77,13 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def ranks(df: pd.DataFrame, col: Column) -> Dict[int, int]:
-    """row index -> 1 (best) or 2 (second best), per model, on the displayed (rounded) values."""
+def ranks(df: pd.DataFrame, col: Column, by=("model",)) -> Dict[int, int]:
+    """row index -> 1 (best) or 2 (second best), per group (model; or model and bits), on the
+    displayed (rounded) values."""
     out: Dict[int, int] = {}
     if col.better is None or col.key not in df:
         return out
-    for _, sub in df.groupby("model", sort=False):
+    for _, sub in df.groupby(list(by), sort=False):
         sub = sub[~sub["method"].isin(REFERENCE_METHODS)]
         vals = {}
         for i, v in sub[col.key].items():
@@ -141,7 +152,111 @@ def notes(raw: pd.DataFrame) -> List[str]:
     return out
 
 
-def write_report(root: str) -> pd.DataFrame:
+# ---------------------------------------------------------------- the papers' layout
+
+QA_SHORT = {"arc_easy": "ArcE", "arc_challenge": "ArcC", "hellaswag": "HellaS", "piqa": "PiQA",
+            "winogrande": "WinoG"}
+QA_ORDER = list(QA_SHORT)
+
+
+def _ppl_label(ds: str) -> str:
+    name = ds.split("@")[0]
+    if name.startswith("wikitext2"):
+        return "W2"
+    if name == "c4":
+        return "C4"
+    return name
+
+
+def paper_columns(df: pd.DataFrame, qa_metric: str = "acc") -> List[Column]:
+    """Method, W bits | PPL: W2, C4, other corpora | QA tasks (qa_metric, %), AvgQA | bits, time, mem."""
+    cols = [Column("method", "Method", None, "{}"), Column("bits_target", "W bits", None, "{:g}")]
+    ppl = [c for c in df.columns if c.startswith("ppl::")]
+    rank = {"W2": 0, "C4": 1}
+    ppl.sort(key=lambda c: (rank.get(_ppl_label(c[5:]), 2), c))
+    for c in ppl:
+        ds, seqlen = c[5:].split("@")
+        cols.append(Column(c, f"{_ppl_label(ds)} @{seqlen}", "lower", "{:.2f}"))
+    tasks = [c.split("::")[1] for c in df.columns if c.startswith("qa::") and c.endswith(f"::{qa_metric}")]
+    tasks = [t for t in tasks if t != "mean"]
+    tasks.sort(key=lambda t: (QA_ORDER.index(t) if t in QA_ORDER else len(QA_ORDER), t))
+    for t in tasks:
+        cols.append(Column(f"qa::{t}::{qa_metric}", QA_SHORT.get(t, t), "higher", "{:.2f}"))
+    if tasks:
+        cols.append(Column(f"qa::mean::{qa_metric}", "AvgQA", "higher", "{:.2f}"))
+    cols.append(Column("bits_total", "bits", "lower", "{:.3f}"))
+    cols.append(Column("quant_h", "time (h)", "lower", "{:.3f}"))
+    if "mem_gb" in df and df["mem_gb"].notna().any():
+        cols.append(Column("mem_gb", "mem (GB)", "lower", "{:.2f}"))
+    return cols
+
+
+def _tex(s: str) -> str:
+    return s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+def render_paper(df: pd.DataFrame, qa_metric: str = "acc") -> str:
+    """The papers' LaTeX table (booktabs): one block per model, the unquantized reference first
+    (shown, not ranked), then one group of rows per target bits; best and second best are
+    marked within each (model, bits) group, as in the papers."""
+    df = df.copy()
+    df["quant_h"] = df["quant_s"] / 3600.0 if "quant_s" in df else float("nan")
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    df["_ref"] = ~df["method"].isin(REFERENCE_METHODS)
+    df["_b"] = df["bits_target"].map(lambda b: -1.0 if b is None or (isinstance(b, float) and math.isnan(b)) else b)
+    df["_m"] = df["method"].map(lambda m: order.get(m, len(order)))
+    models = list(dict.fromkeys(df["model"]))
+    df["_model"] = df["model"].map(models.index)
+    df = df.sort_values(["_model", "_ref", "_b", "_m"], kind="stable")
+    cols = paper_columns(df, qa_metric)
+    rk = {c.key: ranks(df, c, by=("model", "bits_target")) for c in cols}
+    nppl = sum(c.key.startswith("ppl::") for c in cols)
+    nqa = sum(c.key.startswith("qa::") for c in cols)
+    ncost = len(cols) - 2 - nppl - nqa
+    spec = "ll" + "r" * (len(cols) - 2)
+    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule"]
+    groups = [("", 2), (r"PPL $\downarrow$", nppl),
+              (rf"Zero-shot {_tex(qa_metric)} (\%) $\uparrow$", nqa), ("Cost", ncost)]
+    head, rules, start = [], [], 1
+    for title, n in groups:
+        if n == 0:
+            continue
+        head.append(rf"\multicolumn{{{n}}}{{c}}{{{title}}}" if title else " & ".join([""] * n))
+        if title:
+            rules.append(rf"\cmidrule(lr){{{start}-{start + n - 1}}}")
+        start += n
+    lines.append(" & ".join(head) + r" \\")
+    lines.append("".join(rules))
+    lines.append(" & ".join(_tex(c.header) for c in cols) + r" \\")
+    for model, sub in df.groupby("model", sort=False):
+        lines.append(r"\midrule")
+        lines.append(rf"\multicolumn{{{len(cols)}}}{{l}}{{\textit{{{_tex(str(model))}}}}} \\")
+        prev = None
+        for i, r in sub.iterrows():
+            if prev is not None and r["_b"] != prev:
+                lines.append(rf"\cmidrule(lr){{1-{len(cols)}}}")
+            prev = r["_b"]
+            cells = []
+            for c in cols:
+                v = r.get(c.key)
+                if v is None or (isinstance(v, float) and math.isnan(v)):
+                    s = "--" if not (c.key == "bits_target" and r["method"] in REFERENCE_METHODS) else "16"
+                elif c.key.startswith("qa::"):
+                    s = c.fmt.format(v * 100)
+                else:
+                    s = _tex(c.fmt.format(v))
+                k = rk[c.key].get(i)
+                if k == 1:
+                    s = rf"\textbf{{{s}}}"
+                elif k == 2:
+                    s = rf"\underline{{{s}}}"
+                cells.append(s)
+            lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def write_report(root: str, qa_metric: str = "acc") -> pd.DataFrame:
     ok, failed = to_frame(load_runs(root))
     table = aggregate(ok)
     md = [f"# Results ({root})", ""]
@@ -160,6 +275,15 @@ def write_report(root: str) -> pd.DataFrame:
     _write(os.path.join(root, "results.tex"), (render(table, "tex") if not table.empty else "% no finished runs") + "\n")
     if not table.empty:
         _write(os.path.join(root, "results.csv"), table.to_csv(index=False))
+        _write(os.path.join(root, "results_paper.tex"), render_paper(table, qa_metric) + "\n")
+        from analysis.plots import pareto_plots
+
+        plots = pareto_plots(table, root, METHOD_ORDER)
+        if plots:
+            md = ["", "## Pareto plots", ""] + [f"![{k}]({os.path.basename(p)})" for k, p in plots.items()]
+            with open(os.path.join(root, "results.md"), "a") as f:
+                f.write("\n".join(md) + "\n")
+        table.attrs["plots"] = plots
     return table
 
 
@@ -171,13 +295,30 @@ def _write(path: str, text: str) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    root = argv[0] if argv else "outputs"
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="analysis/report.py", description=__doc__.splitlines()[0])
+    ap.add_argument("root", nargs="?", default="outputs", help="folder searched for metrics.json (default: outputs)")
+    ap.add_argument("--qa-metric", default="acc", choices=["acc", "acc_norm"], help="QA metric in results_paper.tex")
+    ap.add_argument("--wandb", action="store_true", help="also log the table and plots as a W&B report run")
+    ap.add_argument("--project", default="vq-bench", help="W&B project (with --wandb)")
+    ap.add_argument("--entity", default=None, help="W&B entity (with --wandb)")
+    ap.add_argument("--mode", default="offline", choices=["offline", "online"], help="W&B mode (with --wandb)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    root = args.root
     if not os.path.isdir(root):
         print(f"error: results folder {root!r} does not exist", file=sys.stderr)
         return 2
-    table = write_report(root)
-    print(f"{len(table)} rows -> {os.path.join(root, 'results.md')}, results.tex")
+    table = write_report(root, qa_metric=args.qa_metric)
+    plots = table.attrs.get("plots", {})
+    print(f"{len(table)} rows -> {os.path.join(root, 'results.md')}, results.tex, results_paper.tex, "
+          f"{len(plots)} plot(s)")
+    if args.wandb:
+        from runners.tracking import log_report
+
+        where = log_report(table, plots, project=args.project, entity=args.entity, mode=args.mode,
+                           group=os.path.basename(os.path.normpath(os.path.abspath(root))), run_dir=root)
+        print(f"W&B report run -> {where}")
     return 0
 
 

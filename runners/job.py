@@ -212,9 +212,9 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
         raise UserError(f"kernel={cfg.kernel.name!r} is not registered; valid choices: torch, triton")
     check_data(cfg.data.name, cfg.data.path)
     ppl_sets = ppl_datasets(cfg)
-    if cfg.quantize.parallel and cfg.hessian.protocol != "float":
-        raise UserError("quantize.parallel=true needs hessian.protocol=float (every block's Hessian from the "
-                        f"float model), got hessian.protocol={cfg.hessian.protocol}")
+    from runners.parallel import check_parallel
+
+    check_parallel(cfg)
     from runners.qa import check_qa_args, prepare_qa
 
     qa_data = {t: p for t, p in (cfg.eval.qa_data or {}).items() if p}

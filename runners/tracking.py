@@ -2,7 +2,10 @@
 
 logger=wandb runs offline by default (no key, no network; `wandb sync <dir>` uploads later):
 one W&B run per job, the sweep as its group, the full resolved config, tags for
-model/method/bits, per-block quantization curves as history and the metrics as summary.
+model/method/bits, per-block quantization curves as history (quant/time_s,
+quant/mean_rel_proxy_loss, ... against quant/block) and the metrics as summary.
+`log_report` logs a results table (wandb.Table) and its plots (wandb.Image) as one run of
+job_type "report" (analysis/report.py --wandb).
 An API key is read by wandb from its own environment/netrc; we never write it anywhere.
 """
 from __future__ import annotations
@@ -40,6 +43,9 @@ class WandbTracker(Tracker):
         self.run = wandb.init(project=project, entity=entity, mode=mode, name=name, group=group, tags=tags,
                               config=config, dir=job_dir, reinit="finish_previous",
                               settings=wandb.Settings(console="off", x_disable_stats=True))
+        # per-block curves: x axis = block index
+        self.run.define_metric("quant/block")
+        self.run.define_metric("quant/*", step_metric="quant/block")
 
     def log(self, data):
         self.run.log(data)
@@ -71,3 +77,29 @@ def make_tracker(cfg, *, name: str, group: Optional[str], tags: List[str], confi
         return WandbTracker(project=cfg.project, entity=cfg.entity, mode=cfg.mode, name=name, group=group,
                             tags=list(cfg.tags) + tags, config=config, job_dir=job_dir)
     raise choices_error("logger", cfg.name, LOGGERS)
+
+
+def log_report(table, images: Dict[str, str], *, project: str = "vq-bench", entity: Optional[str] = None,
+               mode: str = "offline", group: Optional[str] = None, run_dir: Optional[str] = None,
+               name: str = "report") -> str:
+    """One W&B run with the results table and the plots. -> the run's local folder."""
+    import wandb
+
+    if mode not in ("offline", "online"):
+        raise choices_error("W&B mode", mode, ["offline", "online"])
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=project, entity=entity, mode=mode, name=name, group=group, job_type="report",
+                     dir=run_dir, reinit="finish_previous", tags=["report"],
+                     settings=wandb.Settings(console="off", x_disable_stats=True))
+    try:
+        df = table.copy()
+        for c in df.columns:  # wandb.Table wants plain columns: objects as text, NaN as None
+            if df[c].dtype == object:
+                df[c] = df[c].map(lambda v: None if v is None else str(v))
+        data = {"results": wandb.Table(dataframe=df)}
+        for key, path in images.items():
+            data[f"pareto/{key}"] = wandb.Image(path, caption=os.path.basename(path))
+        run.log(data)
+        return run.dir
+    finally:
+        run.finish()

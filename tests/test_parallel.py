@@ -1,0 +1,144 @@
+"""Layer-parallel quantization: blocks quantized by separate submitit jobs into the checkpoint
+folder and assembled by the main job == the single-process result, bit for bit; a rerun submits only
+the missing blocks; Slurm jobs take the sweep launcher's settings."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from runners.cli import register_resolvers
+from runners.errors import UserError
+from runners.schema import register_configs
+from tests.helpers import REPO, run_cli
+
+CONF = os.path.join(REPO, "conf")
+register_configs()
+register_resolvers()
+BASE = ["model=tiny_llama", "model.tiny.num_hidden_layers=3", "method=gptq", "bits=4", "calib.nsamples=4",
+        "calib.seqlen=32", "hessian.protocol=float", "quantize.parallel=true", "device=cpu", "logger=none"]
+
+
+def _cfg(*extra):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=[*BASE, *extra])
+
+
+def _setup(cfg):
+    from runners.data import calibration_windows
+    from runners.models import load_model
+    from vptq.methods import build_method
+
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(cfg.model)
+    calib = calibration_windows(cfg.data.name, cfg.data.path, tok, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+    method = build_method(cfg.method.name, OmegaConf.to_object(cfg.method), bits=float(cfg.bits), seed=cfg.seed)
+    return model.eval(), calib, method
+
+
+def _weights(model):
+    from vptq.qlinear import QuantLinear
+
+    return {n: m.qweight.dequantize() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _assert_identical(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert len(wa) == 3 * 7 and wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    x = torch.randint(0, 250, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+
+
+def test_local_jobs_assemble_bit_identical_and_rerun_does_only_missing(tmp_path):
+    from runners.checkpoint import block_path
+    from runners.driver import quantize_model
+    from runners.parallel import quantize_parallel
+
+    cfg = _cfg("quantize.blocks_per_job=2")  # groups [0, 1] and [2]: two processes
+    model, calib, method = _setup(cfg)
+    ref = copy.deepcopy(model)
+    quantize_model(ref, method, calib=calib, device="cpu", protocol="float")
+
+    ck = str(tmp_path / "ck")
+    par = copy.deepcopy(model)
+    st = quantize_parallel(cfg, par, method, calib=calib, device="cpu", checkpoint_dir=ck)
+    assert [b["block"] for b in st.blocks] == [0, 1, 2] and all(b["resumed"] for b in st.blocks)
+    assert all(b["time_s"] > 0 for b in st.blocks)  # the jobs' own per-block times
+    logs = sorted(f for f in os.listdir(os.path.join(ck, "jobs")) if f.endswith("_0_log.out"))
+    assert len(logs) == 2  # two separate jobs (local processes)
+    _assert_identical(ref, par)
+
+    # an interrupted array: block 2's checkpoint is missing -> only block 2 is quantized again
+    mtimes = {i: os.path.getmtime(block_path(ck, i)) for i in range(3)}
+    os.remove(block_path(ck, 2))
+    import submitit
+
+    again = copy.deepcopy(model)
+    quantize_parallel(cfg, again, method, calib=calib, device="cpu", checkpoint_dir=ck,
+                      executor=submitit.DebugExecutor(folder=os.path.join(ck, "jobs")))
+    assert [os.path.getmtime(block_path(ck, i)) == mtimes[i] for i in range(3)] == [True, True, False]
+    _assert_identical(ref, again)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["hessian.protocol=quantized"], "quantize.parallel=true needs hessian.protocol=float"),
+    (["quantize.executor=sge"], "unknown quantize.executor 'sge'; valid choices: auto, debug, local, slurm"),
+    (["quantize.blocks_per_job=0"], "quantize.blocks_per_job=0 must be >= 1"),
+])
+def test_bad_parallel_config(extra, needle):
+    from runners.parallel import check_parallel
+
+    with pytest.raises(UserError, match=needle):
+        check_parallel(_cfg(*extra))
+
+
+def test_slurm_block_jobs_take_the_launcher_settings(tmp_path, monkeypatch):
+    from submitit.slurm.slurm import SlurmExecutor
+
+    from runners.parallel import make_executor, resolve_executor
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun on this machine
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                                       "hydra.launcher.account=proj1", "hydra.launcher.timeout_min=600"],
+                      return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert resolve_executor("auto", launcher) == "slurm" and resolve_executor("auto", None) == "local"
+    ex = make_executor("auto", str(tmp_path), launcher=launcher)
+    text = ex._executor._make_submission_file_text("python -m job", "uid")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --time=600",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --mem=64GB", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --job-name=vqb-blocks"):
+        assert line in text, text
+    assert ex._executor.parameters["array_parallelism"] == 32
+
+
+@pytest.mark.slow
+def test_cli_parallel_equals_serial(tmp_path):
+    """Through the CLI: quantize.parallel=true (local processes) == the serial float-protocol run."""
+    out = {}
+    for mode in ("serial", "parallel"):
+        d = tmp_path / mode
+        args = [a for a in BASE if a != "quantize.parallel=true"] + [
+            "eval.seqlen=64", "eval.max_windows=4", "quantize.keep_checkpoints=true",
+            f"quantize.parallel={mode == 'parallel'}", f"hydra.run.dir={d}", f"results_root={d}"]
+        r = run_cli(args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[mode] = (json.loads((d / "metrics.json").read_text()), json.loads((d / "layers.json").read_text()))
+    (ms, ls), (mp, lp) = out["serial"], out["parallel"]
+    assert ms["ppl"] == mp["ppl"] and ms["bits"] == mp["bits"]
+    key = lambda l: [(x["name"], x["rel_proxy_loss"], x["rel_weight_err"]) for x in l["layers"]]  # noqa: E731
+    assert key(ls) == key(lp)
+    from safetensors.torch import load_file
+
+    for i in range(3):
+        a = load_file(str(tmp_path / "serial" / "checkpoints" / ms["run_key"] / f"block{i:03d}.safetensors"))
+        b = load_file(str(tmp_path / "parallel" / "checkpoints" / mp["run_key"] / f"block{i:03d}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
