@@ -163,23 +163,41 @@ def choose_scheme(bits: Optional[float], tolerance: float, out_f: int, in_f: int
 
 def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
     """codes (...) ints in [0, 2^nbits) -> uint8 bit stream, little-endian: bit p of the i-th
-    code (row-major order) is stream bit i*nbits + p, stream bit q is bit q%8 of byte q//8."""
+    code (row-major order) is stream bit i*nbits + p, stream bit q is bit q%8 of byte q//8.
+    (For nbits = 8 or 16 the stream is simply the codes as little-endian bytes.)"""
     flat = codes.reshape(-1).to(torch.int64)
-    shifts = torch.arange(nbits, device=flat.device)
-    bits = ((flat[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)  # (N*nbits,)
+    if nbits % 8 == 0:
+        return torch.stack([(flat >> (8 * i)) & 255 for i in range(nbits // 8)], 1).reshape(-1).to(torch.uint8)
+    bits = torch.empty(flat.numel(), nbits, dtype=torch.uint8, device=flat.device)
+    for p in range(nbits):
+        bits[:, p] = (flat >> p) & 1
+    bits = bits.reshape(-1)
     pad = (-bits.numel()) % 8
     if pad:
         bits = torch.cat([bits, bits.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=flat.device)).to(torch.int64)
-    return (bits.reshape(-1, 8).to(torch.int64) * weights).sum(1).to(torch.uint8)  # (ceil(N*nbits/8),)
+    bits = bits.reshape(-1, 8)
+    out = torch.zeros(bits.shape[0], dtype=torch.uint8, device=flat.device)
+    for p in range(8):
+        out |= bits[:, p] << p
+    return out  # (ceil(N*nbits/8),)
 
 
 def unpack_codes(packed: torch.Tensor, nbits: int, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of `pack_codes`: -> int64 codes of `shape`."""
     n = math.prod(shape)
-    bits = (packed.to(torch.int64)[:, None] >> torch.arange(8, device=packed.device)) & 1  # (bytes, 8)
+    if nbits % 8 == 0:
+        b = packed[: n * (nbits // 8)].reshape(n, nbits // 8).to(torch.int64)
+        codes = b[:, 0].clone()
+        for i in range(1, nbits // 8):
+            codes |= b[:, i] << (8 * i)
+        return codes.reshape(tuple(shape))
+    bits = torch.empty(packed.numel(), 8, dtype=torch.uint8, device=packed.device)
+    for p in range(8):
+        bits[:, p] = (packed >> p) & 1
     bits = bits.reshape(-1)[: n * nbits].reshape(n, nbits)
-    codes = (bits << torch.arange(nbits, device=packed.device)).sum(1)
+    codes = torch.zeros(n, dtype=torch.int64, device=packed.device)
+    for p in range(nbits):
+        codes |= bits[:, p].to(torch.int64) << p
     return codes.reshape(tuple(shape))
 
 
@@ -311,9 +329,9 @@ def _weighted_assign(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 
 def row_losses(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """(out,) float64: r_oᵀ H r_o per row."""
-    R = (W - What).double()
-    return ((R @ H.double()) * R).sum(1)
+    """(out,) float64: r_oᵀ H r_o per row (float32 product, float64 reduction)."""
+    R = W - What
+    return ((R @ H) * R).double().sum(1)
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
@@ -363,11 +381,12 @@ def beam_search(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, s: torch.Tens
                     Cm = C[m]  # (K, g)
                     P = Cm @ Hj[:, :g]  # (K, g): C_m H_jj
                     Gd = (P * Cm).sum(1)  # (K,): c H_jj cᵀ of every codeword
+                    CG = torch.cat([Cm, Gd[:, None]], 1).T  # (g+1, K)
                     cur = hyp[:, :, j, m]  # (rows, beam)
                     # ΔL(c) = f(c) - f(cur), f(c) = v·C_c + s² C_c H_jj C_cᵀ, v = -2s((H r)_j + s C_cur H_jj)
-                    v = -2 * s3 * (Q[:, :, sl] + s3 * P[cur])  # (rows, beam, g)
-                    f = (v.reshape(-1, g) @ Cm.T).reshape(v.shape[0], v.shape[1], K) + (s3 * s3) * Gd
-                    base = loss - f.gather(2, cur[..., None]).squeeze(2)  # (rows, beam): L - f(cur)
+                    v = torch.cat([-2 * s3 * (Q[:, :, sl] + s3 * P[cur]), (s3 * s3).expand(-1, cur.shape[1], 1)], 2)
+                    f = (v.reshape(-1, g + 1) @ CG).reshape(v.shape[0], v.shape[1], K)  # (rows, beam, K)
+                    base = loss - (v * CG.T[cur]).sum(2)  # (rows, beam): L - f(cur)
                     kk = min(beam_width, f.shape[1] * K)
                     if kk == 1:
                         fmin, idx = f[:, 0].min(1, keepdim=True)  # (rows, 1)
@@ -438,11 +457,12 @@ class AQLM(Method):
         scheme: Optional[str] = None  # "MxB", e.g. "1x16", "2x8"; null = chosen by the budget per layer shape
         in_group_size: Optional[int] = None  # g input weights per code group; null = chosen by the budget
         tolerance: float = 0.1  # realized total may exceed the target by at most this
-        # CPU-sized search (AQLM's GPU runs: beam 8, hundreds of Adam steps, ~10+ iterations):
+        # CPU-sized search. Vahe1994/AQLM main.py defaults (GPU): beam_size 1, 100 Adam steps (lr 1e-4)
+        # per beam search, up to 1000 such epochs, stop below relative_mse_tolerance (README: 0.01).
         max_iterations: int = 4  # beam-search + Adam alternations
         rel_tol: float = 0.01  # stop when an iteration lowers the proxy loss by less than this fraction
         beam_width: int = 1
-        adam_steps: int = 10  # Adam steps on codebooks + scales per iteration
+        adam_steps: int = 5  # Adam steps on codebooks + scales per iteration
         lr: float = 0.003  # Adam step, relative to the parameter's scale (codebooks: RMS-normalised rows)
         kmeans_iters: int = 6  # Lloyd iterations per residual k-means stage
         finetune_steps: int = 0  # block finetuning Adam steps (0 = off: CPU default)

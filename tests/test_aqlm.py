@@ -139,6 +139,13 @@ def test_proxy_loss_below_gptq_and_rtn_at_equal_total_bits(shape, seed):
     l_gptq = proxy_loss(W, Qg, H)
     l_rtn = proxy_loss(W, rtn_reference(W, 2), H)
     assert l_aq < 0.8 * l_gptq < 0.8 * l_rtn, (l_aq, l_gptq, l_rtn)
+    from vptq.methods import METHODS, method_class
+
+    if "gptq" in METHODS:  # the project's GPTQ method, at the same budget
+        cls = method_class("gptq")
+        qg = cls(cls.Config(), bits=2.0, seed=0).quantize_layer(W, H, name="l")
+        sg = qg.storage()
+        assert sg.total_bits / sg.numel <= 2.1 and l_aq < 0.8 * proxy_loss(W, qg.dequantize(), H)
 
 
 def test_more_iterations_never_increase_the_loss():
@@ -150,7 +157,7 @@ def test_more_iterations_never_increase_the_loss():
         losses.append(proxy_loss(W, q.dequantize(), H))
         h = q.history
         assert len(h) == it + 1 and all(b <= a for a, b in zip(h, h[1:]))
-        assert h[-1] == pytest.approx(losses[-1], rel=1e-6)  # the history measures the stored weight
+        assert h[-1] == pytest.approx(losses[-1], rel=1e-4)  # the history measures the stored weight
     assert all(b <= a for a, b in zip(losses, losses[1:])), losses
     assert losses[1] < 0.9 * losses[0]  # the beam search + Adam do real work over the k-means init
 
@@ -203,7 +210,7 @@ def test_dead_columns_and_settings_table():
     q = m.quantize_layer(W, H, name="l")
     assert isinstance(q, AQLMWeight) and torch.isfinite(q.dequantize()).all()
     st = m.settings()
-    assert st["max_iterations"] == 4 and st["beam_width"] == 1 and st["adam_steps"] == 10
+    assert st["max_iterations"] == 4 and st["beam_width"] == 1 and st["adam_steps"] == 5
     assert "32x64:" in st["chosen"] and "64x64:" in st["chosen"]
 
 
