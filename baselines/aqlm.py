@@ -6,35 +6,38 @@ fp16 codebooks, fp16 per-output-channel scales), residual k-means initialisation
 alternation of Adam codebook/scale updates and beam search over codes on the layer proxy loss,
 and the optional block finetuning.
 
-The representation (paper eq. 2-3). Each row o of W (out, in) is cut into n = in/g groups of g
-consecutive input weights; group j of row o is the sum of one codeword from each of M codebooks
-C_m (2^B entries of g values), times the row's scale s_o:
+The representation (the paper's additive form, §3). Each row o of W (out, in) is cut into
+n = in/g groups of g consecutive input weights; group j of row o is the sum of one codeword
+from each of M codebooks C_m (2^B entries of g values), times the row's scale s_o:
 
     Ŵ[o, j*g:(j+1)*g] = s_o · Σ_m C_m[b_{o,j,m}]              b: (out, n, M) in [0, 2^B)
 
 Scheme "MxB" (paper naming: "1x16", "2x8"): index bits/weight = M·B/g. Storage per layer:
 out·n·M·B bits of codes + M·2^B·g·16 bits of codebooks + out·16 bits of scales, all counted.
 
-The objective (paper eq. 4) is the layer proxy loss  L = tr((W - Ŵ) H (W - Ŵ)ᵀ),  H = E[x xᵀ]
-(never the raw activations). Algorithm (paper Alg. 1, CPU-sized by default):
+The objective (the paper's layer output error on the calibration inputs, through the Hessian)
+    L = tr((W - Ŵ) H (W - Ŵ)ᵀ),   H = E[x xᵀ]   (never the raw activations).
+Algorithm (the paper's alternating phases, §3; CPU-sized by default):
   1. scales s_o = RMS of row o; residual k-means on the normalised groups: stage m clusters the
      residual left by stages < m (Lloyd iterations weighted by s_o²·diag(H) per coordinate, so
      each coordinate counts as it does in L when H is diagonal); then the per-row scale that
      minimises L for these codes in closed form.
   2. repeat up to `max_iterations` times, or until an iteration improves L by less than
      `rel_tol` (relative):
-       (b) beam search over codes (paper §3.2, eq. 5-6): for every group j in turn, for every
+       (b) Phase 1, beam search over codes: for every group j in turn, for every
            codebook m in turn, each hypothesis of each row is extended by all 2^B codewords;
            the change of L is exact,  ΔL = -2 δᵀ(H r)_j + δᵀ H_jj δ  (r = row residual,
            δ = s·(C_m[c] - C_m[b])), and the `beam_width` best hypotheses per row survive.
            Rows are independent (L is a sum over rows), groups within a row are not (H couples
            them): that is why the search runs over groups in sequence, as AQLM's does.
-       (a) `adam_steps` Adam steps on codebooks and scales with the codes fixed (paper §3.3),
+           H r is kept per hypothesis and updated lazily: inside a block of LAZY_COLUMNS
+           columns at every step, beyond it once per block (GPTQ's trick, same result).
+       (a) Phase 2, `adam_steps` Adam steps on codebooks and scales with the codes fixed,
            on analytic gradients of L (dL/dŴ = -2 (W - Ŵ) H, chained through the gather).
      Codebooks and scales are rounded to fp16 after every update, so the codes are searched
      and the loss is measured against exactly what is stored; the best state seen is kept,
      so more iterations never give a higher stored loss.
-  3. optional block finetuning (paper §3.4): codebooks, scales and the block's norm weights
+  3. optional Phase 3, block finetuning: codebooks, scales and the block's norm weights
      tuned by Adam on the block-output MSE against the float block (`finetune_block`).
 
 Why not the column-wise error-feedback loop of `vptq.solver`: it fixes columns left to right
@@ -46,8 +49,11 @@ therefore optimises L directly, with beam search over codes (which already accou
 cross-group coupling through H r) alternating with codebook updates.
 
 Determinism: every random choice (k-means seeding) comes from a CPU generator seeded by
-`layer_seed(name)`; segment sums use a sort and a float64 cumulative sum, not atomics, so a
-layer's result is a function of (W, H, config, seed) on a given device.
+`layer_seed(name)`; segment sums (k-means and codebook gradients) use `index_add_` on the CPU
+and a sort + float64 cumulative sum elsewhere, never atomics, so a layer's result is a function
+of (W, H, config, seed) on a given device (checked on an H200: two runs bitwise equal, and the
+loss history equal to the CPU's to ~1e-8). On the CPU a layer runs on one thread (see
+`_single_thread`).
 """
 from __future__ import annotations
 
@@ -155,7 +161,8 @@ def choose_scheme(bits: Optional[float], tolerance: float, out_f: int, in_f: int
         low = min((c for c in combos), key=lambda c: aqlm_total_bits(*c, out_f, in_f))
         need = aqlm_total_bits(*low, out_f, in_f)
         raise BudgetError(f"bits={bits:g} is impossible for method=aqlm on a {out_f}x{in_f} layer: the cheapest "
-                          f"scheme ({scheme_name(*low)}) needs {need:.3f} bits/weight; valid: bits >= {need - tolerance:.3f}")
+                          f"scheme ({scheme_name(*low)}) needs {need:.3f} bits/weight; "
+                          f"valid: bits >= {need - tolerance:.3f}")
     return min(fits, key=lambda c: _rank_key(*c))
 
 
@@ -351,7 +358,8 @@ def optimal_scales(W: torch.Tensor, H: torch.Tensor, U: torch.Tensor) -> torch.T
 def beam_search(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, s: torch.Tensor, codes: torch.Tensor,
                 beam_width: int) -> torch.Tensor:
     """New codes (out, n, M) that lower Σ_o r_oᵀ H r_o, searching groups j = 0..n-1 and, within a
-    group, codebooks m = 0..M-1 in turn with `beam_width` hypotheses per row (AQLM §3.2).
+    group, codebooks m = 0..M-1 in turn with `beam_width` hypotheses per row (AQLM Phase 1; the
+    order follows Vahe1994/AQLM beam_search_xtx: groups outside, codebooks inside).
 
     W: (out, in); H: (in, in); C: (M, K, g) float32 holding the stored values; s: (out,);
     codes: (out, n, M) int64, the starting point (always one of the hypotheses' ancestors, so
@@ -587,7 +595,7 @@ class AQLM(Method):
 
     # -- per block
     def finetune_block(self, block: torch.nn.Module, ctx: BlockContext) -> Dict[str, float]:
-        """Adam on the block-output MSE vs the float block (paper §3.4): codebooks, scales and the
+        """Adam on the block-output MSE vs the float block (AQLM Phase 3): codebooks, scales and the
         block's norm weights are tuned, codes stay fixed. The tuned state is kept only if it
         lowers the MSE on the calibration windows."""
         c = self.config
