@@ -125,7 +125,7 @@ else:
 
     # small blocks: several row blocks, several column steps per program, split columns (atomics)
     SMALL_DEQUANT = {"BLOCK_R": 2, "BLOCK_C": 16, "num_warps": 1}
-    SMALL_SPLIT = {"BLOCK_R": 2, "BLOCK_C": 16, "SPLIT": 2, "num_warps": 1, "num_stages": 1, "DOT": False}
+    SMALL_SPLIT = {"BLOCK_R": 4, "BLOCK_C": 16, "SPLIT": 2, "num_warps": 1, "num_stages": 1, "DOT": False}
     SMALL_DIRECT = {**SMALL_SPLIT, "SPLIT": 1}
     SMALL_DOT = {**SMALL_SPLIT, "DOT": True}  # tl.dot inner product (2+ tokens)
     from vptq.kernels.layout import from_vqweight
@@ -157,8 +157,11 @@ else:
         x = torch.randn(tokens, q.in_features, generator=g).to(DEVICE, dtype)
         bias = torch.randn(q.out_features, generator=g).to(DEVICE, dtype)
         y64 = x.double() @ q.dequantize(torch.float32).double().T + bias.double()  # exact weight
-        cfgs = (None, SMALL_SPLIT, SMALL_DIRECT) + ((SMALL_DOT,) if tokens > 1 else ())
-        for cfg in cfgs:  # default; split columns + atomics; direct store; tl.dot
+        # default (interpreter: split columns + atomics), small blocks with a direct store; in
+        # float16 also small blocks with split columns, and tl.dot for a few tokens
+        cfgs = [None, SMALL_DIRECT] + ([SMALL_SPLIT] if dtype == torch.float16 else [])
+        cfgs += [SMALL_DOT] if dtype == torch.float16 and 1 < tokens <= 4 else []
+        for cfg in cfgs:
             y = gemv(kw, x, bias, cfg)
             assert y.dtype == dtype and y.shape == (tokens, q.out_features)
             assert torch.isfinite(y).all()

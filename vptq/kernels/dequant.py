@@ -6,9 +6,10 @@ per-column norm W * scale + bias), reading the official packed layout (see `layo
 Used for prefill: dequantize, then `F.linear` (cuBLAS). Exact vs `VQWeight.dequantize`:
 same fp32 operations in the same order, fp contraction off.
 
-`_words` / `_decode` are shared with the fused GEMV (`gemv.py`): they load the int32 words of an
-(R vector rows x C columns) tile of merged indices, then cut the indices out of the bit stream
-and gather their codewords (the GEMV loads the next tile's words before decoding this one).
+`_codewords` is shared with the one-token GEMV (`gemv.py`): it decodes a (C columns x R vector
+rows) tile of merged indices from the bit stream and gathers their codewords. (A variant with
+an (R, C) tile and L1 eviction hints, `gemv._words/_decode`, measured 1.6x slower here on an
+H200, see docs/benchmarks.md; this one is kept.)
 """
 from __future__ import annotations
 
@@ -26,55 +27,43 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels a
 
 
 @triton.jit
-def _group_col(cols, GS, G_LAST, ONE_GROUP: tl.constexpr):
-    """cols (C,) segment columns -> (group (C,), column inside the group (C,))."""
+def _codewords(packed_ptr, cb_ptr, rcb_ptr, rows, cols, mask,
+               N_ROWS, GS, W_WORDS, K, KR, G_LAST,
+               VP: tl.constexpr, TB: tl.constexpr, IB: tl.constexpr, RB: tl.constexpr,
+               ONE_GROUP: tl.constexpr):
+    """rows (R,) vector rows, cols (C,) segment columns, mask (C, R) -> codewords (C, R, VP) fp32.
+
+    Masked-off entries decode as index 0 (a valid address); callers mask their effect.
+    """
+    # 1. group of each column and the column inside its group
     if ONE_GROUP:
-        return cols * 0, cols
-    g = tl.minimum(cols // GS, G_LAST)
-    return g, cols - g * GS
-
-
-@triton.jit
-def _words(packed_ptr, rows, cols, mask, N_ROWS, GS, W_WORDS, G_LAST,
-           TB: tl.constexpr, ONE_GROUP: tl.constexpr):
-    """rows (R,) vector rows, cols (C,) segment columns, mask (R, C) -> (w0, w1) uint32 (R, C):
-    the int32 word holding each merged index's first bit, and the next word (0 if not needed)."""
-    g, cg = _group_col(cols, GS, G_LAST, ONE_GROUP)
-    word = (cg * TB) >> 5  # (C,)
-    row = g[None, :] * N_ROWS + rows[:, None]  # (R, C) stream row (g, r)
-    wp = packed_ptr + row * W_WORDS + word[None, :]  # (R, C)
-    # the stream is read once: evict it first, keep the codebooks cached
-    w0 = tl.load(wp, mask=mask, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
-    if (32 % TB) != 0:  # an index may straddle two words: its high bits are in the next one
-        w1 = tl.load(wp + 1, mask=mask & ((word + 1) < W_WORDS)[None, :], other=0,
-                     eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+        g = cols * 0  # (C,)
+        cg = cols
     else:
-        w1 = w0
-    return w0, w1
-
-
-@triton.jit
-def _decode(cb_ptr, rcb_ptr, w0, w1, cols, GS, K, KR, G_LAST,
-            VP: tl.constexpr, TB: tl.constexpr, IB: tl.constexpr, RB: tl.constexpr, ONE_GROUP: tl.constexpr):
-    """(w0, w1) (R, C) from `_words` -> codewords (R, C, VP) fp32 (+ the residual codeword).
-
-    Masked-off entries (w0 = w1 = 0) decode as index 0, a valid address; callers mask their effect."""
-    g, cg = _group_col(cols, GS, G_LAST, ONE_GROUP)
-    sh = ((cg * TB) & 31).to(tl.uint32)[None, :]  # (1, C) first bit inside w0
-    if (32 % TB) != 0:
-        m = (w0 >> sh) | ((w1 << 1) << (31 - sh))  # (R, C); <<1<<(31-s) avoids a shift by 32
+        g = tl.minimum(cols // GS, G_LAST)
+        cg = cols - g * GS
+    # 2. where each merged index sits in its row's bit stream
+    bit = cg * TB  # (C,)
+    word = bit >> 5  # (C,)
+    sh = (bit & 31).to(tl.uint32)  # (C,)
+    row = g[:, None] * N_ROWS + rows[None, :]  # (C, R) stream row (g, r)
+    wp = packed_ptr + row * W_WORDS + word[:, None]  # (C, R)
+    w0 = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True)  # (C, R)
+    if (32 % TB) != 0:  # an index may straddle two words: take the high part from the next
+        nxt = mask & ((word + 1) < W_WORDS)[:, None]
+        w1 = tl.load(wp + 1, mask=nxt, other=0).to(tl.uint32, bitcast=True)
+        m = (w0 >> sh[:, None]) | ((w1 << 1) << (31 - sh)[:, None])  # (C, R); <<1<<(31-s): no shift by 32
     else:
-        m = w0 >> sh
-    idx = (m & ((1 << IB) - 1)).to(tl.int32)  # (R, C) main index
+        m = w0 >> sh[:, None]
+    # 3. split the merged index, gather the codewords (one VP-wide vector load each)
+    idx = (m & ((1 << IB) - 1)).to(tl.int32)  # (C, R)
     lanes = tl.arange(0, VP)  # (VP,)
-    crow = g[None, :] * K + idx  # (R, C) codebook row; one VP-wide vector load per codeword
-    cw = tl.load(cb_ptr + crow[:, :, None] * VP + lanes[None, None, :],
-                 eviction_policy="evict_last").to(tl.float32)  # (R, C, VP)
+    crow = g[:, None] * K + idx  # (C, R) codebook row
+    cw = tl.load(cb_ptr + crow[:, :, None] * VP + lanes[None, None, :]).to(tl.float32)  # (C, R, VP)
     if RB > 0:
-        ridx = ((m >> IB) & ((1 << RB) - 1)).to(tl.int32)  # (R, C) residual index
-        rrow = g[None, :] * KR + ridx
-        cw = cw + tl.load(rcb_ptr + rrow[:, :, None] * VP + lanes[None, None, :],
-                          eviction_policy="evict_last").to(tl.float32)
+        ridx = ((m >> IB) & ((1 << RB) - 1)).to(tl.int32)  # (C, R)
+        rrow = g[:, None] * KR + ridx
+        cw = cw + tl.load(rcb_ptr + rrow[:, :, None] * VP + lanes[None, None, :]).to(tl.float32)
     return cw
 
 
@@ -103,10 +92,10 @@ def _vq_dequant_kernel(w_ptr, packed_ptr, cb_ptr, rcb_ptr, perm_ptr, scale_ptr, 
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (C,)
     cmask = cols < NCOLS
-    mask = (rows < N_ROWS)[:, None] & cmask[None, :]  # (R, C)
+    mask = cmask[:, None] & (rows < N_ROWS)[None, :]  # (C, R)
     # 2. decode + gather (+ residual)
-    w0, w1 = _words(packed_ptr, rows, cols, mask, N_ROWS, GS, W_WORDS, G_LAST, TB, ONE_GROUP)
-    cw = _decode(cb_ptr, rcb_ptr, w0, w1, cols, GS, K, KR, G_LAST, VP, TB, IB, RB, ONE_GROUP)  # (R, C, VP)
+    cw = _codewords(packed_ptr, cb_ptr, rcb_ptr, rows, cols, mask, N_ROWS, GS, W_WORDS, K, KR, G_LAST,
+                    VP, TB, IB, RB, ONE_GROUP)  # (C, R, VP) fp32
     # 3. stored column -> original column, then the per-column norm
     scol = COL0 + cols  # (C,)
     if HAS_PERM:
@@ -116,12 +105,12 @@ def _vq_dequant_kernel(w_ptr, packed_ptr, cb_ptr, rcb_ptr, perm_ptr, scale_ptr, 
     if HAS_NORM:
         s = tl.load(scale_ptr + ocol, mask=cmask, other=0.0)  # (C,) fp32
         b = tl.load(wbias_ptr + ocol, mask=cmask, other=0.0)
-        cw = cw * s[None, :, None] + b[None, :, None]
+        cw = cw * s[:, None, None] + b[:, None, None]
     # 4. scatter into W[o, ocol], o = r * V + lane (padding lanes and rows masked)
     lanes = tl.arange(0, VP)
-    o = rows[:, None, None] * V + lanes[None, None, :]  # (R, 1, VP)
-    ok = mask[:, :, None] & (lanes < V)[None, None, :] & (o < OUT)  # (R, C, VP)
-    ptrs = w_ptr + o.to(tl.int64) * IN + ocol[None, :, None]
+    o = rows[None, :, None] * V + lanes[None, None, :]  # (1, R, VP)
+    ok = mask[:, :, None] & (lanes < V)[None, None, :] & (o < OUT)  # (C, R, VP)
+    ptrs = w_ptr + o.to(tl.int64) * IN + ocol[:, None, None]
     _store(ptrs, cw, ok, BF16_BITS)
 
 

@@ -46,17 +46,20 @@ def gemv_candidates(kw: KernelWeight, tokens: int, sm_count: int) -> List[dict]:
 
     (BLOCK_R, BLOCK_C, num_warps, DOT) tiles; each also with a column split when its row blocks
     alone would leave the GPU under-filled (< 4 programs per multiprocessor)."""
-    elementwise = [(16, 32, 4), (8, 64, 4), (16, 64, 8), (32, 32, 8), (4, 64, 4), (8, 32, 4)]
+    one = [(1, 128, 4), (2, 64, 4), (4, 64, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 8)]
+    elementwise = [(16, 32, 4), (8, 64, 4), (16, 64, 8), (32, 32, 8)]
     dot = [(4, 32, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8)]
     if tokens == 1:
-        tiles = [(r, c, w, False) for r, c, w in elementwise]
+        tiles = [(r, c, w, False) for r, c, w in one if r * c * kw.main.vp <= 16384]
     elif tokens <= G.MAX_ELEMENTWISE_TOKENS:
-        tiles = [(r, c, w, False) for r, c, w in elementwise[:4]] + [(r, c, w, True) for r, c, w in dot[1:4]]
+        tiles = [(r, c, w, False) for r, c, w in elementwise] + [(r, c, w, True) for r, c, w in dot[1:4]]
     else:
         tiles = [(r, c, w, True) for r, c, w in dot]
     out, seen = [], set()
     for R, C, w, d in tiles:
-        base = {"BLOCK_R": R, "BLOCK_C": C, "num_warps": w, "num_stages": 2, "DOT": d}
+        base = {"BLOCK_R": R, "BLOCK_C": C, "num_warps": w, "num_stages": 2}
+        if tokens > 1:
+            base["DOT"] = d
         Rt, Ct = G.tile({**base, "SPLIT": 1}, tokens, kw.main.vp)[:2]
         blocks = triton.cdiv(kw.main.rows, Rt)
         splits = {1}
@@ -86,12 +89,12 @@ def tune_gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = 
               candidates: Optional[List[dict]] = None, warmup_ms: int = 5, rep_ms: int = 20) -> dict:
     """The fastest candidate for this call shape (cached). Fixed configs under the interpreter."""
     if INTERPRET or x.device.type != "cuda":
-        return G.INTERPRET_CONFIG if INTERPRET else G.DEFAULT_CONFIG
+        return G.default_config(x.shape[0])
     key = _key(kw, x, bias is not None)
     if key in TUNE_CACHE:
         return TUNE_CACHE[key]
     if not TUNE and candidates is None:
-        TUNE_CACHE[key] = dict(G.DEFAULT_CONFIG)
+        TUNE_CACHE[key] = dict(G.default_config(x.shape[0]))
         return TUNE_CACHE[key]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     cands = candidates or gemv_candidates(kw, x.shape[0], sms)

@@ -4,21 +4,25 @@
 
 computed straight from the packed index stream (`layout.py`): each program owns BLOCK_R vector
 rows (BLOCK_R * v outputs) and a span of stored columns; per BLOCK_C columns it decodes the
-(C, R) merged indices, gathers the codewords (codebooks stay on chip, in L1/L2), and
-accumulates in fp32; the dense weight is never written. Any v (padded to VP = next_pow2(v)
-with masks), any codebook size up to 32 merged index bits, residual codebooks, groups, and
-outlier columns (a second launch over their own stream).
+merged indices, gathers the codewords (the codebooks stay on chip: L1/L2-resident; Triton has
+no explicit shared-memory gather) and accumulates in fp32; the dense weight is never written.
+Any v (padded to VP = next_pow2(v) with masks), any codebook size up to 32 merged index bits,
+residual codebooks, groups, and outlier columns (a second launch over their own stream).
 
 The permutation and the norm act on x instead of W (VPTQ stores W = W'[:, perm] * s + b):
     xp[b, j] = x[b, perm[j]] * s[perm[j]]      (x permuted and scaled, fp32)
     c[b]     = sum_i x[b, i] * bias_norm[i]     (the norm's bias is one dot per token)
 
-Products accumulate elementwise in fp32, one per (token, row, column, lane) of the tile, and
-the column sum is taken once at the end (no reduction inside the loop); the words of the next
-column step are loaded before the current codewords are gathered (DRAM latency overlaps the
-math). Optionally (DOT, 2-16 tokens) tl.dot on fp32 operands: tf32 tensor cores for fp16/bf16
-activations (float16 codewords and fp16/bf16 activations are exact in tf32; a residual sum or a
-scaled x rounds to tf32), full fp32 ("ieee") for fp32 activations. SPLIT > 1 splits the columns over programs that add into an fp32 output (atomics).
+Two kernels, each the faster one where it runs (measured on an H200, docs/benchmarks.md):
+  * `_vq_gemv1_kernel`, one token: a (C, R, VP) tile of fp32 products per step (one per column,
+    row, lane), summed over the columns once at the end: no reduction inside the loop.
+  * `_vq_gemvn_kernel`, 2-16 tokens: an (R, C, VP) tile whose index words for the next step are
+    loaded before this step's codewords are gathered; 2-4 tokens keep one register accumulator
+    each (the decoded codewords are reused by every token), more tokens (or DOT) use tl.dot on
+    fp32 operands: tf32 tensor cores for fp16/bf16 activations (float16 codewords and fp16/bf16
+    activations are exact in tf32; a residual sum or a scaled x rounds to tf32), full fp32
+    ("ieee") for fp32 activations.
+SPLIT > 1 splits the columns over programs that add into an fp32 output (atomics), then a cast.
 """
 from __future__ import annotations
 
@@ -29,12 +33,107 @@ import torch
 import triton
 import triton.language as tl
 
-from vptq.kernels.dequant import INTERPRET, _decode, _store, _words, dequantize_reference
+from vptq.kernels.dequant import INTERPRET, _codewords, _store, dequantize_reference
 from vptq.kernels.layout import KernelWeight, Segment, next_pow2
 
 MAX_TOKENS = 16  # the dispatch sends more tokens to dequantize + matmul
 
 
+@triton.jit
+def _group_col(cols, GS, G_LAST, ONE_GROUP: tl.constexpr):
+    """cols (C,) segment columns -> (group (C,), column inside the group (C,))."""
+    if ONE_GROUP:
+        return cols * 0, cols
+    g = tl.minimum(cols // GS, G_LAST)
+    return g, cols - g * GS
+
+
+@triton.jit
+def _words(packed_ptr, rows, cols, mask, N_ROWS, GS, W_WORDS, G_LAST,
+           TB: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """rows (R,) vector rows, cols (C,) segment columns, mask (R, C) -> (w0, w1) uint32 (R, C):
+    the int32 word holding each merged index's first bit, and the next word (0 if not needed)."""
+    g, cg = _group_col(cols, GS, G_LAST, ONE_GROUP)
+    word = (cg * TB) >> 5  # (C,)
+    row = g[None, :] * N_ROWS + rows[:, None]  # (R, C) stream row (g, r)
+    wp = packed_ptr + row * W_WORDS + word[None, :]  # (R, C)
+    # the stream is read once: evict it first, keep the codebooks cached
+    w0 = tl.load(wp, mask=mask, other=0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+    if (32 % TB) != 0:  # an index may straddle two words: its high bits are in the next one
+        w1 = tl.load(wp + 1, mask=mask & ((word + 1) < W_WORDS)[None, :], other=0,
+                     eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+    else:
+        w1 = w0
+    return w0, w1
+
+
+@triton.jit
+def _decode(cb_ptr, rcb_ptr, w0, w1, cols, GS, K, KR, G_LAST,
+            VP: tl.constexpr, TB: tl.constexpr, IB: tl.constexpr, RB: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """(w0, w1) (R, C) from `_words` -> codewords (R, C, VP) fp32 (+ the residual codeword).
+
+    Masked-off entries (w0 = w1 = 0) decode as index 0, a valid address; callers mask their effect."""
+    g, cg = _group_col(cols, GS, G_LAST, ONE_GROUP)
+    sh = ((cg * TB) & 31).to(tl.uint32)[None, :]  # (1, C) first bit inside w0
+    if (32 % TB) != 0:
+        m = (w0 >> sh) | ((w1 << 1) << (31 - sh))  # (R, C); <<1<<(31-s) avoids a shift by 32
+    else:
+        m = w0 >> sh
+    idx = (m & ((1 << IB) - 1)).to(tl.int32)  # (R, C) main index
+    lanes = tl.arange(0, VP)  # (VP,)
+    crow = g[None, :] * K + idx  # (R, C) codebook row; one VP-wide vector load per codeword
+    cw = tl.load(cb_ptr + crow[:, :, None] * VP + lanes[None, None, :],
+                 eviction_policy="evict_last").to(tl.float32)  # (R, C, VP)
+    if RB > 0:
+        ridx = ((m >> IB) & ((1 << RB) - 1)).to(tl.int32)  # (R, C) residual index
+        rrow = g[None, :] * KR + ridx
+        cw = cw + tl.load(rcb_ptr + rrow[:, :, None] * VP + lanes[None, None, :],
+                          eviction_policy="evict_last").to(tl.float32)
+    return cw
+
+
+# ---------------------------------------------------------------------------------- one token
+@triton.jit(do_not_specialize=["OUT", "N_ROWS", "GS", "NCOLS", "W_WORDS", "K", "KR", "G_LAST", "X_COL0", "SPAN"])
+def _vq_gemv1_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
+                     OUT, N_ROWS, GS, NCOLS, W_WORDS, K, KR, G_LAST, X_COL0, SPAN,
+                     V: tl.constexpr, VP: tl.constexpr, TB: tl.constexpr, IB: tl.constexpr, RB: tl.constexpr,
+                     ONE_GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr, BF16_BITS: tl.constexpr):
+    """One token. grid (cdiv(N_ROWS, BLOCK_R), SPLIT): rows block x column span [pid_s*SPAN, +SPAN)."""
+    # 1. this program's vector rows and column span
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
+    rmask = rows < N_ROWS
+    c_lo = pid_s * SPAN
+    c_hi = tl.minimum(c_lo + SPAN, NCOLS)
+    offs_c = tl.arange(0, BLOCK_C)  # (C,)
+    acc = tl.zeros((BLOCK_C, BLOCK_R, VP), dtype=tl.float32)  # one product per column, row, lane
+    # 2. stream the packed indices, BLOCK_C columns at a time
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cols = c0 + offs_c  # (C,)
+        cmask = cols < c_hi
+        mask = cmask[:, None] & rmask[None, :]  # (C, R)
+        cw = _codewords(packed_ptr, cb_ptr, rcb_ptr, rows, cols, mask, N_ROWS, GS, W_WORDS, K, KR, G_LAST,
+                        VP, TB, IB, RB, ONE_GROUP)  # (C, R, VP) fp32
+        xv = tl.load(x_ptr + X_COL0 + cols, mask=cmask, other=0.0).to(tl.float32)  # (C,); 0 off-span
+        acc += cw * xv[:, None, None]  # (C, R, VP)
+    # 3. epilogue: outputs o = r * V + lane; bias and the norm's per-token constant once (span 0)
+    res = tl.sum(acc, axis=0)  # (R, VP): the column sum, once
+    lane = tl.arange(0, VP)
+    o = rows[:, None] * V + lane[None, :]  # (R, VP)
+    ok = (lane[None, :] < V) & (o < OUT)
+    if HAS_BIAS:
+        res += tl.load(bias_ptr + o, mask=ok & (o * 0 + pid_s == 0), other=0.0).to(tl.float32)
+    if HAS_C:
+        res += tl.where(pid_s == 0, tl.load(c_ptr), 0.0)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + o, res, mask=ok, sem="relaxed")
+    else:
+        _store(y_ptr + o, res, ok, BF16_BITS)
+
+
+# ---------------------------------------------------------------------------------- 2-16 tokens
 @triton.jit
 def _token_out(acc, y_ptr, bias_ptr, c_ptr, t, rows, pid_s, OUT, stride_y,
                V: tl.constexpr, VP: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -58,13 +157,13 @@ def _token_out(acc, y_ptr, bias_ptr, c_ptr, t, rows, pid_s, OUT, stride_y,
 # shape integers are not specialized: one binary per block configuration serves every layer shape
 @triton.jit(do_not_specialize=["B", "OUT", "N_ROWS", "GS", "NCOLS", "W_WORDS", "K", "KR", "G_LAST", "X_COL0", "SPAN",
                                "stride_x", "stride_y"])
-def _vq_gemv_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
+def _vq_gemvn_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
                     B, OUT, N_ROWS, GS, NCOLS, W_WORDS, K, KR, G_LAST, X_COL0, SPAN, stride_x, stride_y,
                     V: tl.constexpr, VP: tl.constexpr, TB: tl.constexpr, IB: tl.constexpr, RB: tl.constexpr,
                     ONE_GROUP: tl.constexpr, BP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                     USE_DOT: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr,
                     BF16_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """grid (cdiv(N_ROWS, BLOCK_R), SPLIT): rows block x column span [pid_s*SPAN, +SPAN).
+    """2-16 tokens. grid (cdiv(N_ROWS, BLOCK_R), SPLIT): rows block x column span [pid_s*SPAN, +SPAN).
 
     Elementwise path (USE_DOT=False): BP = B = 1..4 tokens, one (R, C, VP) fp32 accumulator each.
     Dot path: BP = next_pow2(B) >= 16 padded tokens, a (R*VP, BP) accumulator."""
@@ -139,19 +238,28 @@ def _vq_gemv_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
 
 
 # ---------------------------------------------------------------------------------- launch
-DEFAULT_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "SPLIT": 1, "num_warps": 4, "num_stages": 2, "DOT": False}
+DEFAULT_CONFIG = {"BLOCK_R": 4, "BLOCK_C": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 2}  # one token
+DEFAULT_CONFIG_N = {"BLOCK_R": 8, "BLOCK_C": 32, "SPLIT": 1, "num_warps": 4, "num_stages": 2, "DOT": False}
 # interpreter: few, large programs (its cost is per program instance and per op, not per element)
 INTERPRET_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "SPLIT": 2, "num_warps": 1, "num_stages": 1, "DOT": False}
-MAX_TILE = 8192  # fp32 products held per program (elementwise path: tokens * R * C * VP), per 4 warps
+MAX_TILE = 8192  # fp32 products held per program (2-4 tokens: tokens * R * C * VP), per 4 warps
 MAX_ELEMENTWISE_TOKENS = 4  # one register accumulator per token; more tokens take the tl.dot path
+
+
+def default_config(tokens: int) -> dict:
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    return DEFAULT_CONFIG if tokens == 1 else DEFAULT_CONFIG_N
 
 
 def tile(cfg: dict, tokens: int, vp: int) -> tuple:
     """(BLOCK_R, BLOCK_C, BP, use_dot) actually launched for this config, token count and VP.
 
-    Elementwise (1-4 tokens): BP = tokens accumulators of R * C * VP fp32 products; C, then R,
-    shrink to fit MAX_TILE. tl.dot (DOT, or more than 4 tokens): every dimension >= 16."""
+    One token: as configured. 2-4 tokens: BP = tokens accumulators of R * C * VP fp32 products;
+    C, then R, shrink to fit MAX_TILE. tl.dot (DOT, or more than 4 tokens): every dim >= 16."""
     R, C = cfg["BLOCK_R"], cfg["BLOCK_C"]
+    if tokens == 1:
+        return R, C, 1, False
     use_dot = tokens > MAX_ELEMENTWISE_TOKENS or (bool(cfg.get("DOT")) and tokens > 1)
     if use_dot:
         return max(R, triton.cdiv(16, vp)), max(C, 16), max(16, next_pow2(tokens)), True
@@ -192,7 +300,18 @@ def _launch_segment(y, xp, kw: KernelWeight, seg: Segment, cfg: dict, atomic: bo
     has_bias = epilogue and bias is not None
     has_c = epilogue and c is not None
     bf16 = y.dtype == torch.bfloat16
-    _vq_gemv_kernel[grid](
+    rcb = seg.res_codebook if seg.res_codebook is not None else seg.codebook
+    if B == 1:
+        _vq_gemv1_kernel[grid](
+            xp, y.view(torch.int16) if bf16 else y, seg.packed, seg.codebook, rcb,
+            bias if has_bias else dummy, c if has_c else dummy,
+            kw.out_features, seg.rows, seg.group_size, seg.ncols, seg.words, seg.k, max(seg.k_res, 1),
+            seg.groups - 1, seg.col0, span,
+            V=seg.v, VP=seg.vp, TB=seg.total_bits, IB=seg.index_bits, RB=seg.res_bits, ONE_GROUP=seg.groups == 1,
+            BLOCK_R=R, BLOCK_C=C, ATOMIC=atomic, HAS_BIAS=has_bias, HAS_C=has_c, BF16_BITS=bf16,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return
+    _vq_gemvn_kernel[grid](
         xp, y.view(torch.int16) if bf16 else y, seg.packed, seg.codebook, seg.res_codebook if seg.res_codebook is not None else seg.codebook,
         bias if has_bias else dummy, c if has_c else dummy,
         B, kw.out_features, seg.rows, seg.group_size, seg.ncols, seg.words, seg.k, max(seg.k_res, 1),
@@ -215,7 +334,7 @@ def gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
         raise ValueError(f"x shape {tuple(x.shape)}: expected (tokens, {kw.in_features})")
     if not 1 <= x.shape[0] <= MAX_TOKENS:
         raise ValueError(f"gemv takes 1..{MAX_TOKENS} tokens, got {x.shape[0]}")
-    cfg = config or (INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG)
+    cfg = config or default_config(x.shape[0])
     x = x.contiguous()
     xp, c = prepare_x(kw, x)
     B = x.shape[0]
