@@ -147,6 +147,9 @@ def test_harness_triton_ppl_equals_torch_vptq(tmp_path):
                      f"results_root={root}", f"hydra.run.dir={root}/run"], timeout=600,
                     env={"TRITON_INTERPRET": "1"} if kernel == "triton" and not ON_GPU else None)
         assert r.returncode == 0, r.stderr[-3000:]
+        if kernel == "triton":  # the kernels ran (no silent fallback to the torch path)
+            log = r.stdout + r.stderr
+            assert "kernel=triton: first dequant_matmul call" in log and "torch path" not in log, log[-3000:]
         (m,) = metrics_under(str(root))
         ppl[kernel] = m["ppl"]["pydoc"]
     assert abs(ppl["triton"] - ppl["torch"]) <= 1e-4 * ppl["torch"], ppl

@@ -195,6 +195,8 @@ def triton_linear(qlinear, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     route = choose(x2.shape[0])
     y = route.run(kw, x2.contiguous(), qlinear.bias)
+    if not STATS[route.name]:
+        log.info("kernel=triton: first %s call (%d tokens, %s)", route.name, x2.shape[0], x.device.type)
     STATS[route.name] += 1
     return y.reshape(*x.shape[:-1], kw.out_features)
 
