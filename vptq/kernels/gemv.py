@@ -39,6 +39,9 @@ from vptq.kernels.layout import KernelWeight, Segment, next_pow2
 MAX_TOKENS = 16  # the dispatch sends more tokens to dequantize + matmul
 
 
+# --------------------------------------------- helpers of the 2-16-token kernel: an (R, C) tile,
+# loaded and decoded in two steps so the next step's words can be in flight (measured with these
+# eviction hints; the one-token kernel uses dequant._codewords, without them)
 @triton.jit
 def _group_col(cols, GS, G_LAST, ONE_GROUP: tl.constexpr):
     """cols (C,) segment columns -> (group (C,), column inside the group (C,))."""
@@ -52,7 +55,8 @@ def _group_col(cols, GS, G_LAST, ONE_GROUP: tl.constexpr):
 def _words(packed_ptr, rows, cols, mask, N_ROWS, GS, W_WORDS, G_LAST,
            TB: tl.constexpr, ONE_GROUP: tl.constexpr):
     """rows (R,) vector rows, cols (C,) segment columns, mask (R, C) -> (w0, w1) uint32 (R, C):
-    the int32 word holding each merged index's first bit, and the next word (0 if not needed)."""
+    the int32 word holding each merged index's first bit, and the next one (w0 again when no
+    index can straddle two words)."""
     g, cg = _group_col(cols, GS, G_LAST, ONE_GROUP)
     word = (cg * TB) >> 5  # (C,)
     row = g[None, :] * N_ROWS + rows[:, None]  # (R, C) stream row (g, r)
