@@ -19,6 +19,16 @@ def group_choices(group: str) -> List[str]:
     return sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml"))
 
 
+def launcher_choices() -> List[str]:
+    """hydra/launcher=...: ours (conf/hydra/launcher) + every launcher Hydra's plugins register."""
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # plugin discovery registers the plugins' launcher configs
+    names = {n[:-5] if n.endswith(".yaml") else n for n in ConfigStore.instance().list("hydra/launcher")}
+    return sorted(names | set(group_choices(os.path.join("hydra", "launcher"))))
+
+
 def _values(v: str) -> List[str]:
     if "(" in v or "[" in v:  # Hydra sweep functions (range(), choice()) and lists: leave to Hydra
         return []
@@ -37,6 +47,11 @@ def argv_errors(argv: List[str]) -> List[str]:
             for v in _values(val):
                 if v not in choices:
                     errors.append(f"unknown {key} {v!r}; valid choices: {', '.join(choices)}")
+        elif key == "hydra/launcher":  # passes through to Hydra; a typo fails here in one line
+            choices = launcher_choices()
+            for v in _values(val):
+                if v not in choices:
+                    errors.append(f"unknown hydra/launcher {v!r}; valid choices: {', '.join(choices)}")
         elif key == "bits":
             for v in _values(val):
                 try:

@@ -246,6 +246,7 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats = None
+    parallel_info = None
     hdir = cfg.hessian.cache_dir
     if method.quantizes:
         def on_block(rec):
@@ -255,8 +256,9 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
         if cfg.quantize.parallel:  # blocks quantized by separate jobs, assembled here
             from runners.parallel import quantize_parallel
 
-            stats = quantize_parallel(cfg, model, method, calib=calib, device=device,
-                                      checkpoint_dir=ckpt or os.path.join(cfg.results_root, "checkpoints", key))
+            stats, parallel_info = quantize_parallel(cfg, model, method, calib=calib, device=device,
+                                                     checkpoint_dir=ckpt or os.path.join(cfg.results_root,
+                                                                                         "checkpoints", key))
             for rec in stats.blocks:
                 on_block(rec)
         else:
@@ -303,6 +305,11 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
         "env": M.env_info(device),
         "seed": int(cfg.seed),
     }
+    if parallel_info is not None:  # the block jobs' own cost: memory is the largest over jobs and this one
+        res["parallel"] = parallel_info
+        for k in ("peak_rss_gb", "peak_gpu_gb"):
+            vals = [v for v in [res["memory"][k]] + [j.get(k) for j in parallel_info["jobs"]] if v is not None]
+            res["memory"][k] = max(vals) if vals else None
     if cfg.kernel.throughput or (cfg.kernel.throughput is None and device.type == "cuda"):
         from runners.throughput import measure
 

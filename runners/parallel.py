@@ -95,9 +95,10 @@ def make_executor(kind: str, folder: str, *, launcher: Optional[Dict[str, Any]] 
     raise choices_error("quantize.executor", kind, EXECUTORS)
 
 
-def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoint_dir: str, calib) -> List[Dict]:
+def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoint_dir: str, calib) -> Dict[str, Any]:
     """One block job (runs in its own process): quantize `blocks` of the configured model into
-    `checkpoint_dir`. config: the job's resolved config (a plain dict). -> the blocks' records."""
+    `checkpoint_dir`. config: the job's resolved config (a plain dict).
+    -> {"blocks": [...], "time_s", "peak_rss_gb", "peak_gpu_gb"} of this job."""
     import torch
 
     from runners.driver import quantize_model
@@ -107,6 +108,9 @@ def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoin
 
     if not logging.getLogger().handlers:  # a fresh process: block progress into the job's log
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from runners.metrics import peak_rss_gb
+
+    t0 = time.perf_counter()
     cfg = OmegaConf.create(config)
     torch.manual_seed(cfg.seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -119,29 +123,35 @@ def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoin
     from runners.driver import quantized_shapes
 
     method.check_budget(quantized_shapes(model))
-    stats = quantize_model(model, method, calib=calib, device=resolve_device(cfg.device), kernel=cfg.kernel.name,
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name,
                            protocol="float", hessian_dir=cfg.hessian.cache_dir, checkpoint_dir=checkpoint_dir,
                            only_blocks=list(blocks))
-    return stats.blocks
+    return {"blocks": list(blocks), "time_s": time.perf_counter() - t0, "peak_rss_gb": peak_rss_gb(),
+            "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None}
 
 
-def _wait(jobs, groups, folder: str) -> None:
-    errors = []
+def _wait(jobs, groups, folder: str) -> List[Dict[str, Any]]:
+    errors, out = [], []
     for job, g in zip(jobs, groups):
         try:
-            job.result()
+            out.append({**job.result(), "job_id": str(job.job_id)})
         except Exception as e:  # noqa: BLE001  (submitit re-raises the job's error with its log)
             first = str(e).strip().splitlines()
             errors.append(f"blocks {g} (job {job.job_id}): {first[-1] if first else type(e).__name__}")
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(jobs)} block jobs failed; first: {errors[0]}; logs in {folder}")
+    return out
 
 
 def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoint_dir: str,
                       executor=None):
     """Quantize `model` in place through block jobs, then assemble it from their checkpoints.
-    -> QuantStats (quantize_s: wall time from the first submission to the assembled model;
-    per-block times are the jobs' own)."""
+    -> (QuantStats, info). QuantStats.quantize_s: wall time from the first submission to the
+    assembled model; per-block times are the jobs' own. info: {"executor", "groups", "jobs": [{"blocks",
+    "job_id", "time_s", "peak_rss_gb", "peak_gpu_gb"}, ...]} of the jobs this call ran."""
     from runners.arch import arch_of, blocks_of
     from runners.driver import quantize_model
 
@@ -152,9 +162,11 @@ def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoi
     todo = [g for g in groups if not all(os.path.isfile(block_path(checkpoint_dir, i)) for i in g)]
     os.makedirs(checkpoint_dir, exist_ok=True)
     folder = os.path.join(checkpoint_dir, "jobs")
+    info: Dict[str, Any] = {"executor": None, "groups": len(groups), "submitted": len(todo), "jobs": []}
     if todo:
         launcher = _launcher_config()
         kind = resolve_executor(cfg.quantize.executor, launcher)
+        info["executor"] = kind
         ex = executor or make_executor(kind, folder, launcher=launcher, gpus=1 if str(device).startswith("cuda") else 0)
         config = OmegaConf.to_container(cfg, resolve=True)
         calib_cpu = calib.cpu() if calib is not None else None
@@ -163,11 +175,12 @@ def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoi
         if kind == "local" and executor is None:  # waves: each local job holds a model copy
             for i in range(0, len(todo), LOCAL_PARALLEL):
                 wave = todo[i:i + LOCAL_PARALLEL]
-                _wait([ex.submit(quantize_blocks_job, config, g, checkpoint_dir, calib_cpu) for g in wave], wave, folder)
+                info["jobs"] += _wait([ex.submit(quantize_blocks_job, config, g, checkpoint_dir, calib_cpu)
+                                       for g in wave], wave, folder)
         else:
             with ex.batch():  # one job array on Slurm
                 jobs = [ex.submit(quantize_blocks_job, config, g, checkpoint_dir, calib_cpu) for g in todo]
-            _wait(jobs, todo, folder)
+            info["jobs"] += _wait(jobs, todo, folder)
     else:
         log.info("layer-parallel: every block already has a checkpoint in %s", checkpoint_dir)
     stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name, protocol="float",
@@ -176,4 +189,4 @@ def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoi
     if missing:  # cannot happen unless a job wrote nothing: the main job quantized them itself
         log.warning("layer-parallel: blocks %s had no checkpoint after the jobs; quantized here", missing)
     stats.quantize_s = time.perf_counter() - t0
-    return stats
+    return stats, info

@@ -37,6 +37,12 @@ def test_launcher_configs_compose(launcher, target, expect):
     assert not argv_errors([f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu", "model=tiny_llama"])
 
 
+def test_unknown_launcher_is_one_line():
+    errs = argv_errors(["hydra/launcher=slurmm", "hydra/launcher=local,slurm"])
+    assert errs == ["unknown hydra/launcher 'slurmm'; valid choices: basic, local, slurm, submitit_local, "
+                    "submitit_slurm"]
+
+
 def test_slurm_settings_override_on_the_command_line():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,

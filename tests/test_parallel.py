@@ -56,33 +56,37 @@ def _assert_identical(a, b):
         assert torch.equal(a(x).logits, b(x).logits)
 
 
-def test_local_jobs_assemble_bit_identical_and_rerun_does_only_missing(tmp_path):
+def test_assembled_blocks_bit_identical_and_rerun_does_only_missing(tmp_path):
+    """Block groups [0, 1] and [2] quantized by two jobs (submitit's DebugExecutor: the same job
+    function, in this process; test_cli_parallel_equals_serial runs them as separate processes)."""
+    import submitit
+
     from runners.checkpoint import block_path
     from runners.driver import quantize_model
     from runners.parallel import quantize_parallel
 
-    cfg = _cfg("quantize.blocks_per_job=2")  # groups [0, 1] and [2]: two processes
+    cfg = _cfg("quantize.blocks_per_job=2")
     model, calib, method = _setup(cfg)
     ref = copy.deepcopy(model)
     quantize_model(ref, method, calib=calib, device="cpu", protocol="float")
 
     ck = str(tmp_path / "ck")
+    jobs = os.path.join(ck, "jobs")
     par = copy.deepcopy(model)
-    st = quantize_parallel(cfg, par, method, calib=calib, device="cpu", checkpoint_dir=ck)
+    st, info = quantize_parallel(cfg, par, method, calib=calib, device="cpu", checkpoint_dir=ck,
+                                 executor=submitit.DebugExecutor(folder=jobs))
     assert [b["block"] for b in st.blocks] == [0, 1, 2] and all(b["resumed"] for b in st.blocks)
     assert all(b["time_s"] > 0 for b in st.blocks)  # the jobs' own per-block times
-    logs = sorted(f for f in os.listdir(os.path.join(ck, "jobs")) if f.endswith("_0_log.out"))
-    assert len(logs) == 2  # two separate jobs (local processes)
+    assert sorted(j["blocks"] for j in info["jobs"]) == [[0, 1], [2]] and info["submitted"] == 2
     _assert_identical(ref, par)
 
     # an interrupted array: block 2's checkpoint is missing -> only block 2 is quantized again
     mtimes = {i: os.path.getmtime(block_path(ck, i)) for i in range(3)}
     os.remove(block_path(ck, 2))
-    import submitit
-
     again = copy.deepcopy(model)
-    quantize_parallel(cfg, again, method, calib=calib, device="cpu", checkpoint_dir=ck,
-                      executor=submitit.DebugExecutor(folder=os.path.join(ck, "jobs")))
+    _, info = quantize_parallel(cfg, again, method, calib=calib, device="cpu", checkpoint_dir=ck,
+                                executor=submitit.DebugExecutor(folder=jobs))
+    assert info["submitted"] == 1 and [j["blocks"] for j in info["jobs"]] == [[2]]
     assert [os.path.getmtime(block_path(ck, i)) == mtimes[i] for i in range(3)] == [True, True, False]
     _assert_identical(ref, again)
 
@@ -122,18 +126,24 @@ def test_slurm_block_jobs_take_the_launcher_settings(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_parallel_equals_serial(tmp_path):
-    """Through the CLI: quantize.parallel=true (local processes) == the serial float-protocol run."""
+    """Through the CLI: quantize.parallel=true with two block jobs as separate local processes
+    == the serial float-protocol run, bit for bit (checkpoints, per-layer losses, perplexity)."""
     out = {}
     for mode in ("serial", "parallel"):
         d = tmp_path / mode
         args = [a for a in BASE if a != "quantize.parallel=true"] + [
-            "eval.seqlen=64", "eval.max_windows=4", "quantize.keep_checkpoints=true",
+            "eval.seqlen=64", "eval.max_windows=4", "quantize.keep_checkpoints=true", "quantize.blocks_per_job=2",
             f"quantize.parallel={mode == 'parallel'}", f"hydra.run.dir={d}", f"results_root={d}"]
         r = run_cli(args)
         assert r.returncode == 0, r.stderr[-3000:]
         out[mode] = (json.loads((d / "metrics.json").read_text()), json.loads((d / "layers.json").read_text()))
     (ms, ls), (mp, lp) = out["serial"], out["parallel"]
     assert ms["ppl"] == mp["ppl"] and ms["bits"] == mp["bits"]
+    par = mp["parallel"]
+    assert "parallel" not in ms and par["executor"] == "local" and par["submitted"] == 2
+    assert sorted(j["blocks"] for j in par["jobs"]) == [[0, 1], [2]]
+    assert len({j["job_id"] for j in par["jobs"]}) == 2  # two processes (local job ids are their pids)
+    assert mp["memory"]["peak_rss_gb"] >= max(j["peak_rss_gb"] for j in par["jobs"]) > 0
     key = lambda l: [(x["name"], x["rel_proxy_loss"], x["rel_weight_err"]) for x in l["layers"]]  # noqa: E731
     assert key(ls) == key(lp)
     from safetensors.torch import load_file

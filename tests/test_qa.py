@@ -182,7 +182,7 @@ def test_smollm2_piqa_above_chance_and_rtn2_lower(piqa_dir):
     from vptq.methods import build_method, method_class
 
     model, tok = load_model(ModelConfig(name="smollm2_135m", source="smollm2_gguf"))
-    suite = prepare_qa(["piqa"], limit=100, batch_size=25, data={"piqa": piqa_dir})
+    suite = prepare_qa(["piqa"], limit=100, batch_size=50, data={"piqa": piqa_dir})
     t0 = time.perf_counter()
     fp, info = evaluate_qa(suite, model, tok)
     t_fp = time.perf_counter() - t0

@@ -121,3 +121,57 @@ def test_report_cli_wandb_offline(results):
     assert sum(bool(re.search(r"media/images/pareto/.*\.png$", f)) for f in files) == 2, files
     table = json.loads(next(p for p in runs[0].rglob("*.table.json")).read_text())
     assert len(table["data"]) == 10 and "bits_total" in table["columns"]
+
+
+def read_wandb_records(path):
+    """The records of an offline W&B run file (.wandb: a LevelDB-style log of protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    b, pos, block, out, buf = open(path, "rb").read(), 7, 32768, [], b""
+    while pos + 7 <= len(b):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        _crc, n, kind = struct.unpack("<IHB", b[pos:pos + 7])
+        data, pos = b[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind == 0 and n == 0:
+            break
+        if kind in (1, 4):  # full, last
+            r = pb.Record()
+            r.ParseFromString(buf + data)
+            out.append(r)
+            buf = b""
+        else:  # first, middle
+            buf += data
+    return out
+
+
+@pytest.mark.slow
+def test_wandb_job_run_block_curves_group_and_tags(tmp_path):
+    """logger=wandb in a sweep: per-block curves (time, relative proxy loss) against the block
+    index as history, the sweep as the group, model/method/bits as tags, the metrics as summary."""
+    from tests.helpers import run_cli
+
+    sweep = tmp_path / "sweep-a"
+    r = run_cli(["-m", "model=tiny_llama", "eval.seqlen=64", "eval.max_windows=2", "calib.nsamples=4",
+                 "calib.seqlen=32", "method=gptq", "bits=4", "logger=wandb", f"hydra.sweep.dir={sweep}",
+                 f"results_root={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = list(sweep.rglob("offline-run-*/*.wandb"))
+    assert len(files) == 1
+    recs = read_wandb_records(str(files[0]))
+    run = next(x.run for x in recs if x.WhichOneof("record_type") == "run")
+    assert run.run_group == "sweep-a" and {"model:tiny_llama", "method:gptq", "bits:4.0"} <= set(run.tags)
+    hist = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in x.history.item} for x in recs
+            if x.WhichOneof("record_type") == "history"]
+    hist = [h for h in hist if any(k.startswith("quant/") for k in h)]
+    assert [h["quant/block"] for h in hist] == [0, 1]
+    assert all(h["quant/time_s"] > 0 and 0 < h["quant/mean_rel_proxy_loss"] < 1 for h in hist)
+    metrics = {(x.metric.name or x.metric.glob_name): x.metric.step_metric for x in recs
+               if x.WhichOneof("record_type") == "metric"}
+    assert metrics.get("quant/*") == "quant/block"
+    summary = {i.key or "/".join(i.nested_key): i.value_json for x in recs if x.WhichOneof("record_type") == "summary"
+               for i in x.summary.update}
+    assert float(summary["ppl/pydoc"]) > 1 and summary["status"] == '"ok"'
