@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from vptq.methods import BlockContext, BudgetError, Method
 from vptq.qweight import QuantizedWeight, Storage
@@ -192,6 +193,8 @@ def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, nbits: int, shape: Sequence[int]) -> torch.Tensor:
     """Inverse of `pack_codes`: -> int64 codes of `shape`."""
     n = math.prod(shape)
+    if nbits == 8:
+        return packed[:n].to(torch.int64).reshape(tuple(shape))
     if nbits % 8 == 0:
         b = packed[: n * (nbits // 8)].reshape(n, nbits // 8).to(torch.int64)
         codes = b[:, 0].clone()
@@ -212,9 +215,9 @@ def decode(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Σ_m codebooks[m][codes[..., m]]: codebooks (M, K, g), codes (..., M) -> (..., g), summed
     in codebook order m = 0, 1, ... (float32)."""
     cb = codebooks.float()
-    U = cb[0][codes[..., 0]]
+    U = F.embedding(codes[..., 0], cb[0])  # a row gather, faster than advanced indexing on the CPU
     for m in range(1, codebooks.shape[0]):
-        U = U + cb[m][codes[..., m]]
+        U = U + F.embedding(codes[..., m], cb[m])
     return U
 
 
