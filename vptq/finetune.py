@@ -10,8 +10,10 @@ trained with Adam to minimise
 where block_float(X) is `ctx.float_outputs`. The indices stay frozen; everything else in the
 block (norm layers, biases) is left alone. `VQWeight.dequantize` stays the reference: the
 differentiable dequantization here (`DiffDequant`) recomputes exactly the same weight from
-float32 copies of the trainable tensors, using `F.embedding` lookups (deterministic backward
-on CPU and CUDA, unlike scatter-add). At the end the trained tensors are rounded to float16
+float32 copies of the trainable tensors. Its codebook lookup has a deterministic backward on
+every device (`_SortedGather`: gradients summed per centroid through a precomputed sort of
+the frozen indices and a float64 cumulative sum; F.embedding's and index_add_'s CUDA
+backward use atomics and are not reproducible, measured on an H200). At the end the trained tensors are rounded to float16
 and written back into the `VQWeight`s, the block-output MSE is measured again with those
 stored values, and if it is not lower than before finetuning the original tensors are
 restored (finetuning never makes a block worse on its calibration data).
@@ -35,6 +37,35 @@ from vptq.vqweight import VQWeight
 TRAINABLE = ("centroids", "res_centroids", "outlier_centroids", "weight_scale", "weight_bias")
 
 
+class _SortedIndex:
+    """A frozen flat index (M,) into a table of K rows, sorted once for the backward pass."""
+
+    def __init__(self, flat: torch.Tensor, K: int):
+        self.flat = flat
+        self.order = torch.sort(flat, stable=True).indices  # (M,)
+        srt = flat[self.order]
+        ar = torch.arange(K, device=flat.device)
+        self.starts = torch.searchsorted(srt, ar, right=False)  # (K,)
+        self.ends = torch.searchsorted(srt, ar, right=True)
+
+
+class _SortedGather(torch.autograd.Function):
+    """table (K, v)[index] -> (M, v); backward sums the gradients of each row deterministically."""
+
+    @staticmethod
+    def forward(ctx, table, sidx: _SortedIndex):
+        ctx.sidx = sidx
+        ctx.K = table.shape[0]
+        return table[sidx.flat]
+
+    @staticmethod
+    def backward(ctx, grad):
+        s = ctx.sidx
+        cs = grad[s.order].double().cumsum(0)  # (M, v)
+        cs = torch.cat([torch.zeros(1, grad.shape[1], dtype=cs.dtype, device=cs.device), cs])
+        return (cs[s.ends] - cs[s.starts]).to(grad.dtype), None
+
+
 class DiffDequant(nn.Module):
     """Differentiable twin of `VQWeight.dequantize` for one weight: trainable float32 copies
     of the codebooks (and norms), frozen indices."""
@@ -52,17 +83,17 @@ class DiffDequant(nn.Module):
                             ("outlier_indices", "outlier_centroids")):
             idx = getattr(q, name)
             if idx is not None and cname in self.params:
-                k = self.params[cname].shape[1]
-                off = (torch.arange(idx.shape[0], device=idx.device) * k)[:, None, None]
-                self._flat[cname] = idx + off  # (G, n, gs) indices into the flattened codebooks
+                G, k = self.params[cname].shape[:2]
+                off = (torch.arange(G, device=idx.device) * k)[:, None, None]
+                # (G, n, gs) indices into the flattened (G*k, v) codebook
+                self._flat[cname] = (tuple(idx.shape), _SortedIndex((idx + off).reshape(-1), G * k))
         self._inv = torch.argsort(q.perm) if q.perm is not None else None
 
     def _columns(self, cname: str) -> torch.Tensor:
         C = self.params[cname]  # (G, k, v)
-        idx = self._flat[cname]
-        G, n, gs = idx.shape
+        (G, n, gs), sidx = self._flat[cname]
         v = C.shape[-1]
-        vec = F.embedding(idx, C.reshape(-1, v))  # (G, n, gs, v)
+        vec = _SortedGather.apply(C.reshape(-1, v), sidx).reshape(G, n, gs, v)
         W = vec.permute(0, 1, 3, 2).reshape(G, n * v, gs).permute(1, 0, 2).reshape(n * v, G * gs)
         return W[: self.q.out_features]  # (out, G*gs)
 
