@@ -106,4 +106,4 @@ def test_finetune_needs_calibration_outputs():
     block = blocks_of(model, arch_of(model))[0]
     ctx = BlockContext(torch.zeros(0, 4, 64), None, {}, "cpu", 0)
     with pytest.raises(ValueError, match="calibration"):
-        finetune_block(block, ctx)
+        finetune_block(block, ctx, epochs=1, lr=1e-3, batch=1, seed=0)

@@ -22,9 +22,12 @@ The rule (per layer shape, so every layer stays within `bits + tolerance`):
      code of length v performs like one codebook of about half that length at equal R).
      Ties: fewer total bits, then smaller k (faster). Constants measured on SmolLM2-135M
      layers at 2 and 3 bits (relative proxy loss tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), act order:
-     0.82-0.88x the loss without it; min-max norm: 1.05-1.25x, i.e. worse, and it costs
-     32 bits per column; outliers and groups never paid for their storage there, so the
-     rule does not add them on its own).
+     0.82-0.88x the loss without it; min-max norm: 1.05-1.5x, i.e. worse, and it costs
+     32 bits per column; outlier columns (1-4, v=2) cost 0.015-0.07 bits/weight for 1-10%
+     lower loss, groups (2-4) 0.02-0.15 bits for 2-10%: no better than spending those bits
+     on the index rate, so the rule does not add them on its own. Columns that carry most
+     of the Hessian (massive activations: up to 89% of diag H in one column of a down_proj)
+     are served by the Hessian-weighted k-means itself, see `vptq.kmeans._subsample`).
 On 4096x4096 layers at bits=2 this picks the paper's v=6, k=4096 (2.02 bits + perm); on
 SmolLM2's 576-wide layers, where a 4096x6 codebook alone costs 1.2 bits/weight, it picks
 v=4, k=256 (2.03-2.08 bits) and v=2..3 for the 192x576 k/v projections.

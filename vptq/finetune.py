@@ -149,8 +149,7 @@ def block_mse(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kwa
     return tot / inputs.shape[0]
 
 
-def finetune_block(block: nn.Module, ctx, *, epochs: int = 4, lr: float = 1e-4, batch: int = 4,
-                   seed: int = 0) -> Dict[str, float]:
+def finetune_block(block: nn.Module, ctx, *, epochs: int, lr: float, batch: int, seed: int) -> Dict[str, float]:
     """Train the codebooks/norms of the VQ linears of `block` (see the module docstring).
 
     Returns {"ft_mse_before", "ft_mse_after", "ft_steps", "ft_kept"} for the block's log."""
