@@ -232,3 +232,9 @@ def test_massive_activation_column():
     cfg = VPTQ.Config(vector_len=4, num_centroids=64, kmeans_max_train=2048)
     q = build_method("vptq", cfg, bits=2.0).quantize_layer(W, H, name="massive")
     assert relative_proxy_loss(W, q.dequantize(), H) < 0.02
+
+
+@pytest.mark.parametrize("field,value", [("norm_hessian", "diag"), ("residual_init", "random"), ("kmeans_iters", 0)])
+def test_bad_algorithm_options(field, value):
+    with pytest.raises(ValueError, match=field):
+        build_method("vptq", VPTQ.Config(**{field: value}), bits=2.0)

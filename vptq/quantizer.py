@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -51,21 +51,21 @@ import torch.nn.functional as F
 
 from vptq.budget import LayerConfig, choose_config, check_format
 from vptq.kmeans import kmeans
-from vptq.methods import BudgetError, Method
+from vptq.methods import Method
 from vptq.solver import error_feedback, prepare_hessian
 from vptq.vqweight import VQWeight
 
 
 @dataclass
 class QuantOptions:
-    """Algorithm knobs that do not change the storage format."""
+    """Algorithm knobs that do not change the storage format (the defaults of VPTQ.Config)."""
 
     percdamp: float = 0.01
     block_size: int = 128
     norm_hessian: str = "scaled"  # scaled: diag(s) H diag(s) (consistent) | raw: H (reference)
     kmeans_iters: int = 10
     kmeans_tol: float = 1e-3
-    kmeans_init_sample: int = 8192
+    kmeans_init_sample: int = 2048
     kmeans_max_train: Optional[int] = 32768  # Lloyd trains on max(this, per_centroid*k) vectors
     kmeans_train_per_centroid: int = 64
     residual_init: str = "kmeans"  # kmeans: on the init residual | feedback: two passes (reference)
@@ -124,6 +124,17 @@ def _single_thread(device):
         torch.set_num_threads(n)
 
 
+def _check_options(opts: QuantOptions) -> None:
+    if opts.norm_hessian not in ("scaled", "raw"):
+        raise ValueError(f"method.norm_hessian={opts.norm_hessian!r}; valid choices: raw, scaled")
+    if opts.residual_init not in ("kmeans", "feedback"):
+        raise ValueError(f"method.residual_init={opts.residual_init!r}; valid choices: feedback, kmeans")
+    if opts.kmeans_iters < 1 or opts.kmeans_init_sample < 1 or opts.kmeans_train_per_centroid < 1:
+        raise ValueError("method.kmeans_iters, kmeans_init_sample and kmeans_train_per_centroid must be >= 1")
+    if opts.kmeans_max_train is not None and opts.kmeans_max_train < 1:
+        raise ValueError(f"method.kmeans_max_train={opts.kmeans_max_train}; valid: >= 1 or null (all vectors)")
+
+
 def _fp16(t: torch.Tensor) -> torch.Tensor:
     """Round to float16 and back (what is stored is what is used)."""
     h = t.half()
@@ -179,10 +190,7 @@ def _quantize_weight(W, H, cfg, *, seed, opts, name):
         raise ValueError(f"{name}: weight contains NaN or Inf")
     if not torch.isfinite(H).all():
         raise ValueError(f"{name}: Hessian contains NaN or Inf")
-    if opts.norm_hessian not in ("scaled", "raw"):
-        raise ValueError(f"norm_hessian={opts.norm_hessian!r}; valid choices: raw, scaled")
-    if opts.residual_init not in ("kmeans", "feedback"):
-        raise ValueError(f"residual_init={opts.residual_init!r}; valid choices: feedback, kmeans")
+    _check_options(opts)
     check_format(out_f, in_f, cfg)
     try:
         W, H, dead = prepare_hessian(W, H)  # float32 copies; dead columns zeroed, H_cc = 1
@@ -324,15 +332,16 @@ class VPTQ(Method):
         outlier_num_centroids: Optional[int] = None
         enable_perm: Optional[bool] = None  # act-order permutation (stored, 16 bits per column)
         enable_norm: Optional[bool] = None  # per-input-column weight_scale / weight_bias
-        norm_hessian: str = "scaled"  # scaled: diag(s) H diag(s) (consistent) | raw: as the reference
-        percdamp: float = 0.01
-        block_size: int = 128
-        kmeans_iters: int = 10
-        kmeans_tol: float = 1e-3
-        kmeans_init_sample: int = 8192
-        kmeans_max_train: Optional[int] = 32768  # Lloyd on max(this, per_centroid*k) vectors (null = all)
-        kmeans_train_per_centroid: int = 64
-        residual_init: str = "kmeans"  # kmeans: residual of the k-means init | feedback: the reference's 2 passes
+        # algorithm knobs (defaults defined once, in QuantOptions)
+        norm_hessian: str = QuantOptions.norm_hessian  # scaled: diag(s) H diag(s) | raw: as the reference
+        percdamp: float = QuantOptions.percdamp
+        block_size: int = QuantOptions.block_size
+        kmeans_iters: int = QuantOptions.kmeans_iters
+        kmeans_tol: float = QuantOptions.kmeans_tol
+        kmeans_init_sample: int = QuantOptions.kmeans_init_sample
+        kmeans_max_train: Optional[int] = QuantOptions.kmeans_max_train  # null = Lloyd on all vectors
+        kmeans_train_per_centroid: int = QuantOptions.kmeans_train_per_centroid
+        residual_init: str = QuantOptions.residual_init  # kmeans | feedback (the reference's 2 passes)
         finetune: bool = False  # layer-wise finetuning of centroids and norms (paper §4)
         finetune_epochs: int = 4
         finetune_lr: float = 1e-3  # measured on SmolLM2 block 11: 1e-4 too slow, 1e-2 diverges
@@ -341,12 +350,8 @@ class VPTQ(Method):
     def __init__(self, config, *, bits, seed=0):
         super().__init__(config, bits=bits, seed=seed)
         self._configs: Dict[Tuple[int, int], LayerConfig] = {}
-        c = config
-        self.opts = QuantOptions(percdamp=c.percdamp, block_size=c.block_size, norm_hessian=c.norm_hessian,
-                                 kmeans_iters=c.kmeans_iters, kmeans_tol=c.kmeans_tol,
-                                 kmeans_init_sample=c.kmeans_init_sample, kmeans_max_train=c.kmeans_max_train,
-                                 kmeans_train_per_centroid=c.kmeans_train_per_centroid,
-                                 residual_init=c.residual_init)
+        self.opts = QuantOptions(**{f.name: getattr(config, f.name) for f in fields(QuantOptions)})
+        _check_options(self.opts)
 
     def _overrides(self) -> Dict[str, Any]:
         c = self.config
