@@ -75,9 +75,20 @@ def check_argv(argv: List[str]) -> None:
         raise SystemExit(2)
 
 
+SLUG_MAX = 120
+
+
 def _slug(s: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(s)).strip("_")
-    return s[:120] or "default"
+    """A job folder name from Hydra's override_dirname. Longer than SLUG_MAX: a prefix and a hash
+    of the whole (cutting it alone would give two sweep jobs that differ only past the cut, e.g.
+    in `method=`, the same folder, and the second would overwrite the first's metrics.json)."""
+    import hashlib
+
+    full = str(s)
+    s = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", full).strip("_")
+    if len(s) > SLUG_MAX:
+        s = s[:SLUG_MAX - 11] + "~" + hashlib.sha256(full.encode()).hexdigest()[:10]
+    return s or "default"
 
 
 def register_resolvers() -> None:

@@ -69,3 +69,16 @@ def test_two_job_sweep_through_submitit_local(tmp_path):
     from analysis.report import write_report
 
     assert sorted(write_report(str(sweep))["method"]) == ["fp16", "rtn"]
+
+
+def test_long_override_sets_get_distinct_job_folders():
+    """Sweep job folders are named from the overrides; past 120 characters a hash of the whole keeps
+    jobs that differ only at the end (sorted keys: `method=`, `model=`) apart."""
+    from runners.cli import SLUG_MAX, _slug
+
+    common = "+eval.paths.wikitext2_v1=/work/shared/data/wikitext-2,+eval.seqlens.wikitext2_v1=1024,bits=3," \
+             "calib.nsamples=16,eval.datasets=[pydoc,wikitext2_v1],eval.qa_limit=50,eval=qa"
+    a, b = _slug(common + ",method=fp16"), _slug(common + ",method=rtn")
+    assert a != b and len(a) == len(b) == SLUG_MAX and a == _slug(common + ",method=fp16")
+    assert a.startswith("+eval.paths.wikitext2_v1=_work_shared_data_wikitext-2,")
+    assert _slug("bits=4,method=rtn") == "bits=4,method=rtn"  # short names unchanged
