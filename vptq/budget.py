@@ -20,7 +20,7 @@ The rule (per layer shape, so every layer stays within `bits + tolerance`):
      equal R (1.25, 1, .85, .77, .71, .66, .62, .59 for v = 1..8, then x0.96 per step),
      v_eff = v for one codebook and v/2 for a residual pair (measured: a greedy two-stage
      code of length v performs like one codebook of about half that length at equal R).
-     Ties: fewer total bits, then smaller k (faster). Constants measured on SmolLM2-135M
+     Ties: fewer total bits, then one codebook over a residual pair, then smaller k. Constants measured on SmolLM2-135M
      layers at 2 and 3 bits (relative proxy loss tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), act order:
      0.82-0.88x the loss without it; min-max norm: 1.05-1.5x, i.e. worse, and it costs
      32 bits per column; outlier columns (1-4, v=2) cost 0.015-0.07 bits/weight for 1-10%
@@ -146,8 +146,8 @@ _FIELDS = ("vector_len", "num_centroids", "num_res_centroids", "group_num", "out
 
 def phi(v: float) -> float:
     """Measured loss factor of vector length v at equal index rate (v=2 -> 1)."""
-    if v <= 1:
-        return PHI[1]
+    if v <= 1:  # below 1 (a residual pair of scalars): continue the 1 -> 2 slope
+        return PHI[1] * (PHI[1] / PHI[2]) ** (1 - v)
     lo = int(math.floor(v))
     if lo >= 8:
         return PHI[8] * 0.96 ** (v - 8)
@@ -223,7 +223,8 @@ def choose_config(out_f: int, in_f: int, bits: Optional[float], tolerance: float
             cheapest = (tb, c)
         if limit is not None and tb > limit + 1e-12:
             continue
-        key = (predicted_log2_loss(out_f, in_f, c), tb, c.num_centroids, c.num_res_centroids, c.vector_len)
+        key = (round(predicted_log2_loss(out_f, in_f, c), 9), tb, c.num_res_centroids > 0, c.num_centroids,
+               c.num_res_centroids, c.vector_len)
         if best_key is None or key < best_key:
             best, best_key = c, key
     if best is not None:
