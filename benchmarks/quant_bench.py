@@ -3,7 +3,8 @@
 
     quantization wall time (metrics.json time.quantize_s: capture, Hessians, k-means, error
     feedback, quantized forward passes; model loading and evaluation excluded),
-    peak RSS relative to the fp32 size of the model's parameters,
+    peak RSS relative to the fp32 size of the model's parameters (whole job; up to the end of
+    quantization; and that peak less the process's RSS before the model was loaded),
     time per decoder block (layers.json blocks[*].time_s: mean, median, max),
     realized bits and the perplexity the job measured.
 
@@ -73,7 +74,14 @@ def main(argv) -> int:
     print(f"model {m['model']}  method {m['method']}  bits target {m['bits']['target']} "
           f"realized total {m['bits']['total']:.4f} (index {m['bits']['index']:.4f})")
     print(f"quantize wall time     {m['time']['quantize_s']:.1f} s   (whole job {wall:.1f} s)")
-    print(f"peak RSS               {rss:.2f} GB = {rss / size:.2f} x the fp32 model ({size:.3f} GB)")
+    print(f"peak RSS               {rss:.2f} GB = {rss / size:.2f} x the fp32 model ({size:.3f} GB), whole job")
+    mem = m["memory"]
+    qrss, base = mem.get("quantize_peak_rss_gb"), mem.get("base_rss_gb")
+    if qrss is not None:
+        print(f"peak RSS to end of quantization {qrss:.2f} GB = {qrss / size:.2f} x the fp32 model")
+    if qrss is not None and base is not None:
+        print(f"  of which the process before loading the model (interpreter, torch, transformers) {base:.2f} GB; "
+              f"above it {qrss - base:.2f} GB = {(qrss - base) / size:.2f} x the fp32 model")
     print(f"time per block         mean {statistics.mean(bt):.2f} s  median {statistics.median(bt):.2f} s  "
           f"max {max(bt):.2f} s  ({len(bt)} blocks)")
     print("perplexity             " + ", ".join(f"{k} {v:.3f}" for k, v in m["ppl"].items()))

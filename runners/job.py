@@ -227,6 +227,7 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
 
         check_exportable(method)
 
+    base_rss = M.current_rss_gb()  # interpreter + libraries, before the model is loaded
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model)
     load_s = time.perf_counter() - t0
@@ -266,6 +267,7 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
                                    protocol=cfg.hessian.protocol, hessian_dir=hdir, checkpoint_dir=ckpt,
                                    on_block=on_block)
         M.write_json_atomic(os.path.join(job_dir, "layers.json"), {"layers": stats.layers, "blocks": stats.blocks})
+    quant_peak_rss = M.peak_rss_gb()  # the process's peak up to the end of quantization (evaluation excluded)
 
     t1 = time.perf_counter()
     model.to(device)
@@ -299,7 +301,7 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
         "time": {"quantize_s": stats.quantize_s if stats else 0.0, "eval_s": eval_s, "load_s": load_s,
                  "ppl_s": ppl_s, "qa_s": qa_info["time_s"] if qa_info else 0.0,
                  "per_block_s": [b["time_s"] for b in stats.blocks] if stats else []},
-        "memory": {"peak_rss_gb": M.peak_rss_gb(),
+        "memory": {"peak_rss_gb": M.peak_rss_gb(), "quantize_peak_rss_gb": quant_peak_rss, "base_rss_gb": base_rss,
                    "peak_gpu_gb": (torch.cuda.max_memory_allocated(device) / 1024**3) if device.type == "cuda" else None},
         "kernel": {"name": cfg.kernel.name},
         "env": M.env_info(device),

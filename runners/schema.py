@@ -7,6 +7,7 @@ registry, so adding a method needs no edit here.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -143,6 +144,9 @@ class Config:
 
 
 def register_configs() -> None:
+    # conf/hydra/launcher/submitit_{slurm,local}.yaml are merged onto the submitit plugin's schemas of
+    # the same name on purpose (our defaults, the plugin's fields): silence Hydra's notice about it.
+    warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="model", name="model_schema", node=ModelConfig)

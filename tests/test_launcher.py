@@ -1,5 +1,5 @@
-"""Launchers: hydra/launcher=slurm|local (ours, on hydra-submitit-launcher) and the plugin's own
-submitit_slurm|submitit_local compose and pass the CLI's checks; a two-job sweep runs as two
+"""Launchers: hydra/launcher=submitit_slurm|submitit_local (our settings merged onto hydra-submitit-launcher's
+schemas; slurm|local are aliases) compose and pass the CLI's checks; a two-job sweep runs as two
 separate processes through submitit locally and reports like any sweep."""
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ TINY = ["model=tiny_llama", "eval.seqlen=64", "eval.max_windows=4", "calib.nsamp
     ("slurm", "SlurmLauncher", {"gpus_per_node": 1, "timeout_min": 1440, "mem_gb": 64, "cpus_per_task": 8,
                                 "partition": None, "array_parallelism": 32}),
     ("local", "LocalLauncher", {"gpus_per_node": 0, "timeout_min": 1440}),
-    ("submitit_slurm", "SlurmLauncher", {"timeout_min": 60}),
-    ("submitit_local", "LocalLauncher", {"timeout_min": 60}),
+    ("submitit_slurm", "SlurmLauncher", {"gpus_per_node": 1, "timeout_min": 1440, "mem_gb": 64,
+                                         "cpus_per_task": 8, "partition": None, "qos": None}),
+    ("submitit_local", "LocalLauncher", {"gpus_per_node": 0, "timeout_min": 1440}),
 ])
 def test_launcher_configs_compose(launcher, target, expect):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=[f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=60"]
-                      if launcher.startswith("submitit") else [f"hydra/launcher={launcher}"])
+                      overrides=[f"hydra/launcher={launcher}"])
     lc = cfg.hydra.launcher
     assert lc._target_.endswith(target)
     for k, v in expect.items():
@@ -46,7 +46,7 @@ def test_unknown_launcher_is_one_line():
 def test_slurm_settings_override_on_the_command_line():
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True,
-                      overrides=["hydra/launcher=slurm", "hydra.launcher.partition=a100", "hydra.launcher.gpus_per_node=4",
+                      overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=a100", "hydra.launcher.gpus_per_node=4",
                                  "hydra.launcher.timeout_min=120", "hydra.launcher.mem_gb=256"])
     lc = cfg.hydra.launcher
     assert (lc.partition, lc.gpus_per_node, lc.timeout_min, lc.mem_gb) == ("a100", 4, 120, 256)
@@ -55,7 +55,7 @@ def test_slurm_settings_override_on_the_command_line():
 @pytest.mark.slow
 def test_two_job_sweep_through_submitit_local(tmp_path):
     sweep = tmp_path / "sweep"
-    r = run_cli(["-m", "hydra/launcher=local", *TINY, "method=fp16,rtn", "bits=4", "logger=none",
+    r = run_cli(["-m", "hydra/launcher=submitit_local", *TINY, "method=fp16,rtn", "bits=4", "logger=none",
                  f"hydra.sweep.dir={sweep}", f"results_root={tmp_path}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in r.stdout + r.stderr

@@ -110,7 +110,7 @@ def test_slurm_block_jobs_take_the_launcher_settings(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun on this machine
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+        cfg = compose(config_name="config", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
                                                        "hydra.launcher.account=proj1", "hydra.launcher.timeout_min=600"],
                       return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
