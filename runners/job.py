@@ -227,6 +227,7 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
 
         check_exportable(method)
 
+    rss_scope = "job" if M.reset_peak_rss() else "process"  # sweeps run their jobs in one process
     base_rss = M.current_rss_gb()  # interpreter + libraries, before the model is loaded
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model)
@@ -302,6 +303,7 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
                  "ppl_s": ppl_s, "qa_s": qa_info["time_s"] if qa_info else 0.0,
                  "per_block_s": [b["time_s"] for b in stats.blocks] if stats else []},
         "memory": {"peak_rss_gb": M.peak_rss_gb(), "quantize_peak_rss_gb": quant_peak_rss, "base_rss_gb": base_rss,
+                   "peak_rss_scope": rss_scope,
                    "peak_gpu_gb": (torch.cuda.max_memory_allocated(device) / 1024**3) if device.type == "cuda" else None},
         "kernel": {"name": cfg.kernel.name},
         "env": M.env_info(device),

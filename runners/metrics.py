@@ -93,7 +93,27 @@ def env_info(device) -> Dict[str, str]:
             "git": git_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux >= 4.0: writing 5 to /proc/self/clear_refs resets VmHWM).
+    A Hydra sweep runs its jobs in one process: without this, each job's peak would be the
+    largest of all jobs before it. False where unsupported (the peak is then the process's)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_gb() -> float:
+    """Peak resident set size since the last `reset_peak_rss` (VmHWM), else since process start."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024**2  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
