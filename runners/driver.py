@@ -25,6 +25,7 @@ from torch import nn
 
 from runners.arch import Arch, arch_of, blocks_of, get_attr, hessian_groups, linears_of, set_module
 from runners.checkpoint import block_path, load_block, save_block
+from runners.memory import release_block
 from vptq.hessian import HessianAccumulator, load_hessians, relative_proxy_loss, save_hessians
 from vptq.methods import BlockContext, Method
 from vptq.qlinear import QuantLinear
@@ -211,6 +212,7 @@ def quantize_model(
                 if path:
                     save_hessians(path, hessians, {"block": str(i), "protocol": protocol})
         losses = []
+        old_weights = []
         for name, lin in linears.items():
             tl = time.perf_counter()
             W = lin.weight.data.to(device=device, dtype=torch.float32)
@@ -232,6 +234,7 @@ def quantize_model(
             stats.layers.append(rec)
             qlin = QuantLinear(q, lin.bias, kernel=kernel).to(device)
             set_module(block, name, qlin)
+            old_weights.append(lin.weight.data)
             del W, What
         ft = {}
         if needs_calib:
@@ -242,6 +245,8 @@ def quantize_model(
             else:
                 inputs = float_out
         del hessians, float_out
+        release_block(old_weights)  # the float weights' file pages and freed heap back to the system
+        del old_weights
         if str(device) != "cpu":
             block.to("cpu")
         brec = {"block": i, "time_s": time.perf_counter() - t0,

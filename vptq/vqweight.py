@@ -6,11 +6,11 @@ rows [r*v, (r+1)*v) hold centroid `centroids[g, indices[g, r, c]]` (+ the residu
 
 Stored tensors (G = group_num, v = vector_len, k = num_centroids, n = ceil(out/v)):
     centroids        (G, k, v)           float16
-    indices          (G, n, group_size)  int64 in [0, k)        packed log2(k) bits each
+    indices          (G, n, group_size)  int32 in [0, k)        packed log2(k) bits each
     res_centroids    (G, k_r, v)         float16   | None        residual VQ (second stage)
-    res_indices      (G, n, group_size)  int64 in [0, k_r)      packed with `indices`
+    res_indices      (G, n, group_size)  int32 in [0, k_r)      packed with `indices`
     outlier_centroids(1, k_o, v_o)       float16   | None        outlier columns' codebook
-    outlier_indices  (1, n_o, outlier_size) int64, n_o = ceil(out/v_o); stored int16 (unpacked)
+    outlier_indices  (1, n_o, outlier_size) int32, n_o = ceil(out/v_o); stored int16 (unpacked)
     perm             (in,)               int64     | None        stored column j = column perm[j]
     weight_scale     (in,)               float16   | None        per-input-column norm
     weight_bias      (in,)               float16   | None
@@ -67,6 +67,14 @@ class VQWeight(QuantizedWeight):
     weight_bias: Optional[torch.Tensor] = None
 
     def __post_init__(self):
+        # indices are held as int32 in memory (int64 doubled a 2-bit model's resident size: one
+        # 8-byte index per v weights); every consumer indexes with them or widens them itself
+        for name in ("indices", "res_indices", "outlier_indices"):
+            t = getattr(self, name)
+            if t is not None and t.dtype != torch.int32:
+                if t.is_floating_point() or t.dtype == torch.bool:
+                    raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+                setattr(self, name, t.to(torch.int32))
         self.validate()
 
     # ------------------------------------------------------------------ shape checks
