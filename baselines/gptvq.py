@@ -583,7 +583,9 @@ class GPTVQ(Method):
             self.scheme(s)
 
     def settings(self):
-        return {"schemes": {f"{o}x{i}": s.describe() for (o, i), s in sorted(self._schemes.items())},
+        # per layer shape, compact for tables: d, k and the block of weights one codebook serves
+        return {**{f"{o}x{i}": f"d{s.vq_dim}k{s.num_centroids}/{s.rows_per_group}x{s.columns_per_group}"
+                   for (o, i), s in sorted(self._schemes.items())},
                 "codebook_bits": self.config.codebook_bits, "kmeans_iters": self.config.kmeans_iters,
                 "update_iters": self.config.update_iters, "assign_metric": self.config.assign_metric}
 
