@@ -183,6 +183,44 @@ else:
         assert y.shape == yr.shape == (2, tokens, q.out_features)
         assert rel(y, yr) < 3e-3
 
+    def make_aqlm(M, nbits, g=4, out=12, inn=32, seed=0):
+        from baselines.aqlm import AQLMWeight
+
+        gen = torch.Generator().manual_seed(seed)
+        codes = torch.randint(0, 2**nbits, (out, inn // g, M), generator=gen)
+        codebooks = torch.randn(M, 2**nbits, g, generator=gen) * 0.1
+        return AQLMWeight(codes, codebooks, torch.rand(out, generator=gen) + 0.5, nbits)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+    @pytest.mark.parametrize("M,nbits,g", [(1, 8, 4), (2, 6, 8), (1, 5, 3)])
+    def test_aqlm_weights_dequantize_exactly_through_the_vq_kernel(M, nbits, g, dtype):
+        """AQLM-style weights are the VPTQ layout of their transpose: the dequantization kernel
+        reproduces AQLMWeight.dequantize bit for bit, and QuantLinear routes through it."""
+        from vptq.kernels.layout import from_aqlm
+
+        q = make_aqlm(M, nbits, g=g, inn=8 * g)
+        kw = from_aqlm(q)
+        assert kw.transposed and (kw.out_features, kw.in_features) == (q.in_features, q.out_features)
+        ref = q.dequantize(dtype)
+        for cfg in (None, SMALL_DEQUANT):
+            Wt = dequantize(kw, dtype, cfg)
+            assert torch.equal(Wt.t(), ref), f"{cfg}: max |diff| {float((Wt.t().float() - ref.float()).abs().max())}"
+        bias = torch.randn(q.out_features)
+        lin_t = QuantLinear(q, bias, kernel="triton").to(DEVICE)
+        x = torch.randn(2, 3, q.in_features).to(DEVICE, dtype)
+        before = dispatch.STATS["dequant_matmul_t"]
+        y = lin_t(x)
+        assert dispatch.STATS["dequant_matmul_t"] == before + 1, "the Triton route did not run"
+        yr = QuantLinear(q, bias, kernel="torch").to(DEVICE)(x)
+        assert y.shape == yr.shape == (2, 3, q.out_features) and rel(y, yr) < TOL[dtype]
+
+    def test_aqlm_with_three_codebooks_falls_back():
+        q = make_aqlm(3, 4)
+        lin = QuantLinear(q, kernel="triton").to(DEVICE)
+        x = torch.randn(1, q.in_features).to(DEVICE)
+        assert dispatch.triton_linear(lin, x) is None
+        assert torch.equal(lin(x), QuantLinear(q).to(DEVICE)(x))
+
     def test_unsupported_falls_back():
         q = make_vq(out=8, inn=16, v=4, k=1)  # a 1-entry codebook has no index stream
         lin = QuantLinear(q, kernel="triton").to(DEVICE)

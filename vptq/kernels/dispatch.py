@@ -1,9 +1,12 @@
 """Which kernel runs a `QuantLinear` forward under `kernel=triton`, and with which block sizes.
 
 The dispatch table (`ROUTES`) picks by token count: up to `gemv.MAX_TOKENS` tokens (decode) the
-fused dequantize-GEMV, above that (prefill) Triton dequantization + `F.linear`. Anything the
+fused dequantize-GEMV, above that (prefill) Triton dequantization + `F.linear`. AQLM-style weights
+are held as the VPTQ layout of their transpose (`layout.from_aqlm`): they always take the
+dequantization route (`dequant_matmul_t`), at any token count. Anything the
 kernels do not take returns None, and `QuantLinear.forward` falls back to the torch path:
-  * weights that are not a `VQWeight`, or whose index width is outside 1..32 merged bits,
+  * weights that are neither a `VQWeight` nor an AQLM-style `AQLMWeight` with M <= 2 codebooks,
+    or whose index width is outside 1..32 merged bits,
   * activations that are not float16 / bfloat16 / float32,
   * a device Triton cannot run on (CPU, unless TRITON_INTERPRET=1 was set before the import).
 
@@ -28,7 +31,7 @@ import triton
 
 from vptq.kernels import gemv as G
 from vptq.kernels.dequant import DEQUANT_CONFIG, INTERPRET, INTERPRET_DEQUANT_CONFIG, dequantize
-from vptq.kernels.layout import KernelWeight, Unsupported, from_vqweight
+from vptq.kernels.layout import KernelWeight, Unsupported, from_aqlm, from_vqweight
 
 log = logging.getLogger("vq-bench")
 
@@ -158,19 +161,33 @@ def runnable(device: torch.device) -> bool:
     return device.type == "cuda" or INTERPRET
 
 
+def _run_dequant_matmul_t(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """kw holds Wᵀ (AQLM-style weights, `layout.from_aqlm`)."""
+    Wt = dequantize(kw, x.dtype, INTERPRET_DEQUANT_CONFIG if INTERPRET else DEQUANT_CONFIG)  # (in, out)
+    return F.linear(x, Wt.t(), None if bias is None else bias.to(x.dtype))
+
+
+TRANSPOSED_ROUTE = Route("dequant_matmul_t", None, _run_dequant_matmul_t)
+
+
 def kernel_weight(qlinear) -> Optional[KernelWeight]:
-    """The cached kernel buffers of this layer (built on first use, rebuilt if it moved device)."""
+    """The cached kernel buffers of this layer (built on first use, rebuilt if it moved device).
+    For an AQLM-style weight they describe its transpose (`kw.transposed`)."""
     from vptq.vqweight import VQWeight
 
     q = qlinear.qweight
-    if not isinstance(q, VQWeight):
+    build = None
+    if isinstance(q, VQWeight):
+        build, dev = from_vqweight, q.centroids.device
+    elif type(q).__name__ == "AQLMWeight":  # baselines.aqlm (not imported here: no dependency on baselines)
+        build, dev = from_aqlm, q.codebooks.device
+    if build is None:
         return None
     cached = getattr(qlinear, "_triton_weight", None)
-    dev = q.centroids.device
     if cached is not None and cached[0] == dev and cached[1] is q:
         return cached[2]
     try:
-        kw = from_vqweight(q)
+        kw = build(q)
     except Unsupported as e:
         _warn_once(("unsupported", str(e)), f"kernel=triton: torch path for a weight: {e}")
         kw = None
@@ -190,15 +207,17 @@ def triton_linear(qlinear, x: torch.Tensor) -> Optional[torch.Tensor]:
     if kw is None or kw.device != x.device:
         STATS["torch"] += 1
         return None
-    x2 = x.reshape(-1, kw.in_features)  # (tokens, in)
+    transposed = kw.transposed
+    in_f, out_f = (kw.out_features, kw.in_features) if transposed else (kw.in_features, kw.out_features)
+    x2 = x.reshape(-1, in_f)  # (tokens, in)
     if x2.shape[0] == 0:
         return None
-    route = choose(x2.shape[0])
+    route = TRANSPOSED_ROUTE if transposed else choose(x2.shape[0])
     y = route.run(kw, x2.contiguous(), qlinear.bias)
     if not STATS[route.name]:
         log.info("kernel=triton: first %s call (%d tokens, %s)", route.name, x2.shape[0], x.device.type)
     STATS[route.name] += 1
-    return y.reshape(*x.shape[:-1], kw.out_features)
+    return y.reshape(*x.shape[:-1], out_f)
 
 
 def _warn_once(key, msg: str) -> None:

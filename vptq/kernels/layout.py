@@ -143,6 +143,7 @@ class KernelWeight:
     perm: Optional[torch.Tensor]
     scale: Optional[torch.Tensor]
     wbias: Optional[torch.Tensor]
+    transposed: bool = False  # holds Wᵀ (an AQLM-style weight, `from_aqlm`): dequantization route only
 
     @property
     def device(self) -> torch.device:
@@ -203,3 +204,31 @@ def from_vqweight(q) -> KernelWeight:
         scale = q.weight_scale.float().contiguous()
         wbias = q.weight_bias.float().contiguous()
     return KernelWeight(q.out_features, q.in_features, main, outlier, perm, scale, wbias)
+
+
+def from_aqlm(q) -> KernelWeight:
+    """An AQLM-style additive weight (baselines.aqlm.AQLMWeight) as the kernel buffers of its
+    TRANSPOSE. AQLM's vectors run along the input dimension (Ŵ[o, j·g:(j+1)·g] = scale[o] ·
+    Σ_m C_m[codes[o, j, m]]); read as Ŵᵀ (in, out), that is the VPTQ layout exactly: vectors of
+    length v = g along Ŵᵀ's rows within each of its columns o, codebook C_0, a residual codebook
+    C_1 when M = 2, and a per-column scale (bias 0) = the per-row scale of Ŵ. So the dequantization
+    kernel serves AQLM-style weights unchanged (the caller transposes its output); the fused GEMV
+    computes x·Wᵀ for the layout it reads and does not apply (it would need x·Ŵᵀᵀ). M > 2
+    codebooks have no slot in the format: `Unsupported`."""
+    from vptq.vqweight import VQWeight
+
+    M = q.num_codebooks
+    if M > 2:
+        raise Unsupported(f"AQLM-style scheme {M}x{q.nbits}: the kernels take at most 2 codebooks (main + residual)")
+    codes = q.codes()  # (out, n, M)
+    idx = codes[..., 0].t().contiguous()[None]  # (1, n, out): vector row j of column o
+    res = codes[..., 1].t().contiguous()[None] if M == 2 else None
+    cb = q.codebooks
+    vq = VQWeight(out_features=q.in_features, in_features=q.out_features, vector_len=q.in_group_size,
+                  num_centroids=2 ** q.nbits, group_num=1, group_size=q.out_features, centroids=cb[0:1],
+                  indices=idx, num_res_centroids=2 ** q.nbits if M == 2 else 0,
+                  res_centroids=cb[1:2] if M == 2 else None, res_indices=res,
+                  weight_scale=q.scales, weight_bias=torch.zeros_like(q.scales))
+    kw = from_vqweight(vq)
+    kw.transposed = True
+    return kw
