@@ -2,10 +2,17 @@
 
 Used to resume a run at the first unfinished block, and to assemble a model whose blocks were
 quantized by separate jobs. One file per block: `block{i:03d}.safetensors`, tensors named
-`<linear name>/<tensor>`, metadata `{"layers": {<linear name>: meta}, "stats": {...}}`.
+`<linear name>/<tensor>`, metadata `{"layers": {<linear name>: meta}, "stats": {...}, "code": ...}`.
+
+The checkpoint folder is keyed by the run's config (run_key); `code` is a hash of the quantization
+code (`code_version`), so a block written by other code (an update, a local edit) is quantized
+again instead of being mixed with blocks of the current code. Inference kernels and the export
+format are not part of the hash: changing them does not invalidate hours of quantization.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from typing import Dict, Optional, Tuple
@@ -18,8 +25,45 @@ from vptq.qlinear import QuantLinear
 from vptq.qweight import weight_from_state, weight_state
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# what decides the stored codes: every method, the shared solver/k-means/budget, the driver
+CODE_PATHS = ("vptq", "baselines", "runners/driver.py", "runners/arch.py", "runners/checkpoint.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """sha256 (16 hex) of the quantization code's source files (vptq/*.py without kernels/, baselines/*.py,
+    the driver)."""
+    files = []
+    for rel in CODE_PATHS:  # folders: their top-level .py files (vptq/kernels/ is not included)
+        path = os.path.join(REPO, rel)
+        if os.path.isdir(path):
+            files += sorted(os.path.join(rel, f) for f in os.listdir(path) if f.endswith(".py"))
+        elif os.path.isfile(path):
+            files.append(rel)
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(rel.encode() + b"\0")
+        with open(os.path.join(REPO, rel), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def block_path(folder: str, i: int) -> str:
     return os.path.join(folder, f"block{i:03d}.safetensors")
+
+
+def block_done(folder: Optional[str], i: int) -> bool:
+    """Block i has a checkpoint written by the current quantization code."""
+    if not folder or not os.path.isfile(block_path(folder, i)):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(block_path(folder, i), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("code") == code_version()
+    except Exception:  # a truncated or foreign file: quantize the block again
+        return False
 
 
 def save_block(folder: str, i: int, block: nn.Module, stats: Optional[Dict] = None) -> str:
@@ -38,7 +82,8 @@ def save_block(folder: str, i: int, block: nn.Module, stats: Optional[Dict] = No
             layers[name] = meta
     path = block_path(folder, i)
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata={"layers": json.dumps(layers), "stats": json.dumps(stats or {}, default=str)})
+    save_file(tensors, tmp, metadata={"layers": json.dumps(layers), "stats": json.dumps(stats or {}, default=str),
+                                      "code": code_version()})
     os.replace(tmp, path)
     return path
 
@@ -72,6 +117,6 @@ def finished_blocks(folder: Optional[str], n: int) -> int:
     if not folder:
         return 0
     i = 0
-    while i < n and os.path.isfile(block_path(folder, i)):
+    while i < n and block_done(folder, i):
         i += 1
     return i

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from runners.arch import Arch, arch_of, blocks_of, get_attr, hessian_groups, linears_of, set_module
-from runners.checkpoint import block_path, load_block, save_block
+from runners.checkpoint import block_done, block_path, load_block, save_block
 from runners.memory import release_block
 from vptq.hessian import HessianAccumulator, load_hessians, relative_proxy_loss, save_hessians
 from vptq.methods import BlockContext, Method
@@ -183,7 +183,10 @@ def quantize_model(
             if str(device) != "cpu":
                 block.to("cpu")
             continue
-        if checkpoint_dir and os.path.isfile(block_path(checkpoint_dir, i)):
+        if checkpoint_dir and os.path.isfile(block_path(checkpoint_dir, i)) and not block_done(checkpoint_dir, i):
+            log.warning("block %d: checkpoint %s was written by other quantization code; quantizing it again",
+                        i + 1, block_path(checkpoint_dir, i))
+        if block_done(checkpoint_dir, i):
             float_out = run_block(block, inputs, kwargs) if (needs_calib and protocol == "float") else None
             loaded, saved = load_block(checkpoint_dir, i, block, kernel=kernel, device=device)
             for q in loaded.values():

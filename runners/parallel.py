@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from runners.checkpoint import block_path
+from runners.checkpoint import block_done
 from runners.errors import UserError, choices_error
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoi
     t0 = time.perf_counter()
     n = len(blocks_of(model, arch_of(model)))
     groups = block_groups(n, int(cfg.quantize.blocks_per_job))
-    todo = [g for g in groups if not all(os.path.isfile(block_path(checkpoint_dir, i)) for i in g)]
+    todo = [g for g in groups if not all(block_done(checkpoint_dir, i) for i in g)]
     os.makedirs(checkpoint_dir, exist_ok=True)
     folder = os.path.join(checkpoint_dir, "jobs")
     info: Dict[str, Any] = {"executor": None, "groups": len(groups), "submitted": len(todo), "jobs": []}

@@ -81,6 +81,50 @@ def test_resume_at_first_unfinished_block_is_bit_identical(tmp_path):
     assert torch.equal(ref(x).logits, m2(x).logits)
 
 
+def test_checkpoints_of_other_code_are_quantized_again(tmp_path, monkeypatch):
+    """A block saved by other quantization code (checkpoint `code` differs) is not reused."""
+    import runners.checkpoint as C
+
+    calib = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(0))
+    method = _GPTQLike(_GPTQLike.Config(), bits=3, seed=0)
+    ck = tmp_path / "ck"
+    quantize_model(_model(), method, calib=calib, device="cpu", checkpoint_dir=str(ck))
+    assert C.block_done(str(ck), 0) and C.finished_blocks(str(ck), 3) == 3
+    st = quantize_model(_model(), method, calib=calib, device="cpu", checkpoint_dir=str(ck))
+    assert [b.get("resumed", False) for b in st.blocks] == [True, True, True]
+    monkeypatch.setattr(C, "code_version", lambda: "0123456789abcdef")  # the code changed
+    assert not C.block_done(str(ck), 0) and C.finished_blocks(str(ck), 3) == 0
+    st = quantize_model(_model(), method, calib=calib, device="cpu", checkpoint_dir=str(ck))
+    assert [b.get("resumed", False) for b in st.blocks] == [False, False, False]
+    assert C.block_done(str(ck), 2)  # rewritten under the current code
+
+
+def test_code_version_tracks_the_quantization_sources(tmp_path, monkeypatch):
+    """An edit to a method's source changes the version; an edit to a kernel does not."""
+    import runners.checkpoint as C
+
+    for rel in ("vptq/solver.py", "vptq/kernels/gemv.py", "baselines/gptq.py", "runners/driver.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\n")
+    monkeypatch.setattr(C, "REPO", str(tmp_path))
+
+    def version():
+        C.code_version.cache_clear()
+        return C.code_version()
+
+    try:
+        v0 = version()
+        (tmp_path / "vptq/kernels/gemv.py").write_text("# faster\n")
+        assert version() == v0
+        (tmp_path / "baselines/gptq.py").write_text("# another damping\n")
+        v1 = version()
+        assert v1 != v0 and len(v1) == 16
+        (tmp_path / "runners/driver.py").write_text("# changed\n")
+        assert version() != v1
+    finally:
+        C.code_version.cache_clear()
+
+
 def test_only_blocks_needs_float_protocol():
     with pytest.raises(ValueError, match="hessian.protocol=float"):
         quantize_model(_model(), _GPTQLike(_GPTQLike.Config(), bits=3), calib=torch.zeros(1, 8, dtype=torch.long),
