@@ -176,6 +176,8 @@ def quantize_model(
         inputs, kwargs = capture_block0_inputs(model, calib, device, arch)
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
+        # on an accelerator, the CPU (file-backed) float weights this block leaves behind
+        host_weights = [l.weight.data for l in linears_of(block).values()] if str(device) != "cpu" else []
         block.to(device)
         if i not in selected:  # stays float; its float outputs feed the next block
             if needs_calib:
@@ -248,8 +250,8 @@ def quantize_model(
             else:
                 inputs = float_out
         del hessians, float_out
-        release_block(old_weights)  # the float weights' file pages and freed heap back to the system
-        del old_weights
+        release_block(old_weights + host_weights)  # the float weights' file pages and freed heap to the system
+        del old_weights, host_weights
         if str(device) != "cpu":
             block.to("cpu")
         brec = {"block": i, "time_s": time.perf_counter() - t0,
