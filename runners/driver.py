@@ -185,10 +185,11 @@ def quantize_model(
             if str(device) != "cpu":
                 block.to("cpu")
             continue
-        if checkpoint_dir and os.path.isfile(block_path(checkpoint_dir, i)) and not block_done(checkpoint_dir, i):
+        done = block_done(checkpoint_dir, i)
+        if not done and checkpoint_dir and os.path.isfile(block_path(checkpoint_dir, i)):
             log.warning("block %d: checkpoint %s was written by other quantization code; quantizing it again",
                         i + 1, block_path(checkpoint_dir, i))
-        if block_done(checkpoint_dir, i):
+        if done:
             float_out = run_block(block, inputs, kwargs) if (needs_calib and protocol == "float") else None
             loaded, saved = load_block(checkpoint_dir, i, block, kernel=kernel, device=device)
             for q in loaded.values():

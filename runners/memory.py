@@ -22,10 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
-import os
-from typing import List, Optional, Tuple
-
-import torch
+from typing import List, Tuple
 
 _MADV_DONTNEED = 4
 _libc = None
@@ -66,13 +63,13 @@ def _file_maps(suffix: str) -> List[Tuple[int, int]]:
     return out
 
 
-def drop_file_pages(tensors, suffix: str = ".safetensors", maps: Optional[List[Tuple[int, int]]] = None) -> int:
+def drop_file_pages(tensors, suffix: str = ".safetensors") -> int:
     """Release the resident pages of CPU tensors that are views of a `suffix` file mapping and that
     nothing will read again. -> bytes advised away (0 where unsupported)."""
     lib = _lib()
     if lib is None or not hasattr(lib, "madvise"):
         return 0
-    maps = _file_maps(suffix) if maps is None else maps
+    maps = _file_maps(suffix)
     if not maps:
         return 0
     page = mmap.PAGESIZE
@@ -94,7 +91,5 @@ def drop_file_pages(tensors, suffix: str = ".safetensors", maps: Optional[List[T
 def release_block(old_weights) -> None:
     """After a block's linears were replaced by quantized ones: drop the float weights' file pages
     and trim the heap."""
-    if os.name != "posix":
-        return
-    drop_file_pages([w for w in old_weights if isinstance(w, torch.Tensor)])
+    drop_file_pages(old_weights)
     trim_heap()

@@ -22,6 +22,16 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one CPU thread: on small tensors OpenMP fork/join dominates, and collapses
+    on a shared 2-core machine. Modules opt in: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def snr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     """20·log10(‖x‖/‖x−y‖)."""
     return float(20 * torch.log10(x.norm() / (x - y).norm().clamp_min(1e-30)))

@@ -7,13 +7,7 @@ import torch
 from vptq.kmeans import assign, kmeans
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: OpenMP fork/join dominates, and collapses on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _data(n, v, seed, weighted):

@@ -201,42 +201,38 @@ else:
         quantize_model(model, method, calib=calib, device=torch.device("cpu"), protocol="float", only_blocks=[0])
         return model, tok
 
-    @pytest.mark.parametrize("seqlen,route", [(16, "gemv"), (24, "dequant_matmul")])
-    def test_bundled_vptq_block_ppl_triton_equals_torch(seqlen, route):
+    def ppl_torch_and_triton(model, tok, seqlen: int, route: str):
+        """Perplexity of the first pydoc window of `seqlen` tokens with kernel=torch, then
+        kernel=triton -> (ppl torch, ppl triton, calls the Triton `route` took)."""
         import vptq.kernels  # noqa: F401
         from runners.data import eval_windows
         from runners.ppl import perplexity
         from vptq.kernels import dispatch
 
-        if DEVICE == "cuda":
-            pytest.skip("on a GPU the harness test runs the whole quantized model")
-        model, tok = bundled_vptq_block0()
-        windows = eval_windows("pydoc", None, tok, seqlen, 1)
-        set_kernel(model, "torch")
-        ppl_torch = perplexity(model, windows, DEVICE)
-        set_kernel(model, "triton")
-        before = dispatch.STATS[route]
-        ppl_triton = perplexity(model, windows, DEVICE)
-        assert dispatch.STATS[route] - before == 7, "block 0's seven linears take the Triton route"
-        assert ppl_torch < 1e3
-        assert abs(ppl_triton - ppl_torch) <= 1e-4 * ppl_torch, (ppl_triton, ppl_torch)
-
-    @pytest.mark.parametrize("seqlen,route", [(16, "gemv"), (48, "dequant_matmul")])
-    def test_tiny_vq_model_ppl_triton_equals_torch(seqlen, route):
-        import vptq.kernels  # noqa: F401
-        from runners.data import eval_windows
-        from runners.ppl import perplexity
-        from vptq.kernels import dispatch
-
-        model, tok = tiny_vq_model()
-        model.to(DEVICE)
         windows = eval_windows("pydoc", None, tok, seqlen, 1)  # (1, seqlen)
         set_kernel(model, "torch")
         ppl_torch = perplexity(model, windows, DEVICE)
         set_kernel(model, "triton")
         before = dispatch.STATS[route]
         ppl_triton = perplexity(model, windows, DEVICE)
-        assert dispatch.STATS[route] - before == 14, "every linear of the window takes the Triton route"
+        return ppl_torch, ppl_triton, dispatch.STATS[route] - before
+
+    @pytest.mark.parametrize("seqlen,route", [(16, "gemv"), (24, "dequant_matmul")])
+    def test_bundled_vptq_block_ppl_triton_equals_torch(seqlen, route):
+        if DEVICE == "cuda":
+            pytest.skip("on a GPU the harness test runs the whole quantized model")
+        model, tok = bundled_vptq_block0()
+        ppl_torch, ppl_triton, calls = ppl_torch_and_triton(model, tok, seqlen, route)
+        assert calls == 7, "block 0's seven linears take the Triton route"
+        assert ppl_torch < 1e3
+        assert abs(ppl_triton - ppl_torch) <= 1e-4 * ppl_torch, (ppl_triton, ppl_torch)
+
+    @pytest.mark.parametrize("seqlen,route", [(16, "gemv"), (48, "dequant_matmul")])
+    def test_tiny_vq_model_ppl_triton_equals_torch(seqlen, route):
+        model, tok = tiny_vq_model()
+        model.to(DEVICE)
+        ppl_torch, ppl_triton, calls = ppl_torch_and_triton(model, tok, seqlen, route)
+        assert calls == 14, "every linear of the window takes the Triton route"
         assert ppl_torch < 1e4  # the fitted codebooks keep the model meaningful
         assert abs(ppl_triton - ppl_torch) <= 1e-4 * ppl_torch, (ppl_triton, ppl_torch)
 

@@ -16,13 +16,7 @@ from vptq.quantizer import VPTQ, QuantOptions, quantize_weight
 from vptq.solver import error_feedback, prepare_hessian
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors: OpenMP fork/join dominates, and collapses on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _layer(out_f, in_f, seed=0):

@@ -61,13 +61,7 @@ def _plain_dequant(q, t):
     return W
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: OpenMP fork/join dominates, and collapses on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _tiny_run(finetune: bool, seed: int = 0, epochs: int = 4):
