@@ -198,6 +198,7 @@ def main(argv=None) -> int:
                        "gbps": {k: gb[k] / (t[k] * 1e-3) / 1e9 for k in t},
                        "speedup_vs_fp16": {k: t["fp16"] / t[k] for k in t if k != "fp16"},
                        "gemv_config": run_cfg, "gemv_candidates_us": cands, "gemv_rel_err": err,
+                       "gemv_best_us": best_by_kernel(cands),
                        "dequant_exact": exact}
                 row["roofline"] = {k: (v / peak if peak else None) for k, v in row["gbps"].items()}
                 rows.append(row)
@@ -209,6 +210,15 @@ def main(argv=None) -> int:
     write(a.out, meta, rows)
     print(markdown(meta, rows))
     return 0
+
+
+def best_by_kernel(cands: Dict[str, float]) -> Dict[str, float]:
+    """Fastest tuning time (us) of each one-token kernel: 'packed' stream vs bit 'planes'."""
+    out = {}
+    for label, us in cands.items():
+        kind = "planes" if label.endswith(" planes") else ("dot" if label.endswith(" dot") else "packed")
+        out[kind] = min(us, out.get(kind, float("inf")))
+    return out
 
 
 def fmt_row(r) -> str:
@@ -227,19 +237,22 @@ def markdown(meta, rows) -> str:
     lines = [f"Device: {meta['device']} (vendor peak {peak} GB/s; measured copy {meta.get('copy_gbps') or 0:.0f} GB/s); "
              f"torch {meta['torch']}, triton {meta['triton']}; {meta['date']}", "",
              "| format | out x in | tokens | fp16 us | torch deq+mm us | triton deq+mm us | fused GEMV us | "
-             "GEMV speedup vs fp16 | GEMV GB/s | GEMV % roof | fp16 % roof | GEMV config |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GEMV speedup vs fp16 | GEMV GB/s | GEMV % roof | fp16 % roof | GEMV config | "
+             "tuning: best packed / best planes us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = f"{r['shape'][0]}x{r['shape'][1]}"
         if "skipped" in r:
-            lines.append(f"| {r['format']} | {shape} | - | skipped ({r['skipped']}) | | | | | | | | |")
+            lines.append(f"| {r['format']} | {shape} | - | skipped ({r['skipped']}) | | | | | | | | | |")
             continue
         us, rf, c = r["us"], r["roofline"], r["gemv_config"]
         torch_us = f"{us['torch']:.0f}" if "torch" in us else "skipped"
+        b = r.get("gemv_best_us", {})
+        best = " / ".join(f"{b[k]:.1f}" if k in b else "-" for k in ("packed", "planes"))
         lines.append(f"| {r['format']} | {shape} | {r['tokens']} | {us['fp16']:.1f} | {torch_us} | {us['tri_dq']:.1f} | "
                      f"{us['gemv']:.1f} | {r['speedup_vs_fp16']['gemv']:.2f}x | {r['gbps']['gemv']:.0f} | "
                      f"{pct(rf['gemv'])} | {pct(rf['fp16'])} | "
-                     f"{config_label(c)} |")
+                     f"{config_label(c)} | {best} |")
     return "\n".join(lines)
 
 

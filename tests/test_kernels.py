@@ -19,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from vptq.kernels.layout import pack_stream, unpack_stream
+from vptq.kernels.layout import (pack_planes, pack_stream, plane_row_bytes, plane_widths, unpack_planes,
+                                 unpack_stream)
 from vptq.vqweight import VQWeight
 
 ON_GPU = torch.cuda.is_available()
@@ -61,6 +62,7 @@ CASES = {
     "v3_k32_res4": dict(out=9, inn=40, v=3, k=32, k_res=4, perm=True),  # 7-bit straddling, VP=4
     "v12_k4096_res4096": dict(out=24, inn=32, v=12, k=4096, k_res=4096, norm=True),  # 24 bits, VP=16
     "v1_k16": dict(out=16, inn=32, v=1, k=16, outliers=4, v_out=2, k_out=3),  # scalar codebook
+    "v4_gs21": dict(out=8, inn=21, v=4, k=16),  # odd group size: no bit-plane step fits, packed kernel
 }
 TOL = {torch.float32: 2e-3 if ON_GPU else 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -95,6 +97,58 @@ def test_pack_stream_bit_positions():
     assert stream == 0xABC | (0x123 << 12) | (0xFFF << 24)
 
 
+@pytest.mark.parametrize("t", list(range(1, 33)))
+def test_pack_planes_roundtrip(t):
+    g = torch.Generator().manual_seed(t)
+    for gs in (1, 7, 40, 129):
+        m = torch.randint(0, 2 ** t, (2, 3, gs), generator=g, dtype=torch.int64)
+        p = pack_planes(m, t)
+        assert p.dtype == torch.uint8 and p.shape == (6, sum(plane_row_bytes(w, gs) for w in plane_widths(t)))
+        assert p.shape[1] % 16 == 0
+        assert torch.equal(unpack_planes(p, t, gs), m.reshape(6, gs))
+
+
+def test_pack_planes_bit_positions():
+    """t = 12: an 8-bit plane (low bits, one byte per entry) then a 4-bit plane (two entries per
+    byte, entry j at bit 4 * (j % 2) of byte j // 2), each row padded to 16 bytes."""
+    m = torch.tensor([[0xABC, 0x123, 0xF0F]])
+    p = pack_planes(m, 12)
+    assert p.shape == (1, 32)
+    assert p[0, :3].tolist() == [0xBC, 0x23, 0x0F] and p[0, 3:16].eq(0).all()
+    assert p[0, 16:18].tolist() == [0xA | (0x1 << 4), 0xF] and p[0, 18:].eq(0).all()
+    assert plane_widths(12) == [8, 4] and plane_widths(31) == [16, 8, 4, 2, 1]
+
+
+def test_segment_planes_match_packed_stream():
+    from vptq.kernels.layout import from_vqweight
+
+    q = make_vq(**CASES["v4_res_groups"])
+    seg = from_vqweight(q.to("cpu")).main
+    idx, res = unpack_stream(seg.packed, seg.index_bits, seg.group_size, seg.res_bits)
+    merged = (idx | (res << seg.index_bits)).reshape(-1, seg.group_size)
+    assert torch.equal(unpack_planes(seg.planes, seg.total_bits, seg.group_size), merged)
+
+
+def test_gemv_candidates_include_the_plane_kernel():
+    """The tuner times the bit-plane kernel beside the packed one (1-4 tokens), with a step that
+    divides the group size; never on the tl.dot path, nor where no step fits (odd group size)."""
+    from vptq.kernels.dispatch import config_label, gemv_candidates
+    from vptq.kernels.gemv import plan
+    from vptq.kernels.layout import from_vqweight
+
+    kw = from_vqweight(make_vq(out=64, inn=96, v=6, k=4096).to("cpu"))  # gs 96: C 64 -> 32
+    one = gemv_candidates(kw, 1, sm_count=132)
+    planes = [c for c in one if c.get("PLANES")]
+    assert planes and len(planes) < len(one)
+    assert all(96 % c["BLOCK_C"] == 0 and plan(kw.main, c, 1).planes for c in planes)
+    labels = [config_label(c) for c in one]
+    assert len(set(labels)) == len(labels) and all(lb.endswith(" planes") for lb in map(config_label, planes))
+    assert any(c.get("PLANES") for c in gemv_candidates(kw, 4, sm_count=132))  # elementwise, 2-4 tokens
+    assert not any(c.get("PLANES") for T in (5, 16) for c in gemv_candidates(kw, T, sm_count=132))  # tl.dot
+    odd = from_vqweight(make_vq(**CASES["v4_gs21"]).to("cpu"))
+    assert not any(c.get("PLANES") for c in gemv_candidates(odd, 1, sm_count=132))
+
+
 # ---------------------------------------------------------------- kernels (GPU or interpreter child)
 if not CHILD:
     def test_kernels_under_interpreter():
@@ -121,13 +175,15 @@ if not CHILD:
 else:
     from vptq.kernels import dispatch
     from vptq.kernels.dequant import dequantize, dequantize_reference
-    from vptq.kernels.gemv import gemv, gemv_reference
+    from vptq.kernels.gemv import gemv, gemv_reference, plan
 
     # small blocks: several row blocks, several column steps per program, split columns (atomics)
     SMALL_DEQUANT = {"BLOCK_R": 2, "BLOCK_C": 16, "num_warps": 1}
     SMALL_SPLIT = {"BLOCK_R": 4, "BLOCK_C": 16, "SPLIT": 2, "num_warps": 1, "num_stages": 1, "DOT": False}
     SMALL_DIRECT = {**SMALL_SPLIT, "SPLIT": 1}
     SMALL_DOT = {**SMALL_SPLIT, "DOT": True}  # tl.dot inner product (2+ tokens)
+    SMALL_PLANES = {**SMALL_DIRECT, "PLANES": True}  # 1-4 tokens from the bit planes
+    SMALL_PLANES_SPLIT = {**SMALL_SPLIT, "BLOCK_C": 8, "SPLIT": 3, "PLANES": True}
     from vptq.kernels.layout import from_vqweight
     from vptq.qlinear import QuantLinear
 
@@ -161,12 +217,30 @@ else:
         # float16 also small blocks with split columns, and tl.dot for a few tokens
         cfgs = [None, SMALL_DIRECT] + ([SMALL_SPLIT] if dtype == torch.float16 else [])
         cfgs += [SMALL_DOT] if dtype == torch.float16 and 1 < tokens <= 4 else []
+        cfgs += [SMALL_PLANES, SMALL_PLANES_SPLIT] if tokens <= 4 else []
         for cfg in cfgs:
             y = gemv(kw, x, bias, cfg)
             assert y.dtype == dtype and y.shape == (tokens, q.out_features)
             assert torch.isfinite(y).all()
             assert rel(y, y64) < TOL[dtype], f"{cfg}: rel err {rel(y, y64):.2e}"
         assert rel(gemv_reference(kw, x, bias), y64) < TOL[dtype]
+        if tokens <= 4:  # the bit-plane kernel ran wherever a step fits the group size
+            assert plan(kw.main, SMALL_PLANES, tokens).planes == (case != "v4_gs21")
+
+    @pytest.mark.parametrize("tokens", [1, 3])
+    def test_every_candidate_matches(tokens):
+        """Every configuration the tuner may pick for 1 and 3 tokens (packed and bit-plane kernels,
+        tl.dot, column splits) gives the product, on a weight with a residual codebook and a norm."""
+        from vptq.kernels.dispatch import config_label, gemv_candidates
+
+        q = make_vq(out=40, inn=512, v=4, k=64, k_res=8, norm=True, seed=3)
+        kw = from_vqweight(q)
+        x = torch.randn(tokens, q.in_features, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.float16)
+        y64 = x.double() @ q.dequantize(torch.float32).double().T
+        cands = gemv_candidates(kw, tokens, sm_count=4)
+        assert any(c.get("PLANES") for c in cands) and any(c["SPLIT"] > 1 for c in cands)
+        for cfg in cands:
+            assert rel(gemv(kw, x, None, cfg), y64) < TOL[torch.float16], config_label(cfg)
 
     @pytest.mark.parametrize("tokens", [1, 4, 24])
     def test_quantlinear_triton_routes_equal_torch(tokens):

@@ -240,12 +240,17 @@ else:
         import vptq.kernels  # noqa: F401
         from runners.throughput import measure
 
+        from vptq.kernels import dispatch
+
         model, _ = tiny_vq_model()
         model.to(DEVICE)
         set_kernel(model, "triton")
+        before = dispatch.STATS["gemv planes"]
         res = measure(model, DEVICE, prompt_tokens=4, decode_tokens=1, warmup_tokens=1, layer_reps=1)
         assert res["decode_tok_s"] > 0
         assert {v["path"] for v in res["layers"].values()} == {"triton:gemv"}
+        if not ON_GPU:  # the interpreter's fixed configuration decodes from the bit planes
+            assert dispatch.STATS["gemv planes"] > before
         if ON_GPU:
             assert all(v["roofline"] is not None for v in res["layers"].values()) or res["peak_gbps"] is None
         print(json.dumps({k: v for k, v in res.items() if k != "layers"}))

@@ -47,8 +47,10 @@ _warned = set()
 def gemv_candidates(kw: KernelWeight, tokens: int, sm_count: int) -> List[dict]:
     """Block configurations worth timing for this weight and token count (a small list).
 
-    (BLOCK_R, BLOCK_C, num_warps, DOT) tiles; each also with a column split when its row blocks
-    alone would leave the GPU under-filled (< 4 programs per multiprocessor)."""
+    (BLOCK_R, BLOCK_C, num_warps, DOT) tiles, for 1-4 tokens each elementwise tile both from the
+    packed stream and from the bit planes (`gemv._vq_gemvp_kernel`, "PLANES"); each also with a
+    column split when its row blocks alone would leave the GPU under-filled (< 4 programs per
+    multiprocessor)."""
     one = [(1, 128, 4), (2, 64, 4), (4, 64, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8), (32, 32, 8)]
     elementwise = [(16, 32, 4), (8, 64, 4), (16, 64, 8), (32, 32, 8)]
     dot = [(4, 32, 4), (8, 32, 4), (8, 64, 4), (16, 32, 4), (16, 64, 8)]
@@ -58,12 +60,18 @@ def gemv_candidates(kw: KernelWeight, tokens: int, sm_count: int) -> List[dict]:
         tiles = [(r, c, w, False) for r, c, w in elementwise] + [(r, c, w, True) for r, c, w in dot[1:4]]
     else:
         tiles = [(r, c, w, True) for r, c, w in dot]
+    if tokens <= G.MAX_ELEMENTWISE_TOKENS:  # elementwise tiles also from the bit planes, where a step fits
+        tiles += [(r, c, w, "planes") for r, c, w, d in tiles if not d and G.plane_block_c(kw.main, c) is not None]
     out, seen = [], set()
     for R, C, w, d in tiles:
         base = {"BLOCK_R": R, "BLOCK_C": C, "num_warps": w, "num_stages": 2}
-        if tokens > 1:
+        if d == "planes":
+            base["PLANES"] = True
+        elif tokens > 1:
             base["DOT"] = d
         Rt, Ct = G.tile({**base, "SPLIT": 1}, tokens, kw.main.vp)[:2]
+        if d == "planes":
+            Ct = G.plane_block_c(kw.main, Ct) or Ct
         blocks = triton.cdiv(kw.main.rows, Rt)
         splits = {1}
         if blocks < 4 * sm_count:  # too few programs to fill the GPU: also try a column split
@@ -122,12 +130,15 @@ def tune_gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = 
 
 def config_label(cfg: dict) -> str:
     return (f"R{cfg['BLOCK_R']} C{cfg['BLOCK_C']} S{cfg['SPLIT']} w{cfg['num_warps']}"
-            + (" dot" if cfg.get("DOT") else ""))
+            + (" dot" if cfg.get("DOT") else "") + (" planes" if cfg.get("PLANES") else ""))
 
 
 # ---------------------------------------------------------------------------------- routes
 def _run_gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return G.gemv(kw, x, bias, tune_gemv(kw, x, bias))
+    cfg = tune_gemv(kw, x, bias)
+    if G.plan(kw.main, cfg, x.shape[0]).planes:
+        STATS["gemv planes"] += 1  # of the "gemv" calls, those through the bit-plane kernel
+    return G.gemv(kw, x, bias, cfg)
 
 
 def _run_dequant_matmul(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

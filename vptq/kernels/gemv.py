@@ -13,9 +13,16 @@ The permutation and the norm act on x instead of W (VPTQ stores W = W'[:, perm] 
     xp[b, j] = x[b, perm[j]] * s[perm[j]]      (x permuted and scaled, fp32)
     c[b]     = sum_i x[b, i] * bias_norm[i]     (the norm's bias is one dot per token)
 
-Two kernels, each the faster one where it runs (measured on an H200, docs/benchmarks.md):
+Three kernels:
   * `_vq_gemv1_kernel`, one token: a (C, R, VP) tile of fp32 products per step (one per column,
-    row, lane), summed over the columns once at the end: no reduction inside the loop.
+    row, lane), summed over the columns once at the end: no reduction inside the loop. Each
+    index costs two int32 word loads and a variable funnel shift (measured on an H200).
+  * `_vq_gemvp_kernel`, 1-4 tokens, reading the same indices as bit planes (`layout.pack_planes`):
+    one vector load per plane for a run of BLOCK_C indices and constant shifts; at one token
+    1.3-1.6x fewer SASS instructions per index on sm_90 than `_vq_gemv1_kernel`
+    (benchmarks/kernel_sass.py, a static count, docs/benchmarks.md). Its throughput has not been
+    measured on a GPU yet, so the tuner times it beside the packed kernels and keeps the faster
+    (`dispatch.gemv_candidates`, config "PLANES").
   * `_vq_gemvn_kernel`, 2-16 tokens: an (R, C, VP) tile whose index words for the next step are
     loaded before this step's codewords are gathered; 2-4 tokens keep one register accumulator
     each (the decoded codewords are reused by every token), more tokens (or DOT) use tl.dot on
@@ -26,6 +33,7 @@ SPLIT > 1 splits the columns over programs that add into an fp32 output (atomics
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,7 +42,7 @@ import triton
 import triton.language as tl
 
 from vptq.kernels.dequant import INTERPRET, _codewords, _store, dequantize_reference
-from vptq.kernels.layout import KernelWeight, Segment, next_pow2
+from vptq.kernels.layout import KernelWeight, Segment, next_pow2, plane_widths
 
 MAX_TOKENS = 16  # the dispatch sends more tokens to dequantize + matmul
 
@@ -137,7 +145,47 @@ def _vq_gemv1_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
         _store(y_ptr + o, res, ok, BF16_BITS)
 
 
-# ---------------------------------------------------------------------------------- 2-16 tokens
+# ----------------------------------------------------------------- 1-4 tokens, bit planes: decode
+@triton.jit
+def _plane(prow, cg0, rmask, POFF16, W: tl.constexpr, C: tl.constexpr):
+    """(R, C) uint32 entries [cg0, cg0 + C) of one W-bit plane; prow (R, 1) byte pointers to the
+    rows' plane area, POFF16 this plane's offset in 16-byte units; cg0 % C == 0, C >= 8 // W."""
+    pb = prow + POFF16 * 16
+    if W >= 8:  # one W-bit word per entry: a contiguous (vectorized) load
+        cols = cg0 + tl.arange(0, C)
+        if W == 8:
+            v = tl.load(pb + cols[None, :], mask=rmask[:, None], other=0).to(tl.uint32)
+        elif W == 16:
+            v = tl.load(pb.to(tl.pointer_type(tl.uint16)) + cols[None, :], mask=rmask[:, None], other=0).to(tl.uint32)
+        else:
+            v = tl.load(pb.to(tl.pointer_type(tl.uint32)) + cols[None, :], mask=rmask[:, None], other=0)
+    else:  # 8 // W entries per byte: load C // PER bytes, split each with constant shifts
+        PER: tl.constexpr = 8 // W
+        b = cg0 // PER + tl.arange(0, C // PER)
+        byt = tl.load(pb + b[None, :], mask=rmask[:, None], other=0).to(tl.uint32)  # (R, C/PER)
+        sh = (tl.arange(0, PER) * W).to(tl.uint32)
+        v = tl.reshape((byt[:, :, None] >> sh[None, None, :]) & ((1 << W) - 1), (byt.shape[0], C))
+    return v
+
+
+@triton.jit
+def _planes_merged(prow, cg0, rmask, GS_BYTES, TB: tl.constexpr, C: tl.constexpr):
+    """(R, C) uint32 merged TB-bit indices from the bit planes (layout.pack_planes): planes of
+    the binary digits of TB, widest first, each shifted to its bit offset and or-ed."""
+    m = tl.zeros((prow.shape[0], C), dtype=tl.uint32)
+    poff = GS_BYTES * 0  # 16-byte units of the planes before this one
+    for b in tl.static_range(5, -1, -1):
+        if (TB & (1 << b)) != 0:
+            pv = _plane(prow, cg0, rmask, poff, 1 << b, C)
+            if (TB & ~((2 << b) - 1)) == 0:
+                m = m | pv
+            else:
+                m = m | (pv << (TB & ~((2 << b) - 1)))
+            poff += (GS_BYTES * (1 << b) + 127) // 128
+    return m
+
+
+# ------------------------------------------------------------------------ shared epilogue
 @triton.jit
 def _token_out(acc, y_ptr, bias_ptr, c_ptr, t, rows, pid_s, OUT, stride_y,
                V: tl.constexpr, VP: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -158,6 +206,69 @@ def _token_out(acc, y_ptr, bias_ptr, c_ptr, t, rows, pid_s, OUT, stride_y,
         _store(ptrs, res, ok, BF16_BITS)
 
 
+@triton.jit(do_not_specialize=["B", "OUT", "N_ROWS", "GS", "GS_STEPS", "ROW16", "K", "KR", "X_COL0",
+                               "SPAN_STEPS", "N_STEPS", "stride_x", "stride_y"])
+def _vq_gemvp_kernel(x_ptr, y_ptr, planes_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
+                     B, OUT, N_ROWS, GS, GS_STEPS, ROW16, K, KR, X_COL0, SPAN_STEPS, N_STEPS, stride_x, stride_y,
+                     V: tl.constexpr, VP: tl.constexpr, TB: tl.constexpr, IB: tl.constexpr, RB: tl.constexpr,
+                     ONE_GROUP: tl.constexpr, BP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_C: tl.constexpr, BF16_BITS: tl.constexpr):
+    """BP = B = 1..4 tokens from the bit planes, one (R, C, VP) fp32 accumulator each (the decoded
+    codewords are reused by every token). grid (cdiv(N_ROWS, BLOCK_R), SPLIT): rows block x steps
+    [pid_s * SPAN_STEPS, +SPAN_STEPS) of BLOCK_C columns; BLOCK_C divides the group size GS
+    (GS_STEPS = GS / BLOCK_C), so a step lies in one group and needs no column mask."""
+    # 1. this program's vector rows and steps
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (R,)
+    rmask = rows < N_ROWS
+    s_lo = pid_s * SPAN_STEPS
+    s_hi = tl.minimum(s_lo + SPAN_STEPS, N_STEPS)
+    lanes = tl.arange(0, VP)
+    acc0 = tl.zeros((BLOCK_R, BLOCK_C, VP), dtype=tl.float32)  # one product per row, column, lane
+    acc1 = tl.zeros((BLOCK_R, BLOCK_C, VP), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_R, BLOCK_C, VP), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_R, BLOCK_C, VP), dtype=tl.float32)
+    for s in range(s_lo, s_hi):
+        # 2. decode BLOCK_C merged indices per row from the planes (constant shifts)
+        if ONE_GROUP:
+            g = 0
+            cg0 = s * BLOCK_C
+        else:
+            g = s // GS_STEPS
+            cg0 = (s - g * GS_STEPS) * BLOCK_C
+        prow = planes_ptr + ((g * N_ROWS + rows).to(tl.int64) * ROW16 * 16)[:, None]  # (R, 1)
+        m = _planes_merged(prow, cg0, rmask, GS, TB, BLOCK_C)  # (R, C)
+        # 3. gather the codewords (one VP-wide vector load each) and accumulate
+        idx = (m & ((1 << IB) - 1)).to(tl.int32)
+        cbg = cb_ptr + g * K * VP  # this group's codebook
+        cw = tl.load(cbg + (idx.to(tl.int64) * VP)[:, :, None] + lanes[None, None, :]).to(tl.float32)  # (R, C, VP)
+        if RB > 0:
+            ridx = ((m >> IB) & ((1 << RB) - 1)).to(tl.int32)
+            rcbg = rcb_ptr + g * KR * VP
+            cw = cw + tl.load(rcbg + (ridx.to(tl.int64) * VP)[:, :, None] + lanes[None, None, :]).to(tl.float32)
+        xrow = x_ptr + X_COL0 + s * BLOCK_C + tl.arange(0, BLOCK_C)  # (C,) token 0
+        acc0 += cw * tl.load(xrow).to(tl.float32)[None, :, None]
+        if BP >= 2:
+            acc1 += cw * tl.load(xrow + stride_x).to(tl.float32)[None, :, None]
+        if BP >= 3:
+            acc2 += cw * tl.load(xrow + 2 * stride_x).to(tl.float32)[None, :, None]
+        if BP >= 4:
+            acc3 += cw * tl.load(xrow + 3 * stride_x).to(tl.float32)[None, :, None]
+    # 4. epilogue per token: the column sum once, bias and the norm's constant on span 0
+    _token_out(acc0, y_ptr, bias_ptr, c_ptr, 0, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C, BF16_BITS)
+    if BP >= 2:
+        _token_out(acc1, y_ptr, bias_ptr, c_ptr, 1, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                   BF16_BITS)
+    if BP >= 3:
+        _token_out(acc2, y_ptr, bias_ptr, c_ptr, 2, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                   BF16_BITS)
+    if BP >= 4:
+        _token_out(acc3, y_ptr, bias_ptr, c_ptr, 3, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                   BF16_BITS)
+
+
+# ---------------------------------------------------------------------------------- 2-16 tokens
 # shape integers are not specialized: one binary per block configuration serves every layer shape
 @triton.jit(do_not_specialize=["B", "OUT", "N_ROWS", "GS", "NCOLS", "W_WORDS", "K", "KR", "G_LAST", "X_COL0", "SPAN",
                                "stride_x", "stride_y"])
@@ -244,8 +355,10 @@ def _vq_gemvn_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
 # ---------------------------------------------------------------------------------- launch
 DEFAULT_CONFIG = {"BLOCK_R": 4, "BLOCK_C": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 2}  # one token
 DEFAULT_CONFIG_N = {"BLOCK_R": 8, "BLOCK_C": 32, "SPLIT": 1, "num_warps": 4, "num_stages": 2, "DOT": False}
-# interpreter: few, large programs (its cost is per program instance and per op, not per element)
-INTERPRET_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "SPLIT": 2, "num_warps": 1, "num_stages": 1, "DOT": False}
+# interpreter: few, large programs (its cost is per program instance and per op, not per element);
+# 1-4 tokens from the bit planes, so the harness tests run that kernel (test_kernels runs both)
+INTERPRET_CONFIG = {"BLOCK_R": 16, "BLOCK_C": 32, "SPLIT": 2, "num_warps": 1, "num_stages": 1, "DOT": False,
+                    "PLANES": True}
 MAX_TILE = 8192  # fp32 products held per program (2-4 tokens: tokens * R * C * VP), per 4 warps
 MAX_ELEMENTWISE_TOKENS = 4  # one register accumulator per token; more tokens take the tl.dot path
 
@@ -292,43 +405,78 @@ def prepare_x(kw: KernelWeight, x: torch.Tensor):
     return xf.contiguous(), c
 
 
+def plane_block_c(seg: Segment, block_c: int) -> Optional[int]:
+    """Columns per step of the bit-plane kernel for this segment: block_c halved until it divides
+    the group size (a step must not straddle groups), and >= the entries per byte of its
+    narrowest plane; None where no such size exists (the packed-stream kernel takes it)."""
+    min_c = max([8 // w for w in plane_widths(seg.total_bits) if w < 8] + [1])
+    c = block_c
+    while c > min_c and seg.group_size % c:
+        c //= 2
+    return c if seg.group_size % c == 0 and c >= min_c else None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What one segment's launch looks like for a config and token count."""
+    planes: bool  # the bit-plane kernel (1-4 tokens; else the packed-stream kernels)
+    R: int
+    C: int
+    BP: int
+    use_dot: bool
+    split: int  # programs along the columns
+    span: int  # columns (packed) or steps of C columns (planes) per program
+
+
+def plan(seg: Segment, cfg: dict, tokens: int) -> Launch:
+    R, C, BP, use_dot = tile(cfg, tokens, seg.vp)
+    if cfg.get("PLANES") and not use_dot:  # 1-4 tokens
+        pc = plane_block_c(seg, C)
+        if pc is not None:
+            n_steps = seg.ncols // pc
+            span = triton.cdiv(n_steps, max(1, min(cfg["SPLIT"], n_steps)))
+            return Launch(True, R, pc, BP, False, triton.cdiv(n_steps, span), span)
+    split = max(1, min(cfg["SPLIT"], triton.cdiv(seg.ncols, C)))
+    span = triton.cdiv(triton.cdiv(seg.ncols, split), C) * C
+    return Launch(False, R, C, BP, use_dot, triton.cdiv(seg.ncols, span), span)
+
+
 def _launch_segment(y, xp, kw: KernelWeight, seg: Segment, cfg: dict, atomic: bool, bias, c, epilogue: bool,
                     precision: str):
     B = xp.shape[0]
-    R, C, BP, use_dot = tile(cfg, B, seg.vp)
-    split = max(1, min(cfg["SPLIT"], triton.cdiv(seg.ncols, C)))
-    span = triton.cdiv(triton.cdiv(seg.ncols, split), C) * C
-    split = triton.cdiv(seg.ncols, span)
-    grid = (triton.cdiv(seg.rows, R), split)
+    L = plan(seg, cfg, B)
+    grid = (triton.cdiv(seg.rows, L.R), L.split)
     dummy = seg.packed
     has_bias = epilogue and bias is not None
     has_c = epilogue and c is not None
     bf16 = y.dtype == torch.bfloat16
+    yk = y.view(torch.int16) if bf16 else y
     rcb = seg.res_codebook if seg.res_codebook is not None else seg.codebook
+    common = dict(V=seg.v, VP=seg.vp, TB=seg.total_bits, IB=seg.index_bits, RB=seg.res_bits,
+                  ONE_GROUP=seg.groups == 1, BLOCK_R=L.R, BLOCK_C=L.C, ATOMIC=atomic, HAS_BIAS=has_bias,
+                  HAS_C=has_c, BF16_BITS=bf16, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if L.planes:
+        planes = seg.planes
+        _vq_gemvp_kernel[grid](
+            xp, yk, planes, seg.codebook, rcb, bias if has_bias else dummy, c if has_c else dummy,
+            B, kw.out_features, seg.rows, seg.group_size, seg.group_size // L.C, planes.shape[1] // 16, seg.k,
+            max(seg.k_res, 1), seg.col0, L.span, seg.ncols // L.C, xp.stride(0), y.stride(0), BP=L.BP, **common)
+        return
     if B == 1:
         _vq_gemv1_kernel[grid](
-            xp, y.view(torch.int16) if bf16 else y, seg.packed, seg.codebook, rcb,
-            bias if has_bias else dummy, c if has_c else dummy,
+            xp, yk, seg.packed, seg.codebook, rcb, bias if has_bias else dummy, c if has_c else dummy,
             kw.out_features, seg.rows, seg.group_size, seg.ncols, seg.words, seg.k, max(seg.k_res, 1),
-            seg.groups - 1, seg.col0, span,
-            V=seg.v, VP=seg.vp, TB=seg.total_bits, IB=seg.index_bits, RB=seg.res_bits, ONE_GROUP=seg.groups == 1,
-            BLOCK_R=R, BLOCK_C=C, ATOMIC=atomic, HAS_BIAS=has_bias, HAS_C=has_c, BF16_BITS=bf16,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            seg.groups - 1, seg.col0, L.span, **common)
         return
     _vq_gemvn_kernel[grid](
-        xp, y.view(torch.int16) if bf16 else y, seg.packed, seg.codebook, seg.res_codebook if seg.res_codebook is not None else seg.codebook,
-        bias if has_bias else dummy, c if has_c else dummy,
+        xp, yk, seg.packed, seg.codebook, rcb, bias if has_bias else dummy, c if has_c else dummy,
         B, kw.out_features, seg.rows, seg.group_size, seg.ncols, seg.words, seg.k, max(seg.k_res, 1),
-        seg.groups - 1, seg.col0, span, xp.stride(0), y.stride(0),
-        V=seg.v, VP=seg.vp, TB=seg.total_bits, IB=seg.index_bits, RB=seg.res_bits, ONE_GROUP=seg.groups == 1,
-        BP=BP, BLOCK_R=R, BLOCK_C=C, USE_DOT=use_dot,
-        ATOMIC=atomic, HAS_BIAS=has_bias, HAS_C=has_c, BF16_BITS=bf16, DOT_PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        seg.groups - 1, seg.col0, L.span, xp.stride(0), y.stride(0),
+        BP=L.BP, USE_DOT=L.use_dot, DOT_PRECISION=precision, **common)
 
 
 def needs_atomic(kw: KernelWeight, cfg: dict, tokens: int) -> bool:
-    C = tile(cfg, tokens, kw.main.vp)[1]
-    return kw.outlier is not None or min(cfg["SPLIT"], triton.cdiv(kw.main.ncols, C)) > 1
+    return kw.outlier is not None or plan(kw.main, cfg, tokens).split > 1
 
 
 def gemv(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -21,6 +21,17 @@ is one aligned vector load (v=6 -> 8 halves = 16 bytes):
 
 The outlier columns (their own codebook, vector length v_o; stored unpacked in the official
 format) become a second stream in the same layout, so one kernel serves both.
+
+Bit planes (`pack_planes`, read by the one-token GEMV's plane kernel, built on first use): the
+same merged indices, split by the binary digits of t into planes of w in {32, 16, 8, 4, 2, 1} bits
+(t = 12 -> an 8-bit plane of bits 0-7 and a 4-bit plane of bits 8-11). Each plane is a plain
+array of w-bit entries (w >= 8: little-endian words; w < 8: 8 / w entries per byte, entry j in
+byte j // (8 / w) at bit (j % (8 / w)) * w), so a kernel loads a run of indices with one vector
+load per plane and decodes them with constant shifts, instead of two word loads and a variable
+funnel shift per index. Same bits as the packed stream, plus each plane's row padded to 16 bytes:
+
+    planes (G * n, ROW) uint8, row g * n + r = [plane w1 | plane w2 | ...] (w decreasing),
+    plane w occupying ceil(gs * w / 128) * 16 bytes
 """
 from __future__ import annotations
 
@@ -82,6 +93,59 @@ def unpack_stream(packed: torch.Tensor, index_bits: int, group_size: int, res_bi
     return idx, res
 
 
+def plane_widths(t: int) -> list:
+    """Plane widths of a t-bit merged index, widest first (its binary digits): 12 -> [8, 4]."""
+    return [w for w in (32, 16, 8, 4, 2, 1) if t & w]
+
+
+def plane_row_bytes(w: int, gs: int) -> int:
+    """Bytes of one row of a w-bit plane over gs entries, padded to 16 (an aligned vector load)."""
+    return -(-gs * w // 128) * 16
+
+
+def pack_planes(merged: torch.Tensor, t: int) -> torch.Tensor:
+    """(..., gs) merged t-bit indices -> (prod(...), ROW) uint8 bit planes (module docstring)."""
+    m = merged.to(torch.int64).reshape(-1, merged.shape[-1])  # (rows, gs)
+    rows, gs = m.shape
+    parts = []
+    for w in plane_widths(t):
+        off = t & ~(2 * w - 1)  # bits of the wider planes below this one
+        vals = (m >> off) & ((1 << w) - 1)  # (rows, gs)
+        if w >= 8:  # little-endian w-bit words
+            byts = torch.stack([(vals >> (8 * b)) & 0xFF for b in range(w // 8)], dim=-1).reshape(rows, -1)
+        else:  # 8 / w entries per byte
+            per = 8 // w
+            pad = (-gs) % per
+            vals = torch.nn.functional.pad(vals, (0, pad)).reshape(rows, -1, per)
+            shifts = torch.arange(per, device=m.device, dtype=torch.int64) * w
+            byts = (vals << shifts).sum(-1)  # disjoint bits: sum == or
+        rb = plane_row_bytes(w, gs)
+        parts.append(torch.nn.functional.pad(byts, (0, rb - byts.shape[1])))
+    return torch.cat(parts, dim=1).to(torch.uint8).contiguous()
+
+
+def unpack_planes(planes: torch.Tensor, t: int, gs: int) -> torch.Tensor:
+    """Inverse of `pack_planes`: (rows, ROW) uint8 -> (rows, gs) int64 merged indices."""
+    b = planes.to(torch.int64)
+    m = torch.zeros(b.shape[0], gs, dtype=torch.int64, device=b.device)
+    pos = 0
+    for w in plane_widths(t):
+        off = t & ~(2 * w - 1)
+        rb = plane_row_bytes(w, gs)
+        row = b[:, pos:pos + rb]
+        if w >= 8:
+            nb = w // 8
+            byts = row[:, :gs * nb].reshape(-1, gs, nb)
+            vals = sum(byts[..., i] << (8 * i) for i in range(nb))
+        else:
+            per = 8 // w
+            j = torch.arange(gs, device=b.device)
+            vals = (row[:, j // per] >> ((j % per) * w)) & ((1 << w) - 1)
+        m |= vals << off
+        pos += rb
+    return m
+
+
 @dataclass(eq=False)
 class Segment:
     """One packed index stream with its codebooks: the main columns or the outlier columns.
@@ -102,6 +166,16 @@ class Segment:
     group_size: int
     rows: int  # n = ceil(out / v)
     col0: int
+    _planes: Optional[torch.Tensor] = None  # bit planes of the same indices, built on first use
+
+    @property
+    def planes(self) -> torch.Tensor:
+        """(G * n, ROW) uint8 bit planes of this stream (`pack_planes`), built once from `packed`."""
+        if self._planes is None:
+            idx, res = unpack_stream(self.packed, self.index_bits, self.group_size, self.res_bits)
+            merged = idx if res is None else idx | (res << self.index_bits)
+            self._planes = pack_planes(merged, self.total_bits)
+        return self._planes
 
     @property
     def vp(self) -> int:
