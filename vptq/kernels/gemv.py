@@ -18,11 +18,12 @@ Three kernels:
     row, lane), summed over the columns once at the end: no reduction inside the loop. Each
     index costs two int32 word loads and a variable funnel shift (measured on an H200).
   * `_vq_gemvp_kernel`, 1-4 tokens, reading the same indices as bit planes (`layout.pack_planes`):
-    one vector load per plane for a run of BLOCK_C indices and constant shifts; at one token
-    1.3-1.6x fewer SASS instructions per index on sm_90 than `_vq_gemv1_kernel`
-    (benchmarks/kernel_sass.py, a static count, docs/benchmarks.md). Its throughput has not been
-    measured on a GPU yet, so the tuner times it beside the packed kernels and keeps the faster
-    (`dispatch.gemv_candidates`, config "PLANES").
+    one vector load per plane for a run of BLOCK_C indices and constant shifts. Static SASS
+    counts for sm_90 (benchmarks/kernel_sass.py, docs/benchmarks.md): with Triton 3.9, 1.3-1.6x
+    fewer instructions per index than `_vq_gemv1_kernel` at one token (3.9 compiles that one
+    worse than 3.6 did); with 3.6 level at one token, 1.2-1.7x fewer at 4 tokens. Its throughput
+    has not been measured on a GPU yet, so the tuner times it beside the packed kernels and keeps
+    the faster (`dispatch.gemv_candidates`, config "PLANES").
   * `_vq_gemvn_kernel`, 2-16 tokens: an (R, C, VP) tile whose index words for the next step are
     loaded before this step's codewords are gathered; 2-4 tokens keep one register accumulator
     each (the decoded codewords are reused by every token), more tokens (or DOT) use tl.dot on
@@ -174,14 +175,14 @@ def _planes_merged(prow, cg0, rmask, GS_BYTES, TB: tl.constexpr, C: tl.constexpr
     the binary digits of TB, widest first, each shifted to its bit offset and or-ed."""
     m = tl.zeros((prow.shape[0], C), dtype=tl.uint32)
     poff = GS_BYTES * 0  # 16-byte units of the planes before this one
-    for b in tl.static_range(5, -1, -1):
-        if (TB & (1 << b)) != 0:
-            pv = _plane(prow, cg0, rmask, poff, 1 << b, C)
-            if (TB & ~((2 << b) - 1)) == 0:
+    for i in tl.static_range(6):  # widths 32, 16, 8, 4, 2, 1
+        if (TB & (32 >> i)) != 0:
+            pv = _plane(prow, cg0, rmask, poff, 32 >> i, C)
+            if (TB & ~((64 >> i) - 1)) == 0:  # the plane's bit offset: the wider planes' bits
                 m = m | pv
             else:
-                m = m | (pv << (TB & ~((2 << b) - 1)))
-            poff += (GS_BYTES * (1 << b) + 127) // 128
+                m = m | (pv << (TB & ~((64 >> i) - 1)))
+            poff += (GS_BYTES * (32 >> i) + 127) // 128
     return m
 
 
