@@ -48,7 +48,7 @@ def pareto_plots(table: pd.DataFrame, outdir: str, method_order: List[str] = (),
     out: Dict[str, str] = {}
     if table.empty or "bits_total" not in table:
         return out
-    ppl_cols = [c for c in table.columns if c.startswith("ppl::")]
+    ppl_cols = [c for c in table.columns if c.startswith("ppl::") and not c.endswith("::std")]
     order = {m: i for i, m in enumerate(method_order)}
     for model, sub in table.groupby("model", sort=False):
         for col in ppl_cols:

@@ -38,17 +38,33 @@ class Column:
     fmt: str = "{:.2f}"
 
 
+# what else tells two configurations apart: shown as a column only where the table's rows differ in it
+VARIANT_COLUMNS = [("calib", "calibration"), ("protocol", "Hessian protocol"), ("kernel", "kernel"),
+                   ("eval_windows", "eval windows")]
+
+
+def variant_columns(df: pd.DataFrame) -> List[Column]:
+    out = []
+    for key, header in VARIANT_COLUMNS:
+        if key in df and df[key].dropna().astype(str).nunique() > 1:
+            out.append(Column(key, header, None, "{}"))
+    if "n_seeds" in df and (df["n_seeds"] > 1).any():
+        out.append(Column("n_seeds", "seeds", None, "{:g}"))
+    return out
+
+
 def columns_for(df: pd.DataFrame) -> List[Column]:
     cols = [Column("model", "model", None, "{}"), Column("method", "method", None, "{}"),
-            Column("bits_target", "bits (target)", None, "{:g}"), Column("settings", "settings", None, "{}"),
-            Column("bits_index", "bits/weight (index) ↓", "lower", "{:.3f}"),
+            Column("bits_target", "bits (target)", None, "{:g}"), Column("settings", "settings", None, "{}")]
+    cols += variant_columns(df)
+    cols += [Column("bits_index", "bits/weight (index) ↓", "lower", "{:.3f}"),
             Column("bits_total", "bits/weight (total) ↓", "lower", "{:.3f}")]
     for c in df.columns:
-        if c.startswith("ppl::"):
+        if c.startswith("ppl::") and not c.endswith("::std"):
             ds, seqlen = c[5:].split("@")
             cols.append(Column(c, f"PPL {ds} @{seqlen} ↓", "lower", "{:.2f}"))
     for c in df.columns:
-        if c.startswith("qa::"):
+        if c.startswith("qa::") and not c.endswith("::std"):
             parts = c.split("::")[1:]
             if parts[0] == "mean":
                 parts[0] = "AvgQA"
@@ -60,15 +76,30 @@ def columns_for(df: pd.DataFrame) -> List[Column]:
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds of the same (model, method, bits, settings)."""
+    """One row per configuration (`config_key`: runs that differ only in their seed): the mean over
+    its seeds, `n_seeds`, and for every perplexity and QA column the sample standard deviation
+    over the seeds (`<column>::std`, NaN for one seed)."""
     if df.empty:
         return df
     keys = ["model", "method", "bits_target", "settings"]
     df = df.copy()
+    if "config_key" not in df:
+        df["config_key"] = None
     df["bits_target"] = df["bits_target"].astype(object).where(df["bits_target"].notna(), None)
-    num = [c for c in df.columns if c not in keys and pd.api.types.is_numeric_dtype(df[c])]
-    g = df.groupby(keys, dropna=False, sort=False)
+    shown = [k for k, _ in VARIANT_COLUMNS if k in df]  # constant within a configuration
+    for k in shown:
+        df[k] = df[k].astype(object).where(df[k].notna(), None)
+    num = [c for c in df.columns if c not in keys + shown + ["seed", "config_key"]
+           and pd.api.types.is_numeric_dtype(df[c])]
+    g = df.groupby(keys + ["config_key"], dropna=False, sort=False)
     out = g[num].mean().reset_index()
+    for k in shown:
+        out[k] = g[k].first().values
+    spread = [c for c in num if c.startswith(("ppl::", "qa::"))]
+    if spread:
+        std = g[spread].std(ddof=1).reset_index(drop=True)
+        for c in spread:
+            out[f"{c}::std"] = std[c].values
     out["n_seeds"] = g.size().values
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     out["_m"] = out["method"].map(lambda m: order.get(m, len(order)))
@@ -99,12 +130,19 @@ def ranks(df: pd.DataFrame, col: Column, by=("model",)) -> Dict[int, int]:
     return out
 
 
-def cell(v, col: Column) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def cell(v, col: Column, std=None, pm: str = " ± ") -> str:
+    """The value as displayed; with `std` (several seeds) "mean ± std" in the same format."""
+    if _missing(v):
         return "—"
-    if col.key.startswith("qa::"):
-        v = v * 100
-    return col.fmt.format(v)
+    scale = 100 if col.key.startswith("qa::") else 1
+    s = col.fmt.format(v * scale)
+    if not _missing(std):
+        s += pm + col.fmt.format(std * scale)
+    return s
 
 
 def render(df: pd.DataFrame, style: str) -> str:
@@ -114,7 +152,7 @@ def render(df: pd.DataFrame, style: str) -> str:
     for i, r in df.iterrows():
         cells = []
         for c in cols:
-            s = cell(r.get(c.key), c)
+            s = cell(r.get(c.key), c, r.get(f"{c.key}::std"), " ± " if style == "md" else r" $\pm$ ")
             if style == "tex":
                 s = s.replace("_", r"\_").replace("%", r"\%").replace("—", "--")
             k = rk[c.key].get(i)
@@ -141,7 +179,7 @@ def render(df: pd.DataFrame, style: str) -> str:
     return "\n".join(lines)
 
 
-def notes(raw: pd.DataFrame) -> List[str]:
+def notes(raw: pd.DataFrame, table: Optional[pd.DataFrame] = None) -> List[str]:
     out = ["Bits/weight are realized totals over the quantized linears, counted from the stored tensors "
            "(indices, codebooks, scales, outliers, norms, permutations); embeddings and LM head stay in float.",
            "Best of each column in bold, second underlined, per model; the unquantized reference (fp16) is "
@@ -149,6 +187,10 @@ def notes(raw: pd.DataFrame) -> List[str]:
     if "protocol" in raw and raw["protocol"].notna().any():
         protos = ", ".join(sorted(raw["protocol"].dropna().unique()))
         out.append(f"Hessian protocol: {protos}.")
+    if table is not None and "n_seeds" in table and (table["n_seeds"] > 1).any():
+        out.append("A row over several seeds (the seeds column) shows the mean ± the sample standard deviation "
+                   "over them; ranks are on the means. Runs are averaged only when their configurations differ in "
+                   "nothing but the seed.")
     return out
 
 
@@ -171,7 +213,7 @@ def _ppl_label(ds: str) -> str:
 def paper_columns(df: pd.DataFrame, qa_metric: str = "acc") -> List[Column]:
     """Method, W bits | PPL: W2, C4, other corpora | QA tasks (qa_metric, %), AvgQA | bits, time, mem."""
     cols = [Column("method", "Method", None, "{}"), Column("bits_target", "W bits", None, "{:g}")]
-    ppl = [c for c in df.columns if c.startswith("ppl::")]
+    ppl = [c for c in df.columns if c.startswith("ppl::") and not c.endswith("::std")]
     rank = {"W2": 0, "C4": 1}
     ppl.sort(key=lambda c: (rank.get(_ppl_label(c[5:]), 2), c))
     for c in ppl:
@@ -241,10 +283,11 @@ def render_paper(df: pd.DataFrame, qa_metric: str = "acc") -> str:
                 v = r.get(c.key)
                 if v is None or (isinstance(v, float) and math.isnan(v)):
                     s = "--" if not (c.key == "bits_target" and r["method"] in REFERENCE_METHODS) else "16"
-                elif c.key.startswith("qa::"):
-                    s = c.fmt.format(v * 100)
                 else:
-                    s = _tex(c.fmt.format(v))
+                    s = _tex(cell(v, c))
+                    std = r.get(f"{c.key}::std")
+                    if not _missing(std):
+                        s += rf"\,{{\scriptsize$\pm${_tex(cell(std, c))}}}"
                 k = rk[c.key].get(i)
                 if k == 1:
                     s = rf"\textbf{{{s}}}"
@@ -265,7 +308,7 @@ def write_report(root: str, qa_metric: str = "acc") -> pd.DataFrame:
     else:
         md.append(render(table, "md"))
         md.append("")
-        md += [f"- {n}" for n in notes(ok)]
+        md += [f"- {n}" for n in notes(ok, table)]
     if not failed.empty:
         md += ["", "## Failed jobs", ""]
         md += [f"- {r.model} {r.method} bits={r.bits_target}: {r.error} ({r.path})" for r in failed.itertuples()]

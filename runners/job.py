@@ -60,7 +60,8 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
     container = _abspaths(OmegaConf.to_container(cfg, resolve=True))
     mname = cfg.method.name
     uses_bits = method_class(mname).uses_bits if mname in METHODS else True
-    key = M.run_key(M.semantic_config(container, uses_bits=uses_bits))
+    semantic = M.semantic_config(container, uses_bits=uses_bits)
+    key = M.run_key(semantic)
 
     if cfg.resume:
         for root in (job_dir, sweep_dir, cfg.results_root):
@@ -77,7 +78,7 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
                 return _headline(_load(out_path))
 
     base: Dict[str, Any] = {
-        "run_key": key, "model": cfg.model.name, "method": mname,
+        "run_key": key, "config_key": M.config_key(semantic), "model": cfg.model.name, "method": mname,
         "bits": {"target": float(cfg.bits) if uses_bits else None, "index": None, "total": None},
     }
     tracker = None

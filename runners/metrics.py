@@ -53,6 +53,12 @@ def run_key(semantic: Dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def config_key(semantic: Dict[str, Any]) -> str:
+    """The run_key of the same config without its seed: runs that share it differ only in the seed
+    (the report averages over them)."""
+    return run_key({k: v for k, v in semantic.items() if k != "seed"})
+
+
 def find_finished(root: str, key: str) -> Optional[str]:
     """Path of a metrics.json below `root` with this run_key and status ok, if any."""
     if not root or not os.path.isdir(root):

@@ -77,6 +77,21 @@ def test_fp16_ppl_equals_plain_loop(tmp_path, wikitext2_dir):
     assert ppl == pytest.approx(ref, rel=1e-5)
 
 
+def test_seed_sweep_shares_config_key_and_reports_one_row(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = run_cli(["-m", *TINY, "method=rtn", "bits=4", "seed=0,1", "logger=none", f"hydra.sweep.dir={sweep}",
+                 f"results_root={tmp_path}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    ms = metrics_under(sweep)
+    assert len(ms) == 2 and {m["seed"] for m in ms} == {0, 1}
+    assert len({m["run_key"] for m in ms}) == 2 and len({m["config_key"] for m in ms}) == 1
+    from analysis.report import write_report
+
+    table = write_report(str(sweep))
+    assert len(table) == 1 and table["n_seeds"].iloc[0] == 2
+    assert "| seeds |" in (sweep / "results.md").read_text()
+
+
 def test_same_config_bitwise_identical_ppl(tmp_path):
     vals = []
     for i in range(2):

@@ -6,14 +6,14 @@ import json
 from analysis.report import write_report
 
 
-def _run(tmp, name, method, target, total, ppl, qa=None, qtime=1.0, model="m", status="ok"):
+def _run(tmp, name, method, target, total, ppl, qa=None, qtime=1.0, model="m", status="ok", **extra):
     d = tmp / name
     d.mkdir()
     m = {"run_key": name, "model": model, "method": method, "status": status,
          "bits": {"target": target, "index": total - 0.05 if total else None, "total": total},
          "ppl": {"wikitext2": ppl}, "eval": {"seqlen": 2048},
          "qa": {"piqa": {"acc": qa}} if qa is not None else {},
-         "time": {"quantize_s": qtime}, "settings": {}}
+         "time": {"quantize_s": qtime}, "settings": {}, **extra}
     if status != "ok":
         m = {"run_key": name, "model": model, "method": method, "status": status, "error": "boom",
              "bits": {"target": target}}
@@ -71,3 +71,27 @@ def test_failed_run_replaced_by_later_success(tmp_path):
                                                 "ppl": {"p": 9.0}, "eval": {"seqlen": 8}, "time": {"quantize_s": 1}}))
     t = write_report(str(tmp_path))
     assert len(t) == 1 and "Failed jobs" not in (tmp_path / "results.md").read_text()
+
+
+def test_seeds_averaged_with_spread_and_only_within_one_configuration(tmp_path):
+    """Three seeds of one config -> one row "mean ± sample std" with seeds = 3; a run that differs in
+    its calibration is its own row (a calibration column tells them apart), never averaged in."""
+    cal = {"data": "wikitext2", "nsamples": 128, "seqlen": 2048}
+    for i, (p, q) in enumerate([(70.0, 0.60), (72.0, 0.62), (74.0, 0.64)]):
+        _run(tmp_path, f"s{i}", "vptq", 2.0, 2.05, p, qa=q, seed=i, config_key="A", calib=cal)
+    _run(tmp_path, "c", "vptq", 2.0, 2.05, 60.0, qa=0.70, seed=0, config_key="B", calib={**cal, "nsamples": 32})
+    _run(tmp_path, "r", "rtn", 2.0, 2.03, 900.0, seed=0, config_key="C")
+    table = write_report(str(tmp_path))
+    assert len(table) == 3
+    md = (tmp_path / "results.md").read_text()
+    cols = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    ppl, qa, seeds, calib = (cols.index(h) for h in ("PPL wikitext2 @2048 ↓", "piqa acc (%) ↑", "seeds", "calibration"))
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.startswith("| m | vptq")]
+    three = next(r for r in rows if r[seeds] == "3")
+    one = next(r for r in rows if r[seeds] == "1")
+    assert three[ppl] == "<u>72.00 ± 2.00</u>" and three[qa] == "<u>62.0 ± 2.0</u>"  # std over (70, 72, 74)
+    assert three[calib] == "wikitext2 128x2048" and one[calib] == "wikitext2 32x2048"
+    assert one[ppl] == "**60.00**"  # one seed: no spread shown
+    assert "sample standard deviation" in md
+    paper = (tmp_path / "results_paper.tex").read_text()
+    assert r"72.00\,{\scriptsize$\pm$2.00}" in paper
