@@ -597,6 +597,10 @@ class AQLM(Method):
         return best[1], best[2], best[3], hist
 
     # -- per block
+    @property
+    def uses_float_outputs(self) -> bool:
+        return self.config.finetune_steps > 0
+
     def finetune_block(self, block: torch.nn.Module, ctx: BlockContext) -> Dict[str, float]:
         """Adam on the block-output MSE vs the float block (AQLM Phase 3): codebooks, scales and the
         block's norm weights are tuned, codes stay fixed. The tuned state is kept only if it

@@ -104,17 +104,26 @@ def capture_block0_inputs(model: nn.Module, windows: torch.Tensor, device, arch:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: torch.Tensor, kwargs) -> torch.Tensor:
-    out = torch.empty_like(inputs)
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs, *, out: Optional[torch.Tensor] = None,
+              keep: bool = True) -> Optional[torch.Tensor]:
+    """The block on each calibration window (one at a time) -> outputs (N, L, D).
+    out=inputs writes each window's output over its input (a window's output depends on that
+    window only): no second activation tensor. keep=False runs the block and keeps nothing
+    (a pass for its forward hooks)."""
+    if keep and out is None:
+        out = torch.empty_like(inputs)
     for i in range(inputs.shape[0]):
-        out[i:i + 1] = _block_out(block(inputs[i:i + 1], **kwargs))
-    return out
+        y = _block_out(block(inputs[i:i + 1], **kwargs))
+        if keep:
+            out[i:i + 1] = y
+    return out if keep else None
 
 
 @torch.no_grad()
 def collect_hessians(block: nn.Module, inputs: torch.Tensor, kwargs, hkeys: Dict[str, str],
-                     linears: Dict[str, nn.Linear]):
-    """One pass of the float block: -> ({hessian key: H}, float outputs (N, L, D))."""
+                     linears: Dict[str, nn.Linear], keep_outputs: bool = True):
+    """One pass of the float block: -> ({hessian key: H}, float outputs (N, L, D), or None when
+    not keep_outputs)."""
     accs: Dict[str, HessianAccumulator] = {}
     hooks = []
     for name, lin in linears.items():
@@ -130,7 +139,7 @@ def collect_hessians(block: nn.Module, inputs: torch.Tensor, kwargs, hkeys: Dict
 
         hooks.append(lin.register_forward_hook(hook))
     try:
-        outputs = run_block(block, inputs, kwargs)
+        outputs = run_block(block, inputs, kwargs, keep=keep_outputs)
     finally:
         for h in hooks:
             h.remove()
@@ -169,11 +178,19 @@ def quantize_model(
     stats = QuantStats()
     t_start = time.perf_counter()
     needs_calib = method.needs_hessian
+    # the float block's outputs are kept only where something reads them: the next block's inputs
+    # (protocol float) or block finetuning; otherwise the quantized block's outputs overwrite its
+    # inputs in place. Either way one activation tensor of the calibration set less.
+    keep_float = protocol == "float" or method.uses_float_outputs
     inputs = kwargs = None
     if needs_calib:
         if calib is None or calib.numel() == 0:
             raise ValueError("this method needs calibration data, and the calibration set is empty")
         inputs, kwargs = capture_block0_inputs(model, calib, device, arch)
+        if str(device) == "cpu":  # embeddings and LM head: not read again until evaluation, never written;
+            # their file pages fault back in from the unchanged file then
+            emb = [model.get_input_embeddings(), model.get_output_embeddings()]
+            release_block([m.weight.data for m in emb if m is not None and getattr(m, "weight", None) is not None])
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         # on an accelerator, the CPU (file-backed) float weights this block leaves behind
@@ -214,7 +231,7 @@ def quantize_model(
                 hessians = load_hessians(path, device)
                 float_out = run_block(block, inputs, kwargs)
             else:
-                hessians, float_out = collect_hessians(block, inputs, kwargs, hkeys, linears)
+                hessians, float_out = collect_hessians(block, inputs, kwargs, hkeys, linears, keep_outputs=keep_float)
                 if path:
                     save_hessians(path, hessians, {"block": str(i), "protocol": protocol})
         losses = []
@@ -246,8 +263,9 @@ def quantize_model(
         if needs_calib:
             ctx = BlockContext(inputs, float_out, kwargs, device, i)
             ft = method.finetune_block(block, ctx) or {}
+            del ctx
             if protocol == "quantized":
-                inputs = run_block(block, inputs, kwargs)
+                inputs = run_block(block, inputs, kwargs, out=inputs)  # in place: inputs are not read again
             else:
                 inputs = float_out
         del hessians, float_out

@@ -40,3 +40,47 @@ def test_mistral_arch_in_table():
     model, _ = _tiny("mistral")
     assert arch_of(model).shared_inputs
     assert len(linears_of(blocks_of(model, arch_of(model))[0])) == 7
+
+
+def test_run_block_in_place_and_hessians_without_outputs_are_identical():
+    from runners.driver import run_block
+
+    model, _ = _tiny()
+    arch = arch_of(model)
+    windows = torch.randint(0, 200, (3, 16), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture_block0_inputs(model, windows, "cpu", arch)
+    block = blocks_of(model, arch)[0]
+    lins = linears_of(block)
+    hk = hessian_groups(lins, arch)
+    h_keep, out = collect_hessians(block, inputs, kwargs, hk, lins)
+    h_none, none = collect_hessians(block, inputs, kwargs, hk, lins, keep_outputs=False)
+    assert none is None and h_keep.keys() == h_none.keys()
+    assert all(torch.equal(h_keep[k], h_none[k]) for k in h_keep)
+    ref = run_block(block, inputs, kwargs)
+    assert torch.equal(ref, out)
+    buf = inputs.clone()
+    res = run_block(block, buf, kwargs, out=buf)  # each window's output over its own input
+    assert res is buf and torch.equal(buf, ref)
+
+
+def test_perplexity_chunks_equal_one_log_softmax_over_the_window(monkeypatch):
+    import math
+
+    import torch.nn.functional as F
+
+    import runners.ppl as P
+
+    model, _ = _tiny()
+    windows = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(1))
+    nll = 0.0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(w[None], use_cache=False).logits[0]
+            nll += float(F.cross_entropy(logits[:-1].double(), w[1:], reduction="sum"))
+    ref = math.exp(nll / (2 * 39))
+    vals = []
+    for chunk in (7, 39, 128):
+        monkeypatch.setattr(P, "CHUNK", chunk)
+        vals.append(P.perplexity(model, windows, "cpu"))
+    assert all(abs(v - ref) <= 1e-6 * ref for v in vals), (vals, ref)  # fp32 log-softmax vs fp64
+    assert max(vals) - min(vals) <= 1e-12 * ref  # per-token values do not depend on the chunk size

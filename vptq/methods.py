@@ -71,6 +71,12 @@ class Method(abc.ABC):
         """Optional block-level finetuning after a block's linears are quantized."""
         return {}
 
+    @property
+    def uses_float_outputs(self) -> bool:
+        """Whether `finetune_block` reads `ctx.float_outputs` (the float block's outputs): the
+        driver keeps them (one activation tensor of the calibration set) only then."""
+        return False
+
     def settings(self) -> Dict[str, Any]:
         return {}
 

@@ -386,6 +386,10 @@ class VPTQ(Method):
         qw, _ = quantize_weight(W, H, cfg, seed=self.layer_seed(name), opts=self.opts, name=name)
         return qw
 
+    @property
+    def uses_float_outputs(self) -> bool:
+        return bool(self.config.finetune)
+
     def finetune_block(self, block, ctx):
         if not self.config.finetune:
             return {}
