@@ -232,3 +232,26 @@ def test_massive_activation_column():
 def test_bad_algorithm_options(field, value):
     with pytest.raises(ValueError, match=field):
         build_method("vptq", VPTQ.Config(**{field: value}), bits=2.0)
+
+
+def test_vqweight_holds_indices_narrow_and_rejects_out_of_range():
+    """uint8 for k <= 256, int16 for k <= 32768, int32 above; the same weight as from int64 indices."""
+    import pytest as _pytest
+
+    from vptq.vqweight import VQWeight
+
+    g = torch.Generator().manual_seed(0)
+    for k, dt in ((16, torch.uint8), (256, torch.uint8), (4096, torch.int16), (65536, torch.int32)):
+        idx = torch.randint(0, k, (1, 3, 8), generator=g)
+        kw = dict(out_features=12, in_features=8, vector_len=4, num_centroids=k, group_num=1, group_size=8,
+                  centroids=torch.randn(1, k, 4, generator=g).half(), indices=idx,
+                  num_res_centroids=16, res_centroids=torch.randn(1, 16, 4, generator=g).half(),
+                  res_indices=torch.randint(0, 16, (1, 3, 8), generator=g))
+        q = VQWeight(**kw)
+        assert q.indices.dtype == dt and q.res_indices.dtype == torch.uint8
+        assert torch.equal(q.indices.long(), idx)
+        ref = (kw["centroids"].float()[0, idx[0]] + kw["res_centroids"].float()[0, kw["res_indices"][0]])
+        ref = ref.permute(0, 2, 1).reshape(12, 8)  # rows r*v + lane, column c
+        assert torch.equal(q.dequantize(torch.float32), ref)
+        with _pytest.raises(ValueError, match=r"indices values outside \[0, %d\)" % k):
+            VQWeight(**{**kw, "indices": idx + k})

@@ -47,7 +47,7 @@ def _plain_dequant(q, t):
     def cols(C, idx):
         G, n, gs = idx.shape
         v = C.shape[-1]
-        vec = C[torch.arange(G)[:, None, None], idx]  # (G, n, gs, v)
+        vec = C[torch.arange(G)[:, None, None], idx.long()]  # (G, n, gs, v)
         return vec.permute(0, 1, 3, 2).reshape(G, n * v, gs).permute(1, 0, 2).reshape(n * v, G * gs)[:q.out_features]
     W = cols(t["centroids"], q.indices)
     if "res_centroids" in t:

@@ -6,11 +6,12 @@ rows [r*v, (r+1)*v) hold centroid `centroids[g, indices[g, r, c]]` (+ the residu
 
 Stored tensors (G = group_num, v = vector_len, k = num_centroids, n = ceil(out/v)):
     centroids        (G, k, v)           float16
-    indices          (G, n, group_size)  int32 in [0, k)        packed log2(k) bits each
+    indices          (G, n, group_size)  in [0, k), uint8/int16/int32 in memory (`index_dtype`);
+                                         stored packed, log2(k) bits each
     res_centroids    (G, k_r, v)         float16   | None        residual VQ (second stage)
-    res_indices      (G, n, group_size)  int32 in [0, k_r)      packed with `indices`
+    res_indices      (G, n, group_size)  in [0, k_r) (`index_dtype`)  packed with `indices`
     outlier_centroids(1, k_o, v_o)       float16   | None        outlier columns' codebook
-    outlier_indices  (1, n_o, outlier_size) int32, n_o = ceil(out/v_o); stored int16 (unpacked)
+    outlier_indices  (1, n_o, outlier_size) in [0, k_o), n_o = ceil(out/v_o); stored int16 (unpacked)
     perm             (in,)               int64     | None        stored column j = column perm[j]
     weight_scale     (in,)               float16   | None        per-input-column norm
     weight_bias      (in,)               float16   | None
@@ -33,8 +34,14 @@ import torch
 from vptq.qweight import QuantizedWeight, Storage
 
 
+def index_dtype(k: int) -> torch.dtype:
+    """The in-memory integer type of indices into a k-entry codebook."""
+    return torch.uint8 if k <= 256 else (torch.int16 if k <= 32768 else torch.int32)
+
+
 def _gather_columns(centroids: torch.Tensor, indices: torch.Tensor, rows: int) -> torch.Tensor:
     """centroids (G, k, v), indices (G, n, gs) -> (rows, G*gs) in float32."""
+    indices = indices.long()  # uint8 would index as a mask; int16 does not index at all
     G, n, gs = indices.shape
     v = centroids.shape[-1]
     g = torch.arange(G, device=indices.device)[:, None, None]
@@ -67,14 +74,21 @@ class VQWeight(QuantizedWeight):
     weight_bias: Optional[torch.Tensor] = None
 
     def __post_init__(self):
-        # indices are held as int32 in memory (int64 doubled a 2-bit model's resident size: one
-        # 8-byte index per v weights); every consumer indexes with them or widens them itself
-        for name in ("indices", "res_indices", "outlier_indices"):
+        # indices are held in memory in the narrowest integer type their codebook size allows
+        # (`index_dtype`: uint8 for k <= 256, int16 for k <= 32768, else int32): int64 was 8 bytes
+        # per v weights, 4x a 2-bit model's own size; every consumer widens them itself
+        for name, k in (("indices", self.num_centroids), ("res_indices", self.num_res_centroids),
+                        ("outlier_indices", self.outlier_num_centroids)):
             t = getattr(self, name)
-            if t is not None and t.dtype != torch.int32:
-                if t.is_floating_point() or t.dtype == torch.bool:
-                    raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
-                setattr(self, name, t.to(torch.int32))
+            if t is None:
+                continue
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+            dt = index_dtype(k)
+            if t.dtype != dt:
+                if t.numel() and (int(t.min()) < 0 or int(t.max()) >= max(k, 1)):
+                    raise ValueError(f"{name} values outside [0, {k}): min {int(t.min())}, max {int(t.max())}")
+                setattr(self, name, t.to(dt))
         self.validate()
 
     # ------------------------------------------------------------------ shape checks
