@@ -207,6 +207,23 @@ def _token_out(acc, y_ptr, bias_ptr, c_ptr, t, rows, pid_s, OUT, stride_y,
         _store(ptrs, res, ok, BF16_BITS)
 
 
+@triton.jit
+def _tokens_out(acc0, acc1, acc2, acc3, y_ptr, bias_ptr, c_ptr, rows, pid_s, OUT, stride_y,
+                V: tl.constexpr, VP: tl.constexpr, BP: tl.constexpr, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_C: tl.constexpr, BF16_BITS: tl.constexpr):
+    """`_token_out` for tokens 0..BP-1 of the elementwise kernels (one accumulator each)."""
+    _token_out(acc0, y_ptr, bias_ptr, c_ptr, 0, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C, BF16_BITS)
+    if BP >= 2:
+        _token_out(acc1, y_ptr, bias_ptr, c_ptr, 1, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                   BF16_BITS)
+    if BP >= 3:
+        _token_out(acc2, y_ptr, bias_ptr, c_ptr, 2, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                   BF16_BITS)
+    if BP >= 4:
+        _token_out(acc3, y_ptr, bias_ptr, c_ptr, 3, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
+                   BF16_BITS)
+
+
 @triton.jit(do_not_specialize=["B", "OUT", "N_ROWS", "GS", "GS_STEPS", "ROW16", "K", "KR", "X_COL0",
                                "SPAN_STEPS", "N_STEPS", "stride_x", "stride_y"])
 def _vq_gemvp_kernel(x_ptr, y_ptr, planes_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
@@ -257,16 +274,8 @@ def _vq_gemvp_kernel(x_ptr, y_ptr, planes_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
         if BP >= 4:
             acc3 += cw * tl.load(xrow + 3 * stride_x).to(tl.float32)[None, :, None]
     # 4. epilogue per token: the column sum once, bias and the norm's constant on span 0
-    _token_out(acc0, y_ptr, bias_ptr, c_ptr, 0, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C, BF16_BITS)
-    if BP >= 2:
-        _token_out(acc1, y_ptr, bias_ptr, c_ptr, 1, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
-                   BF16_BITS)
-    if BP >= 3:
-        _token_out(acc2, y_ptr, bias_ptr, c_ptr, 2, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
-                   BF16_BITS)
-    if BP >= 4:
-        _token_out(acc3, y_ptr, bias_ptr, c_ptr, 3, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
-                   BF16_BITS)
+    _tokens_out(acc0, acc1, acc2, acc3, y_ptr, bias_ptr, c_ptr, rows, pid_s, OUT, stride_y, V, VP, BP, ATOMIC,
+                HAS_BIAS, HAS_C, BF16_BITS)
 
 
 # ---------------------------------------------------------------------------------- 2-16 tokens
@@ -340,17 +349,8 @@ def _vq_gemvn_kernel(x_ptr, y_ptr, packed_ptr, cb_ptr, rcb_ptr, bias_ptr, c_ptr,
         else:
             _store(ptrs, res, ok, BF16_BITS)
     else:
-        _token_out(acc0, y_ptr, bias_ptr, c_ptr, 0, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
-                   BF16_BITS)
-        if BP >= 2:
-            _token_out(acc1, y_ptr, bias_ptr, c_ptr, 1, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
-                       BF16_BITS)
-        if BP >= 3:
-            _token_out(acc2, y_ptr, bias_ptr, c_ptr, 2, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
-                       BF16_BITS)
-        if BP >= 4:
-            _token_out(acc3, y_ptr, bias_ptr, c_ptr, 3, rows, pid_s, OUT, stride_y, V, VP, ATOMIC, HAS_BIAS, HAS_C,
-                       BF16_BITS)
+        _tokens_out(acc0, acc1, acc2, acc3, y_ptr, bias_ptr, c_ptr, rows, pid_s, OUT, stride_y, V, VP, BP, ATOMIC,
+                    HAS_BIAS, HAS_C, BF16_BITS)
 
 
 # ---------------------------------------------------------------------------------- launch
