@@ -44,10 +44,12 @@ def perplexity(model, windows: torch.Tensor, device) -> float:
         else:
             logits = model(ids, use_cache=False).logits[0]  # (L, V)
         n = ids.shape[1] - 1
+        win = torch.zeros((), dtype=torch.float64, device=ids.device)  # on the device: one transfer per window
         for a in range(0, n, CHUNK):
             b = min(a + CHUNK, n)
             lg = split[1](hidden[a:b]) if split is not None else logits[a:b]  # (b-a, V)
             tok_nll = F.cross_entropy(lg.float(), ids[0, a + 1:b + 1], reduction="none")  # (b-a,)
-            nll += tok_nll.double().sum().cpu()
+            win += tok_nll.double().sum()
+        nll += win.cpu()
         count += n
     return math.exp(float(nll) / count)
