@@ -489,38 +489,31 @@ class AQLM(Method):
                 raise ValueError(f"method.{field}={getattr(c, field)} must be >= {lo}")
         if c.scheme is not None:
             parse_scheme(c.scheme)
-        self._chosen: Dict[Tuple[int, int], Tuple[int, int, int]] = {}
 
-    def _choose(self, out_f: int, in_f: int) -> Tuple[int, int, int]:
-        key = (out_f, in_f)
-        if key not in self._chosen:
-            c = self.config
-            self._chosen[key] = choose_scheme(self.bits, c.tolerance, out_f, in_f, c.scheme, c.in_group_size)
-        return self._chosen[key]
+    def layer_plan(self, out_f: int, in_f: int) -> Tuple[int, int, int]:
+        """(M, B, g) for an (out_f, in_f) layer (pure; BudgetError if `bits` cannot be met)."""
+        c = self.config
+        return choose_scheme(self.bits, c.tolerance, int(out_f), int(in_f), c.scheme, c.in_group_size)
 
-    def check_budget(self, shapes):
-        for out_f, in_f in sorted(set(tuple(s) for s in shapes)):
-            self._choose(out_f, in_f)
-
-    def settings(self):
+    def settings(self, plan=None):
         c = self.config
         s = {"scheme": c.scheme or "auto", "in_group_size": c.in_group_size or "auto",
              "max_iterations": c.max_iterations, "rel_tol": c.rel_tol, "beam_width": c.beam_width,
              "adam_steps": c.adam_steps, "lr": c.lr, "kmeans_iters": c.kmeans_iters,
              "finetune_steps": c.finetune_steps}
-        if self._chosen:
-            s["chosen"] = " ".join(f"{o}x{i}:{scheme_name(*v)}" for (o, i), v in sorted(self._chosen.items()))
+        if plan:
+            s["chosen"] = " ".join(f"{o}x{i}:{scheme_name(*v)}" for (o, i), v in sorted(plan.items()))
         return s
 
     # -- per layer
     @torch.no_grad()
-    def quantize_layer(self, W, H, *, name):
+    def quantize_layer(self, W, H, *, name, plan=None):
         if W.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(W.shape)}")
         if not torch.isfinite(W).all():
             raise ValueError(f"{name}: weight contains NaN or Inf")
         out_f, in_f = W.shape
-        M, B, g = self._choose(out_f, in_f)
+        M, B, g = self.layer_plan(out_f, in_f) if plan is None else plan
         W = W.detach().float()
         if H is None:
             H = torch.eye(in_f, device=W.device)

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from baselines.scalar import ScalarGrid, ScalarWeight, scalar_budget
+from baselines.scalar import ScalarGrid, ScalarPlan, ScalarWeight, scalar_plan
 from vptq.methods import Method
 from vptq.solver import SolverResult, error_feedback, inverse_cholesky, prepare_hessian
 
@@ -150,23 +150,23 @@ class GPTQ(Method):
                              "valid: static_groups=true, or act_order=false")
         self._static = static
 
-    def _wbits(self, shapes) -> int:
-        return scalar_budget(self.bits, list(shapes), self.config.group_size, self.config.tolerance,
-                             self.config.wbits)
+    def layer_plan(self, out_f, in_f) -> ScalarPlan:
+        c = self.config
+        return scalar_plan(self.bits, out_f, in_f, wbits=c.wbits, group_size=c.group_size, tolerance=c.tolerance)
 
-    def check_budget(self, shapes):
-        self._wbits_all = self._wbits(shapes)
-
-    def settings(self):
-        return {"wbits": getattr(self, "_wbits_all", self.config.wbits), "group_size": self.config.group_size,
-                "act_order": self.config.act_order, "static_groups": self._static,
-                "percdamp": self.config.percdamp, "block_size": self.config.block_size}
+    def settings(self, plan=None):
+        s = {"wbits": self.config.wbits, "group_size": self.config.group_size,
+             "act_order": self.config.act_order, "static_groups": self._static,
+             "percdamp": self.config.percdamp, "block_size": self.config.block_size}
+        if plan:
+            s.update({f"{o}x{i}": p.short() for (o, i), p in sorted(plan.items())})
+        return s
 
     @torch.no_grad()
-    def quantize_layer(self, W, H, *, name):
+    def quantize_layer(self, W, H, *, name, plan=None):
         check_layer(W, H, name, self.name)
-        wbits = getattr(self, "_wbits_all", None) or self._wbits([tuple(W.shape)])
+        plan = self.layer_plan(*W.shape) if plan is None else plan
         c = self.config
-        qw, _ = gptq_quantize(W, H, wbits=wbits, group_size=c.group_size, act_order=c.act_order,
+        qw, _ = gptq_quantize(W, H, wbits=plan.wbits, group_size=plan.group_size, act_order=c.act_order,
                               static_groups=self._static, block_size=c.block_size, percdamp=c.percdamp)
         return qw

@@ -566,34 +566,27 @@ class GPTVQ(Method):
                              f"the budget (it may be 1, 2 or 4); e.g. 128")
         if c.assign_metric not in ASSIGN_METRICS:
             raise ValueError(f"method.assign_metric={c.assign_metric!r}; valid: {', '.join(ASSIGN_METRICS)}")
-        self._schemes: Dict[Tuple[int, int], Scheme] = {}
 
-    def scheme(self, shape: Tuple[int, int]) -> Scheme:
-        shape = (int(shape[0]), int(shape[1]))
-        if shape not in self._schemes:
-            c = self.config
-            self._schemes[shape] = choose_scheme(
-                *shape, bits=self.bits, tolerance=c.tolerance, vq_dim=c.vq_dim, num_centroids=c.num_centroids,
-                group_size=c.group_size, columns_per_group=c.columns_per_group, column_target=c.column_target,
-                max_centroids=c.max_centroids, codebook_bits=c.codebook_bits)
-        return self._schemes[shape]
+    def layer_plan(self, out_f, in_f) -> Scheme:
+        c = self.config
+        return choose_scheme(
+            int(out_f), int(in_f), bits=self.bits, tolerance=c.tolerance, vq_dim=c.vq_dim,
+            num_centroids=c.num_centroids, group_size=c.group_size, columns_per_group=c.columns_per_group,
+            column_target=c.column_target, max_centroids=c.max_centroids, codebook_bits=c.codebook_bits)
 
-    def check_budget(self, shapes):
-        for s in sorted(set(tuple(s) for s in shapes)):
-            self.scheme(s)
-
-    def settings(self):
+    def settings(self, plan=None):
         # per layer shape, compact for tables: d, k and the block of weights one codebook serves
         return {**{f"{o}x{i}": f"d{s.vq_dim}k{s.num_centroids}/{s.rows_per_group}x{s.columns_per_group}"
-                   for (o, i), s in sorted(self._schemes.items())},
+                   for (o, i), s in sorted((plan or {}).items())},
                 "codebook_bits": self.config.codebook_bits, "kmeans_iters": self.config.kmeans_iters,
                 "update_iters": self.config.update_iters, "assign_metric": self.config.assign_metric}
 
     @torch.no_grad()
-    def quantize_layer(self, W, H, *, name):
+    def quantize_layer(self, W, H, *, name, plan=None):
         check_layer(W, H, name, self.name)
         c = self.config
-        qw, _ = gptvq_quantize(W, H, self.scheme(tuple(W.shape)), kmeans_iters=c.kmeans_iters,
+        scheme = self.layer_plan(*W.shape) if plan is None else plan
+        qw, _ = gptvq_quantize(W, H, scheme, kmeans_iters=c.kmeans_iters,
                                update_iters=c.update_iters, block_size=c.block_size, percdamp=c.percdamp,
                                assign_metric=c.assign_metric)
         return qw

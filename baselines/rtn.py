@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from baselines.scalar import ScalarGrid, ScalarWeight, scalar_budget
+from baselines.scalar import ScalarGrid, ScalarPlan, ScalarWeight, scalar_plan
 from vptq.methods import Method
 
 
@@ -26,22 +26,25 @@ class RTN(Method):
         group_size: Optional[int] = None  # input columns per scale; null = per output channel
         tolerance: float = 0.1  # realized total may exceed the target by at most this
 
-    def check_budget(self, shapes):
-        self._wbits = scalar_budget(self.bits, list(shapes), self.config.group_size,
-                                    self.config.tolerance, self.config.wbits)
+    def layer_plan(self, out_f, in_f) -> ScalarPlan:
+        c = self.config
+        return scalar_plan(self.bits, out_f, in_f, wbits=c.wbits, group_size=c.group_size, tolerance=c.tolerance)
 
-    def settings(self):
-        return {"wbits": getattr(self, "_wbits", self.config.wbits), "group_size": self.config.group_size}
+    def settings(self, plan=None):
+        s = {"wbits": self.config.wbits, "group_size": self.config.group_size}
+        if plan:
+            s.update({f"{o}x{i}": p.short() for (o, i), p in sorted(plan.items())})
+        return s
 
     @torch.no_grad()
-    def quantize_layer(self, W, H, *, name):
+    def quantize_layer(self, W, H, *, name, plan=None):
         if not torch.isfinite(W).all():
             raise ValueError(f"{name}: weight contains NaN or Inf")
-        wbits = scalar_budget(self.bits, [tuple(W.shape)], self.config.group_size,
-                              self.config.tolerance, self.config.wbits) if not hasattr(self, "_wbits") else self._wbits
+        plan = self.layer_plan(*W.shape) if plan is None else plan
+        wbits = plan.wbits
         W = W.float()
         out_f, in_f = W.shape
-        g = self.config.group_size or in_f
+        g = plan.group_size or in_f
         grid = ScalarGrid(wbits)
         codes = torch.empty(out_f, in_f, dtype=torch.int64, device=W.device)
         scales, zeros = [], []
@@ -51,4 +54,4 @@ class RTN(Method):
             codes[:, c0:c0 + g] = grid.quantize(Wg, s, z)
             scales.append(s)
             zeros.append(z)
-        return ScalarWeight(codes, torch.stack(scales, 1), torch.stack(zeros, 1), wbits, self.config.group_size)
+        return ScalarWeight(codes, torch.stack(scales, 1), torch.stack(zeros, 1), wbits, plan.group_size)

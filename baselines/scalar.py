@@ -8,6 +8,7 @@ Stored per weight: b bits. Per (row, group): 16 bits of scale + b bits of zero p
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -43,6 +44,23 @@ def scalar_budget(bits: float, shapes, group_size: Optional[int], tolerance: flo
             f"group_size={group_size}) needs {lowest:.3f} bits/weight; valid: bits >= {lowest - tolerance:.3f}"
         )
     return best
+
+
+@dataclass(frozen=True)
+class ScalarPlan:
+    """One layer's scalar-grid settings: code width and input columns per (scale, zero)."""
+
+    wbits: int
+    group_size: Optional[int]  # None = one grid per output channel
+
+    def short(self) -> str:
+        return f"w{self.wbits}" + (f"g{self.group_size}" if self.group_size else "")
+
+
+def scalar_plan(bits: Optional[float], out_f: int, in_f: int, *, wbits: Optional[int], group_size: Optional[int],
+                tolerance: float) -> ScalarPlan:
+    """The layer plan of RTN/GPTQ for one (out, in) shape."""
+    return ScalarPlan(scalar_budget(bits, [(out_f, in_f)], group_size, tolerance, wbits), group_size)
 
 
 class ScalarGrid:

@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from runners.arch import Arch, arch_of, blocks_of, get_attr, hessian_groups, linears_of, set_module
-from runners.checkpoint import block_done, block_path, load_block, save_block
+from runners.checkpoint import block_status, load_block, save_block
+from runners.files import BadFile, check_safetensors
 from runners.memory import release_block
 from vptq.hessian import HessianAccumulator, load_hessians, relative_proxy_loss, save_hessians
 from vptq.methods import BlockContext, Method
 from vptq.qlinear import QuantLinear
 from vptq.qweight import Storage
+from vptq.threads import single_thread, thread_policy
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class QuantStats:
     layers: List[Dict] = field(default_factory=list)  # per linear: name, shape, rel proxy loss, time
     blocks: List[Dict] = field(default_factory=list)  # per block: index, time, mean rel proxy loss
     quantize_s: float = 0.0
+    threads: Dict = field(default_factory=dict)  # vptq.threads.thread_policy of the run
 
 
 def _block_out(out):
@@ -175,7 +178,8 @@ def quantize_model(
     arch = arch_of(model)
     blocks = blocks_of(model, arch)
     selected = set(range(len(blocks))) if only_blocks is None else set(only_blocks)
-    stats = QuantStats()
+    plan = method.plan(quantized_shapes(model))  # every layer's settings, decided once (pure)
+    stats = QuantStats(threads=thread_policy(device))
     t_start = time.perf_counter()
     needs_calib = method.needs_hessian
     # the float block's outputs are kept only where something reads them: the next block's inputs
@@ -202,10 +206,10 @@ def quantize_model(
             if str(device) != "cpu":
                 block.to("cpu")
             continue
-        done = block_done(checkpoint_dir, i)
-        if not done and checkpoint_dir and os.path.isfile(block_path(checkpoint_dir, i)):
-            log.warning("block %d: checkpoint %s was written by other quantization code; quantizing it again",
-                        i + 1, block_path(checkpoint_dir, i))
+        why = block_status(checkpoint_dir, i) if checkpoint_dir else "missing"
+        done = why is None
+        if why not in (None, "missing"):
+            log.warning("block %d: %s; quantizing it again", i + 1, why)
         if done:
             float_out = run_block(block, inputs, kwargs) if (needs_calib and protocol == "float") else None
             loaded, saved = load_block(checkpoint_dir, i, block, kernel=kernel, device=device)
@@ -227,7 +231,14 @@ def quantize_model(
         float_out = None
         if needs_calib:
             path = os.path.join(hessian_dir, f"block{i:03d}.safetensors") if hessian_dir else None
-            if path and os.path.isfile(path) and protocol == "float":
+            cached = bool(path and os.path.isfile(path) and protocol == "float")
+            if cached:
+                try:
+                    check_safetensors(path)
+                except BadFile as e:
+                    log.warning("%s; computing the Hessians again", e)
+                    cached = False
+            if cached:
                 hessians = load_hessians(path, device)
                 float_out = run_block(block, inputs, kwargs)
             else:
@@ -241,7 +252,9 @@ def quantize_model(
             W = lin.weight.data.to(device=device, dtype=torch.float32)
             H = hessians.get(hkeys[name]) if needs_calib else None
             qname = f"{i}.{name}"
-            q = method.quantize_layer(W, H, name=qname)
+            lp = plan.get(tuple(W.shape))  # None: a method without per-layer settings, called as before
+            with single_thread(device):  # small ops: one thread on CPU (vptq.threads)
+                q = method.quantize_layer(W, H, name=qname, **({} if lp is None else {"plan": lp}))
             What = q.dequantize(torch.float32)
             if What.shape != W.shape or not torch.isfinite(What).all():
                 raise RuntimeError(f"{method.name} produced an invalid weight for {qname}")

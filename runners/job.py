@@ -190,6 +190,36 @@ def _print_summary(r: Dict[str, Any]) -> None:
     print(f"[{r['model']} {r['method']} {bits}] ppl: {ppl}{qa} | quantize {r['time']['quantize_s']:.1f} s")
 
 
+def _module_name(model, layer_name: str) -> str:
+    """The driver's layer name ("<block>.<linear>") -> the module path codes_digest uses."""
+    from runners.arch import arch_of
+
+    i, _, lin = layer_name.partition(".")
+    return f"{arch_of(model).blocks}.{i}.{lin}"
+
+
+def _audit(cfg: DictConfig, method, calib, device, codes) -> Dict[str, Any]:
+    """Quantize a fresh copy of the model again (no checkpoints, no Hessian cache) and compare every
+    stored tensor's hash with the run's: the determinism audit (`audit=true`)."""
+    from runners.driver import quantize_model
+    from runners.models import load_model
+
+    t0 = time.perf_counter()
+    model2, _ = load_model(cfg.model)
+    quantize_model(model2, method, calib=calib, device=device, kernel=cfg.kernel.name,
+                   protocol=cfg.hessian.protocol, hessian_dir=None, checkpoint_dir=None)
+    again = M.codes_digest(model2)
+    del model2
+    diff = [n for n, d in codes["layers"].items() if again["layers"].get(n) != d]
+    rec = {"codes_equal": again["sha256"] == codes["sha256"], "sha256": [codes["sha256"], again["sha256"]],
+           "mismatched_layers": len(diff), "first_mismatch": diff[0] if diff else None,
+           "time_s": time.perf_counter() - t0}
+    (log.info if rec["codes_equal"] else log.warning)(
+        "determinism audit: the second quantization's codes are %s", "identical" if rec["codes_equal"] else
+        f"DIFFERENT in {len(diff)} layers (first: {rec['first_mismatch']})")
+    return rec
+
+
 def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker, key: str) -> Dict[str, Any]:
     from runners.data import calibration_windows, check_data, eval_windows
     from runners.driver import quantize_model, quantized_shapes
@@ -233,9 +263,10 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
     t0 = time.perf_counter()
     model, tok = load_model(cfg.model)
     load_s = time.perf_counter() - t0
+    plan = None
     if method.quantizes:
         try:
-            method.check_budget(quantized_shapes(model))
+            plan = method.plan(quantized_shapes(model))
         except BudgetError as e:
             raise UserError(str(e)) from None
 
@@ -268,8 +299,13 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
             stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name,
                                    protocol=cfg.hessian.protocol, hessian_dir=hdir, checkpoint_dir=ckpt,
                                    on_block=on_block)
-        M.write_json_atomic(os.path.join(job_dir, "layers.json"), {"layers": stats.layers, "blocks": stats.blocks})
     quant_peak_rss = M.peak_rss_gb()  # the process's peak up to the end of quantization (evaluation excluded)
+    codes = M.codes_digest(model) if method.quantizes else None
+    if stats is not None:
+        for rec in stats.layers:  # per-layer hashes: where two runs' codes first diverge
+            rec["sha256"] = codes["layers"].get(_module_name(model, rec["name"]))
+        M.write_json_atomic(os.path.join(job_dir, "layers.json"), {"layers": stats.layers, "blocks": stats.blocks})
+    audit = _audit(cfg, method, calib, device, codes) if (cfg.audit and method.quantizes) else None
 
     t1 = time.perf_counter()
     model.to(device)
@@ -291,7 +327,7 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
         bits_rec.update({"index": 16.0, "total": 16.0})
     res = {
         "bits": bits_rec,
-        "settings": method.settings(),
+        "settings": method.settings(plan),
         "ppl": ppl,
         "eval": {"seqlen": int(cfg.eval.seqlen), "seqlens": {ds: sl for ds, _, _, sl in ppl_sets},
                  "windows": {ds: int(w.shape[0]) for ds, w in windows.items()},
@@ -307,9 +343,12 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
                    "peak_rss_scope": rss_scope,
                    "peak_gpu_gb": (torch.cuda.max_memory_allocated(device) / 1024**3) if device.type == "cuda" else None},
         "kernel": {"name": cfg.kernel.name},
-        "env": M.env_info(device),
+        "env": {**M.env_info(device), "quantize_threads": stats.threads if stats is not None else None},
+        "codes_sha256": codes["sha256"] if codes else None,
         "seed": int(cfg.seed),
     }
+    if audit is not None:
+        res["audit"] = audit
     if parallel_info is not None:  # the block jobs' own cost: memory is the largest over jobs and this one
         res["parallel"] = parallel_info
         for k in ("peak_rss_gb", "peak_gpu_gb"):

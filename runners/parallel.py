@@ -122,7 +122,7 @@ def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoin
     model, _ = load_model(cfg.model)
     from runners.driver import quantized_shapes
 
-    method.check_budget(quantized_shapes(model))
+    method.plan(quantized_shapes(model))  # a BudgetError before any work (the driver plans again: pure)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -206,10 +206,10 @@ def test_dead_columns_and_settings_table():
     H[:, 5] = 0
     H[5, :] = 0
     m = AQLM(AQLM.Config(), bits=2.0, seed=0)
-    m.check_budget([(32, 64), (64, 64)])
+    plan = m.check_budget([(32, 64), (64, 64)])
     q = m.quantize_layer(W, H, name="l")
     assert isinstance(q, AQLMWeight) and torch.isfinite(q.dequantize()).all()
-    st = m.settings()
+    st = m.settings(plan)
     assert st["max_iterations"] == 4 and st["beam_width"] == 1 and st["adam_steps"] == 5
     assert "32x64:" in st["chosen"] and "64x64:" in st["chosen"]
 

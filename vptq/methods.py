@@ -4,6 +4,9 @@
 optional dependencies load only when used. A method is constructed from its typed config
 (`Class.Config`, a dataclass that is also its Hydra schema), the run's `bits` budget and seed,
 and quantizes one linear at a time: `quantize_layer(W, H, name=...) -> QuantizedWeight`.
+The per-layer choices the `bits` budget makes are a value: `plan(shapes) -> {shape: layer plan}`
+(pure); `quantize_layer(..., plan=layer_plan)` follows the given layer plan and `settings(plan)`
+reports it.
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ METHODS: Dict[str, str] = {
     "aqlm": "baselines.aqlm:AQLM",
     "vptq": "vptq.quantizer:VPTQ",
 }
+
+
+Plan = Dict[Tuple[int, int], Any]  # (out, in) -> a method's layer plan
 
 
 class BudgetError(ValueError):
@@ -60,12 +66,28 @@ class Method(abc.ABC):
         self.bits = bits
         self.seed = seed
 
-    def check_budget(self, shapes: Iterable[Tuple[int, int]]) -> None:
-        """Raise BudgetError before any heavy work if `bits` is impossible for these shapes."""
+    # -- the plan: a value, computed from (config, bits) alone
+    def layer_plan(self, out_f: int, in_f: int) -> Any:
+        """The settings this method uses on an (out_f, in_f) layer (a method-specific frozen value,
+        e.g. a dataclass), decided from the config and `bits` for this shape on its own. Pure: it
+        changes nothing, so calling it (or `plan`) first never changes a result. Raises
+        BudgetError when `bits` is impossible for the shape. None: no per-layer settings."""
+        return None
+
+    def plan(self, shapes: Iterable[Tuple[int, int]]) -> Plan:
+        """{(out, in): layer plan} for every distinct shape, each decided on its own."""
+        return {s: self.layer_plan(*s) for s in sorted({(int(o), int(i)) for o, i in shapes})}
+
+    def check_budget(self, shapes: Iterable[Tuple[int, int]]) -> Plan:
+        """Alias of `plan` (users' scripts call it): raises BudgetError before any heavy work if
+        `bits` is impossible for these shapes; no side effects."""
+        return self.plan(shapes)
 
     @abc.abstractmethod
-    def quantize_layer(self, W: torch.Tensor, H: Optional[torch.Tensor], *, name: str) -> QuantizedWeight:
-        """W: (out_features, in_features) float; H: (in_features, in_features) = E[x xᵀ] or None."""
+    def quantize_layer(self, W: torch.Tensor, H: Optional[torch.Tensor], *, name: str,
+                       plan: Any = None) -> QuantizedWeight:
+        """W: (out_features, in_features) float; H: (in_features, in_features) = E[x xᵀ] or None.
+        plan: this layer's plan (default: `self.layer_plan(*W.shape)`)."""
 
     def finetune_block(self, block: torch.nn.Module, ctx: "BlockContext") -> Dict[str, float]:
         """Optional block-level finetuning after a block's linears are quantized."""
@@ -77,7 +99,9 @@ class Method(abc.ABC):
         driver keeps them (one activation tensor of the calibration set) only then."""
         return False
 
-    def settings(self) -> Dict[str, Any]:
+    def settings(self, plan: Optional[Plan] = None) -> Dict[str, Any]:
+        """What a results table shows about this run: the config's algorithm settings and, given
+        a plan, the per-shape choices it holds."""
         return {}
 
     def layer_seed(self, name: str) -> int:

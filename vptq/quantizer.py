@@ -349,7 +349,6 @@ class VPTQ(Method):
 
     def __init__(self, config, *, bits, seed=0):
         super().__init__(config, bits=bits, seed=seed)
-        self._configs: Dict[Tuple[int, int], LayerConfig] = {}
         self.opts = QuantOptions(**{f.name: getattr(config, f.name) for f in fields(QuantOptions)})
         _check_options(self.opts)
 
@@ -361,28 +360,23 @@ class VPTQ(Method):
                 "outlier_num_centroids": c.outlier_num_centroids, "perm": c.enable_perm, "norm": c.enable_norm}
         return {k: v for k, v in keys.items() if v is not None}
 
-    def layer_config(self, out_f: int, in_f: int) -> LayerConfig:
-        key = (out_f, in_f)
-        if key not in self._configs:
-            self._configs[key] = choose_config(out_f, in_f, self.bits, self.config.tolerance, **self._overrides())
-        return self._configs[key]
+    def layer_plan(self, out_f: int, in_f: int) -> LayerConfig:
+        return choose_config(int(out_f), int(in_f), self.bits, self.config.tolerance, **self._overrides())
 
-    def check_budget(self, shapes) -> None:
-        for out_f, in_f in shapes:
-            self.layer_config(out_f, in_f)
+    layer_config = layer_plan  # the older name (users' scripts)
 
-    def settings(self) -> Dict[str, Any]:
-        s: Dict[str, Any] = {f"{o}x{i}": c.short() for (o, i), c in self._configs.items()}
+    def settings(self, plan=None) -> Dict[str, Any]:
+        s: Dict[str, Any] = {f"{o}x{i}": c.short() for (o, i), c in sorted((plan or {}).items())}
         s.update(finetune=self.config.finetune, norm_hessian=self.config.norm_hessian,
                  residual_init=self.config.residual_init)
         return s
 
-    def quantize_layer(self, W, H, *, name):
+    def quantize_layer(self, W, H, *, name, plan=None):
         if W.dim() != 2:
             raise ValueError(f"{name}: weight must be 2-D (out, in), got shape {tuple(W.shape)}")
         if not torch.isfinite(W).all():
             raise ValueError(f"{name}: weight contains NaN or Inf")
-        cfg = self.layer_config(*W.shape)
+        cfg = self.layer_plan(*W.shape) if plan is None else plan
         qw, _ = quantize_weight(W, H, cfg, seed=self.layer_seed(name), opts=self.opts, name=name)
         return qw
 
