@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from typing import List, Tuple
 
 import pandas as pd
@@ -12,14 +13,19 @@ REFERENCE_METHODS = ("fp16",)  # unquantized references: shown, never ranked
 
 
 def load_runs(root: str) -> List[dict]:
+    """Every readable metrics.json below `root`; an unreadable one is reported on stderr (one line
+    naming it and what is wrong) and skipped."""
+    from runners.files import BadFile, read_json
+
     runs = []
     for p in sorted(glob.glob(os.path.join(root, "**", "metrics.json"), recursive=True)):
         try:
-            with open(p) as f:
-                m = json.load(f)
-        except (OSError, json.JSONDecodeError):
+            m = read_json(p)
+        except BadFile as e:
+            print(f"warning: skipped {e}", file=sys.stderr)
             continue
-        if "run_key" not in m:
+        if not isinstance(m, dict) or "run_key" not in m:
+            print(f"warning: skipped {p}: not a vq-bench metrics.json (no run_key)", file=sys.stderr)
             continue
         m["_path"] = p
         m["_mtime"] = os.path.getmtime(p)

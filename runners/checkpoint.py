@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from runners.arch import set_module
+from runners.files import BadFile, check_safetensors
 from vptq.qlinear import QuantLinear
 from vptq.qweight import weight_from_state, weight_state
 
@@ -53,17 +54,30 @@ def block_path(folder: str, i: int) -> str:
     return os.path.join(folder, f"block{i:03d}.safetensors")
 
 
-def block_done(folder: Optional[str], i: int) -> bool:
-    """Block i has a checkpoint written by the current quantization code."""
-    if not folder or not os.path.isfile(block_path(folder, i)):
-        return False
+def block_status(folder: Optional[str], i: int) -> Optional[str]:
+    """None when block i has a usable checkpoint (written by the current quantization code), else
+    why not: "missing", or one line naming the file and what is wrong with it."""
+    path = block_path(folder, i) if folder else None
+    if not path or not os.path.isfile(path):
+        return "missing"
     from safetensors import safe_open
 
     try:
-        with safe_open(block_path(folder, i), framework="pt", device="cpu") as f:
-            return (f.metadata() or {}).get("code") == code_version()
-    except Exception:  # a truncated or foreign file: quantize the block again
-        return False
+        check_safetensors(path)
+        with safe_open(path, framework="pt", device="cpu") as f:
+            md = f.metadata() or {}
+    except BadFile as e:
+        return str(e)
+    if "layers" not in md:
+        return f"{path}: not a block checkpoint (no 'layers' metadata)"
+    if md.get("code") != code_version():
+        return f"{path}: written by other quantization code ({md.get('code')} != {code_version()})"
+    return None
+
+
+def block_done(folder: Optional[str], i: int) -> bool:
+    """Block i has a checkpoint written by the current quantization code."""
+    return block_status(folder, i) is None
 
 
 def save_block(folder: str, i: int, block: nn.Module, stats: Optional[Dict] = None) -> str:

@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import tempfile
+import logging
 from typing import Any, Dict, Optional
 
+log = logging.getLogger("vq-bench")
 METRICS_FILE = "metrics.json"
 
 
@@ -63,11 +65,15 @@ def find_finished(root: str, key: str) -> Optional[str]:
     """Path of a metrics.json below `root` with this run_key and status ok, if any."""
     if not root or not os.path.isdir(root):
         return None
+    from runners.files import BadFile, read_json
+
     for p in sorted(glob.glob(os.path.join(root, "**", METRICS_FILE), recursive=True)):
         try:
-            with open(p) as f:
-                m = json.load(f)
-        except (OSError, json.JSONDecodeError):
+            m = read_json(p)
+        except BadFile as e:
+            log.warning("%s (not a finished run; ignored)", e)
+            continue
+        if not isinstance(m, dict):
             continue
         if m.get("run_key") == key and m.get("status") == "ok":
             return p
@@ -85,18 +91,104 @@ def git_version(repo_dir: str) -> str:
         return "unknown"
 
 
-def env_info(device) -> Dict[str, str]:
+def _cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo on Linux, the platform module elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _blas() -> str:
+    """The BLAS torch was built with, e.g. "mkl (Intel(R) oneAPI Math Kernel Library Version 2024.2 ...)"."""
+    import re
+
+    import torch
+
+    cfg = torch.__config__.show()
+    m = re.search(r"BLAS_INFO=([^,\s]+)", cfg)
+    name = m.group(1) if m else "unknown"
+    lib = next((ln.strip(" -") for ln in cfg.splitlines() if "Math Kernel Library" in ln or "OpenBLAS" in ln), "")
+    return f"{name} ({lib})" if lib else name
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    from importlib import metadata
+
+    out: Dict[str, Optional[str]] = {}
+    for pkg in ("torch", "transformers", "lm-eval", "datasets", "triton", "safetensors", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _gpu(device) -> Optional[Dict[str, Any]]:
+    import torch
+
+    if not (str(device).startswith("cuda") and torch.cuda.is_available()):
+        return None
+    d = torch.device(device)
+    props = torch.cuda.get_device_properties(d)
+    driver = None
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i",
+                                 str(d.index or 0)], capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"name": torch.cuda.get_device_name(d), "capability": f"{props.major}.{props.minor}",
+            "memory_gb": round(props.total_memory / 1024**3, 1), "driver": driver, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version()}
+
+
+def env_info(device) -> Dict[str, Any]:
+    """What decides whether a result reproduces bit for bit: the device, CPU model and instruction set
+    torch dispatches to, the BLAS, thread counts, GPU and driver, library versions, the TF32 and
+    deterministic-algorithm flags, and the code version. `torch`, `device` and `git` are the keys
+    older metrics.json files have."""
     import platform
 
     import torch
 
     dev = str(device)
-    if dev.startswith("cuda") and torch.cuda.is_available():
-        dev = f"{dev} ({torch.cuda.get_device_name(torch.device(dev))})"
+    gpu = _gpu(device)
+    if gpu:
+        dev = f"{dev} ({gpu['name']})"
     else:
-        dev = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {"torch": torch.__version__, "device": dev,
-            "git": git_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
+        dev = f"cpu ({_cpu_model()}, {os.cpu_count()} cores)"
+    return {
+        "torch": torch.__version__, "device": dev,
+        "git": git_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "code": _code_version(),
+        "cpu": {"model": _cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(),
+                "isa": torch.backends.cpu.get_cpu_capability()},
+        "blas": _blas(),
+        "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads(),
+                    **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                       if os.environ.get(k) is not None}},
+        "gpu": gpu,
+        "flags": {"tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+                  "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+                  "float32_matmul_precision": torch.get_float32_matmul_precision(),
+                  "deterministic_algorithms": bool(torch.are_deterministic_algorithms_enabled()),
+                  "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+                  "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)},
+        "versions": _versions(),
+        "python": platform.python_version(),
+    }
+
+
+def _code_version() -> str:
+    from runners.checkpoint import code_version
+
+    return code_version()
 
 
 def reset_peak_rss() -> bool:
@@ -132,3 +224,18 @@ def current_rss_gb() -> Optional[float]:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**3
     except (OSError, ValueError, IndexError):
         return None
+
+
+def codes_digest(model) -> Dict[str, Any]:
+    """-> {"sha256": one hash over every quantized linear (in module order), "layers": {name: sha256}}.
+    Two runs with the same "sha256" stored bitwise-identical quantized weights; where they differ,
+    "layers" says which layer diverged first."""
+    from vptq.qlinear import QuantLinear
+    from vptq.qweight import weight_sha256
+
+    layers = {name: weight_sha256(m.qweight) for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    h = hashlib.sha256()
+    for name, d in layers.items():
+        h.update(f"{name}={d}\n".encode())
+    return {"sha256": h.hexdigest() if layers else None, "layers": layers}
+

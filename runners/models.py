@@ -16,6 +16,7 @@ from typing import Tuple
 import torch
 
 from runners.errors import UserError, choices_error
+from runners.files import BadFile, check_model_folder
 from runners.hub import hub_reachable
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,12 @@ def smollm2_folder() -> str:
     """Convert the bundled Q4_1 GGUF once into a safetensors folder (float32) and return it."""
     folder = os.path.join(cache_root(), "models", "smollm2-135m-instruct-q4_1-f32")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        return folder
+        try:
+            check_model_folder(folder)
+            return folder
+        except BadFile as e:  # a damaged cache (disk full, a copy cut short): convert again
+            log.warning("%s; converting the bundled model again", e)
+            shutil.rmtree(folder, ignore_errors=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -108,6 +114,17 @@ def tiny_model(cfg):
     return model, tok
 
 
+def _cached_snapshot(repo_id: str, revision):
+    """The local Hugging Face cache folder of a hub model, or None when it is not cached."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                 allow_patterns=["*.safetensors", "*.json"])
+    except Exception:  # noqa: BLE001  (not cached, or not a valid repo id: the loader says which)
+        return None
+
+
 def load_pretrained(cfg):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,11 +134,15 @@ def load_pretrained(cfg):
     kw = dict(dtype=DTYPES[cfg.dtype], use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
               revision=cfg.revision)
     if os.path.isdir(path):
+        check_model_folder(path)  # a truncated shard: one line naming it, not a loader traceback
         return (AutoModelForCausalLM.from_pretrained(path, **kw),
                 AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code))
     if path.startswith((".", "/", "~")):
         raise UserError(f"model.path={path!r} is not a folder")
     # a hub id: the local HF cache first, then the hub if it can be reached
+    cached = _cached_snapshot(path, cfg.revision)
+    if cached:
+        check_model_folder(cached)
     try:
         return (AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw),
                 AutoTokenizer.from_pretrained(path, local_files_only=True, revision=cfg.revision,

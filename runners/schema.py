@@ -141,6 +141,9 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     results_root: str = "outputs"  # where finished runs are looked up (resume) and written
     resume: bool = True  # skip a job whose run_key already finished under results_root
+    # determinism audit: quantize a second time in this job (fresh model, no checkpoints, no Hessian
+    # cache) and record in metrics.json whether every stored tensor's hash agrees (`audit`)
+    audit: bool = False
 
 
 def register_configs() -> None:

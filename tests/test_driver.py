@@ -87,4 +87,8 @@ def test_perplexity_chunks_equal_one_log_softmax_over_the_window(monkeypatch):
     assert P._decoder_and_head(model) is None
     vals.append(P.perplexity(model, windows, "cpu"))
     assert all(abs(v - ref) <= 1e-6 * ref for v in vals), (vals, ref)  # fp32 log-softmax vs fp64
-    assert max(vals) - min(vals) <= 1e-9 * ref  # chunking the head or the log-softmax changes nothing
+    # chunks 39 and 128 both hold the whole 39-token window: the same GEMMs on the same shapes, bitwise
+    assert vals[1] == vals[2]
+    # chunk 7 runs the head's GEMM on 7-row slices: another BLAS kernel and summation order (seen: 1.2e-8
+    # relative on an AMD EPYC), so agreement within fp32 rounding of the logits, not bitwise
+    assert max(vals) - min(vals) <= 1e-6 * ref, vals

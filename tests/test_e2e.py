@@ -92,14 +92,29 @@ def test_seed_sweep_shares_config_key_and_reports_one_row(tmp_path):
     assert "| seeds |" in (sweep / "results.md").read_text()
 
 
-def test_same_config_bitwise_identical_ppl(tmp_path):
-    vals = []
+def test_same_config_bitwise_identical_codes_and_ppl_and_audit(tmp_path):
+    """Same config, seed and machine (same thread counts): the same codes (hash of every stored tensor)
+    and bitwise the same perplexity; `audit=true` quantizes twice in one job and finds them equal;
+    metrics.json records what decides reproducibility."""
+    ms = []
     for i in range(2):
         d = tmp_path / f"r{i}"
-        r = run_cli([*TINY, "method=rtn", "bits=4", "logger=none", f"hydra.run.dir={d}", "resume=false"])
+        r = run_cli([*TINY, "method=gptq", "bits=4", "logger=none", f"hydra.run.dir={d}", "resume=false",
+                     f"audit={'true' if i == 0 else 'false'}"])
         assert r.returncode == 0, r.stderr[-2000:]
-        vals.append(json.loads((d / "metrics.json").read_text())["ppl"]["pydoc"])
-    assert vals[0] == vals[1]  # bitwise: exact float equality
+        ms.append(json.loads((d / "metrics.json").read_text()))
+    a, b = ms
+    assert a["ppl"]["pydoc"] == b["ppl"]["pydoc"]  # bitwise: the same kernels on the same inputs
+    assert a["codes_sha256"] == b["codes_sha256"] and len(a["codes_sha256"]) == 64
+    assert a["audit"]["codes_equal"] is True and a["audit"]["mismatched_layers"] == 0
+    assert a["audit"]["sha256"] == [a["codes_sha256"]] * 2 and "audit" not in b
+    layers = json.loads((tmp_path / "r0" / "layers.json").read_text())["layers"]
+    assert len(layers) == 14 and all(len(l["sha256"]) == 64 for l in layers)  # 2 blocks x 7 linears
+    env = a["env"]
+    assert env["cpu"]["model"] and env["cpu"]["isa"] and env["blas"] and env["threads"]["intra_op"] >= 1
+    assert env["quantize_threads"] == {"block_passes": env["threads"]["intra_op"], "quantize_layer": 1}
+    assert set(env["versions"]) >= {"torch", "transformers", "lm-eval", "datasets", "triton"}
+    assert {"tf32_matmul", "deterministic_algorithms"} <= set(env["flags"]) and env["gpu"] is None
 
 
 @pytest.mark.parametrize("args,env,needle", [

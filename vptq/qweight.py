@@ -47,6 +47,22 @@ class Storage:
         }
 
 
+class Unsupported(ValueError):
+    """A fast kernel cannot take this weight (or this call); the torch path does."""
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """How the fast kernels (vptq/kernels/: kernel=triton, kernel=cpu) read a weight.
+
+    weight: a `vptq.vqweight.VQWeight` (the official VPTQ layout) equal to the weight itself, or,
+    when `transposed`, to its transpose (e.g. an AQLM-style weight: vectors along the input
+    dimension are the VPTQ layout of Wᵀ)."""
+
+    weight: "QuantizedWeight"
+    transposed: bool = False
+
+
 class QuantizedWeight(abc.ABC):
     """A quantized (out_features, in_features) weight."""
 
@@ -68,6 +84,12 @@ class QuantizedWeight(abc.ABC):
     def settings(self) -> Dict[str, object]:
         """Human-readable parameters (vector length, codebook size, ...) for logs and tables."""
         return {}
+
+    def kernel_layout(self) -> KernelLayout:
+        """This weight as the fast kernels read it; raises `Unsupported` where no kernel fits (the
+        default: such weights take the torch path). A `VQWeight` needs no hook: it is its own layout
+        (`vptq.kernels.layout.layout_of`)."""
+        raise Unsupported(f"{type(self).__name__} has no kernel layout")
 
 
 def numel_bits(t: torch.Tensor, bits_per_element: int | None = None) -> int:
@@ -112,3 +134,20 @@ def weight_from_state(tensors, meta) -> QuantizedWeight:
     obj.__dict__.update({k: v for k, v in meta.items() if k != "__class__"})
     obj.__dict__.update(tensors)
     return obj
+
+
+def weight_sha256(q: QuantizedWeight) -> str:
+    """sha256 of everything a QuantizedWeight stores: each tensor's name, dtype, shape and bytes (in
+    name order) and its JSON metadata. Equal hashes mean bitwise-equal codes, codebooks and scales:
+    how two runs (two machines, two thread counts) are compared at the level of the codes."""
+    import hashlib
+    import json
+
+    tensors, meta = weight_state(q)
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
