@@ -1,10 +1,11 @@
-"""AQLM-style additive quantization (Egiazarian et al., arXiv 2401.06118; Vahe1994/AQLM): a
-re-implementation behind the common `Method` interface.
+"""AQLM additive quantization (Egiazarian et al., arXiv 2401.06118; Vahe1994/AQLM): a
+re-implementation behind the common `Method` interface, as the authors' code runs it
+(`variant=reference`, the default) and with our changes kept as a named variant (`weighted`).
 
 Owns: the AQLM budget rule, the additive weight format `AQLMWeight` (codes packed B bits each,
-fp16 codebooks, fp16 per-output-channel scales), residual k-means initialisation, the
-alternation of Adam codebook/scale updates and beam search over codes on the layer proxy loss,
-and the optional block finetuning.
+fp16 codebooks, fp16 per-output-channel scales), both variants' initialisation, the alternation
+of Adam codebook/scale updates and beam search over codes on the layer proxy loss, and the
+block finetuning.
 
 The representation (the paper's additive form, §3). Each row o of W (out, in) is cut into
 n = in/g groups of g consecutive input weights; group j of row o is the sum of one codeword
@@ -13,32 +14,62 @@ from each of M codebooks C_m (2^B entries of g values), times the row's scale s_
     Ŵ[o, j*g:(j+1)*g] = s_o · Σ_m C_m[b_{o,j,m}]              b: (out, n, M) in [0, 2^B)
 
 Scheme "MxB" (paper naming: "1x16", "2x8"): index bits/weight = M·B/g. Storage per layer:
-out·n·M·B bits of codes + M·2^B·g·16 bits of codebooks + out·16 bits of scales, all counted.
+out·n·M·B bits of codes + M·2^B·g·16 bits of codebooks + out·16 bits of scales, all counted
+(the same for both variants).
 
 The objective (the paper's layer output error on the calibration inputs, through the Hessian)
     L = tr((W - Ŵ) H (W - Ŵ)ᵀ),   H = E[x xᵀ]   (never the raw activations).
-Algorithm (the paper's alternating phases, §3; CPU-sized by default):
-  1. scales s_o = RMS of row o; residual k-means on the normalised groups: stage m clusters the
-     residual left by stages < m (Lloyd iterations weighted by s_o²·diag(H) per coordinate, so
-     each coordinate counts as it does in L when H is diagonal); then the per-row scale that
-     minimises L for these codes in closed form.
-  2. repeat up to `max_iterations` times, or until an iteration improves L by less than
-     `rel_tol` (relative):
-       (b) Phase 1, beam search over codes: for every group j in turn, for every
-           codebook m in turn, each hypothesis of each row is extended by all 2^B codewords;
-           the change of L is exact,  ΔL = -2 δᵀ(H r)_j + δᵀ H_jj δ  (r = row residual,
-           δ = s·(C_m[c] - C_m[b])), and the `beam_width` best hypotheses per row survive.
-           Rows are independent (L is a sum over rows), groups within a row are not (H couples
-           them): that is why the search runs over groups in sequence, as AQLM's does.
-           H r is kept per hypothesis and updated lazily: inside a block of LAZY_COLUMNS
-           columns at every step, beyond it once per block (GPTQ's trick, same result).
-       (a) Phase 2, `adam_steps` Adam steps on codebooks and scales with the codes fixed,
-           on analytic gradients of L (dL/dŴ = -2 (W - Ŵ) H, chained through the gather).
-     Codebooks and scales are rounded to fp16 after every update, so the codes are searched
-     and the loss is measured against exactly what is stored; the best state seen is kept,
-     so more iterations never give a higher stored loss.
-  3. optional Phase 3, block finetuning: codebooks, scales and the block's norm weights
-     tuned by Adam on the block-output MSE against the float block (`finetune_block`).
+
+Beam search over codes (paper §3, Phase 1; both variants): for every group j, for every codebook
+m, each hypothesis of each row is extended by all 2^B codewords; the change of L is exact,
+ΔL = -2 δᵀ(H r)_j + δᵀ H_jj δ  (r = row residual, δ = s·(C_m[c] - C_m[b])), and the `beam_width`
+best hypotheses per row survive. Rows are independent (L is a sum over rows), groups within a
+row are not (H couples them): hence the search runs over groups in sequence, groups outside,
+codebooks inside, as Vahe1994/AQLM's `beam_search_xtx` does.
+
+variant=reference: Vahe1994/AQLM (commit e79a896: `aq_engine.AQEngine.quantize`, `src/aq.py`,
+`src/kmeans.py`, `src/finetune.py`, main.py defaults) step for step:
+  1. s_o = ||W_o||₂ (+1e-9; their `scale_nbits=0` row scales), then residual k-means on W/s:
+     plain (unweighted) Lloyd on all groups, started at 2^B distinct groups drawn at random,
+     an empty cluster keeps its centroid, stop when the centroids stop moving (allclose at
+     rtol 1e-6, atol 1e-8, checked every 10 iterations) or after `kmeans_iters`.
+  2. one Adam optimiser for the whole layer (state kept across epochs): lr 1e-4 on codebooks and
+     scales alike, betas (0, 0.95), amsgrad, on L / out_features. Each epoch: `adam_steps` Adam
+     steps with the codes fixed, then one beam search whose group order and, per group,
+     codebook order are shuffled (Python `random.Random`, seeded per layer). Before an epoch's
+     first step, stop when L / (best L at earlier epoch starts) > 1 - `rel_tol` (their
+     relative_mse_tolerance); at most `max_iterations` epochs. The result is the last state
+     (after a beam search; no best-state bookkeeping); codebooks and scales are optimised in
+     float32 and rounded to fp16 only when stored (as their fp16 checkpoints are).
+  3. block finetuning (their `finetune_groupwise`, always on in their main.py), after all the
+     block's linears are quantized: Adam (lr 1e-5, betas (0.9, 0.95)) on every float parameter
+     of the block (codebooks, scales, norm weights, biases; codes fixed) on the mean squared
+     error of the block's output against the float block's, `finetune_batch` windows per step,
+     `finetune_epochs` passes in one seeded random order; the result is kept as it ends
+     (their default has no validation split, hence no best-state check).
+
+variant=weighted (our earlier choices, labelled so in every table through `settings()`):
+  1. s_o = RMS of row o; residual k-means on the normalised groups weighted by s_o²·diag(H) per
+     coordinate, on a subsample of at most 64 points per centroid; then the closed-form
+     per-row scale that minimises L for these codes.
+  2. each iteration: beam search in fixed order (H r updated lazily: inside a block of
+     LAZY_COLUMNS columns at every step, beyond it once per block, GPTQ's trick, same result),
+     then `adam_steps` steps of a fresh Adam (betas (0.9, 0.999), lr 3e-3 relative to the
+     parameter's scale) on analytic gradients; codebooks and scales are rounded to fp16 after
+     every update and the best stored state is kept, so more iterations never give a higher
+     stored loss; stop when an iteration improves L by less than `rel_tol`.
+  3. block finetuning off unless `finetune_steps` > 0 (Adam on codebooks, scales, norm
+     weights; kept only if it lowers the block's output MSE).
+
+Iteration counts are a separate axis (`iters`): `cpu` (4 epochs × 5 Adam steps, 6 k-means
+iterations, 1 finetuning epoch for the reference) or `paper` (their main.py: up to 1000 epochs
+× 100 Adam steps, 100 k-means iterations, 5 finetuning epochs; rel_tol 0.01 as in their README).
+Explicit counts (`max_iterations`, `adam_steps`, ...) override the preset.
+
+Fidelity (tests/test_fidelity_aqlm.py): on a seeded 128x256 layer with correlated inputs,
+`variant=reference, iters=paper` gives the proxy loss of their code (run by
+scripts/fidelity/run_reference_aqlm.py, recorded in tests/data/fidelity_reference_aqlm.json)
+within the spread of their seeds.
 
 Why not the column-wise error-feedback loop of `vptq.solver`: it fixes columns left to right
 and pushes each column's error onto the columns not yet quantized, which needs a quantizer that
@@ -48,25 +79,27 @@ re-optimised after the codes, and the objective is joint over the whole row. The
 therefore optimises L directly, with beam search over codes (which already accounts for the
 cross-group coupling through H r) alternating with codebook updates.
 
-Determinism: every random choice (k-means seeding) comes from a CPU generator seeded by
-`layer_seed(name)`; segment sums (k-means and codebook gradients) use `index_add_` on the CPU
-and a sort + float64 cumulative sum elsewhere, never atomics, so a layer's result is a function
-of (W, H, config, seed) on a given device (checked on an H200: two runs bitwise equal, and the
-loss history equal to the CPU's to ~1e-8). On the CPU a layer runs on one thread (see
-`_single_thread`).
+Determinism: every random choice (k-means seeding, search order, finetuning order) comes from a
+generator seeded by `layer_seed(name)` (or the block index); segment sums (k-means and codebook
+gradients) use `index_add_` on the CPU and a sort + float64 cumulative sum elsewhere, never
+atomics, so a layer's result is a function of (W, H, config, seed) on a given device (the
+weighted variant checked on an H200: two runs bitwise equal, and the loss history equal to the
+CPU's to ~1e-8). On the CPU a layer runs on one thread (see `_single_thread`).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from vptq.kmeans import assign
 from vptq.methods import BlockContext, BudgetError, Method
 from vptq.qweight import QuantizedWeight, Storage
 
@@ -79,6 +112,22 @@ GROUP_SIZES = tuple(range(2, 17))  # g the budget may choose (those dividing in_
 CHUNK_ELEMS = 1 << 24  # candidate scores / distances evaluated per chunk
 LAZY_COLUMNS = 128  # beam search: H r is updated on later columns once per block of this many
 KMEANS_POINTS_PER_CLUSTER = 64  # k-means trains on at most this many points per centroid
+
+VARIANTS = ("reference", "weighted")
+# Iteration presets (`iters`): counts only; the variant decides the algorithm. `paper` is
+# Vahe1994/AQLM main.py's defaults (max_epochs 1000, steps_per_epoch 100, init_max_iter 100,
+# beam_size 1, finetune_max_epochs 5) with relative_mse_tolerance 0.01 from their README.
+# finetune_epochs is the reference variant's count (the weighted one counts finetune_steps).
+ITER_PRESETS: Dict[str, Dict[str, float]] = {
+    "cpu": dict(max_iterations=4, adam_steps=5, kmeans_iters=6, rel_tol=0.01, beam_width=1, finetune_epochs=1),
+    "paper": dict(max_iterations=1000, adam_steps=100, kmeans_iters=100, rel_tol=0.01, beam_width=1,
+                  finetune_epochs=5),
+}
+# What the variant decides when the config leaves it unset (reference: their main.py defaults).
+VARIANT_DEFAULTS: Dict[str, Dict[str, float]] = {
+    "reference": dict(lr=1e-4, finetune_lr=1e-5, finetune_batch=1),
+    "weighted": dict(lr=3e-3, finetune_lr=1e-4, finetune_batch=4, finetune_steps=0),
+}
 
 
 # ----------------------------------------------------------------------------- budget
@@ -270,6 +319,23 @@ class AQLMWeight(QuantizedWeight):
     def settings(self) -> Dict[str, object]:
         return {"scheme": f"{self.num_codebooks}x{self.nbits}", "in_group_size": self.in_group_size}
 
+    def kernel_layout(self):
+        """The fast kernels' view (`vptq.qweight.KernelLayout`): Ŵᵀ (in, out) is a VQWeight, vectors of
+        length g along its rows within each column o, codebook C_0, C_1 as the residual when M = 2,
+        and a per-column scale (bias 0) = the per-row scale of Ŵ. M > 2 has no slot: Unsupported."""
+        from vptq.qweight import KernelLayout, Unsupported
+        from vptq.vqweight import VQWeight
+
+        M, k = self.num_codebooks, 2 ** self.nbits
+        if M > 2:
+            raise Unsupported(f"AQLM-style scheme {M}x{self.nbits}: the kernels take at most 2 codebooks")
+        codes = self.codes().transpose(0, 1)[None]  # (1, n, out, M): vector row j of Ŵᵀ's column o
+        res = dict(num_res_centroids=k, res_centroids=self.codebooks[1:2], res_indices=codes[..., 1]) if M == 2 else {}
+        vq = VQWeight(out_features=self.in_features, in_features=self.out_features, vector_len=self.in_group_size,
+                      num_centroids=k, group_num=1, group_size=self.out_features, centroids=self.codebooks[0:1],
+                      indices=codes[..., 0], weight_scale=self.scales, weight_bias=torch.zeros_like(self.scales), **res)
+        return KernelLayout(vq, transposed=True)
+
 
 # ----------------------------------------------------------------------------- numerics
 
@@ -338,6 +404,57 @@ def _weighted_assign(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def plain_kmeans(X: torch.Tensor, k: int, max_iter: int, gen: torch.Generator, *, check_every: int = 10,
+                 rtol: float = 1e-6, atol: float = 1e-8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unweighted Lloyd's k-means on all points, as Vahe1994/AQLM `fit_kmeans` (greedy_init off):
+    start at k distinct points drawn with `gen` (cycled when N < k), assign each point to the
+    nearest centroid (ties: lowest index), move each centroid to its members' mean (an empty
+    cluster keeps its centroid), stop at an iteration i with i % check_every == 0 whose update
+    moved no centroid beyond allclose(rtol, atol), or after max_iter iterations.
+    X: (N, g) -> centroids (k, g), labels (N,) int64 (the final assignment)."""
+    N = X.shape[0]
+    C = X[torch.randperm(N, generator=gen).to(X.device)[torch.arange(k, device=X.device) % N]].clone()  # (k, g)
+    ones = torch.ones(N, 1, device=X.device)
+    for i in range(max_iter):
+        seg = Segments(assign(X, C), k)
+        count = seg.sum(ones)  # (k, 1)
+        new = torch.where(count > 0, seg.sum(X) / count.clamp_min(1), C)
+        if i % check_every == 0 and torch.allclose(new, C, rtol=rtol, atol=atol):
+            break
+        C = new
+    return C, assign(X, C)
+
+
+def reference_init(W: torch.Tensor, M: int, B: int, g: int, kmeans_iters: int, gen: torch.Generator):
+    """AQLM's initialisation (`QuantizedWeight.__init__` + `init_aq_kmeans`, scale_nbits=0):
+    s_o = ||W_o||₂ + 1e-9, then M stages of `plain_kmeans` on the residual of W/s cut into groups
+    of g. -> codes (out, n, M) int64, codebooks (M, 2^B, g) float32, scales (out,) float32."""
+    out_f, in_f = W.shape
+    n, K = in_f // g, 2**B
+    s = W.norm(dim=1) + 1e-9  # (out,)
+    R = (W / s[:, None]).reshape(out_f * n, g)  # (out*n, g) normalised groups, row-major
+    Cs, labels = [], []
+    for _ in range(M):
+        Cm, lab = plain_kmeans(R, K, kmeans_iters, gen)
+        R = R - Cm[lab]
+        Cs.append(Cm)
+        labels.append(lab)
+    return torch.stack(labels, -1).reshape(out_f, n, M), torch.stack(Cs), s
+
+
+def shuffled_order(n: int, M: int, rng: random.Random) -> List[Tuple[int, int]]:
+    """The (group, codebook) visiting order of AQLM's beam search with a `dim_rng`: the groups
+    shuffled, and for each group in turn its codebooks shuffled anew."""
+    groups = list(range(n))
+    rng.shuffle(groups)
+    order = []
+    for j in groups:
+        books = list(range(M))
+        rng.shuffle(books)
+        order.extend((j, m) for m in books)
+    return order
+
+
 def row_losses(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """(out,) float64: r_oᵀ H r_o per row (float32 product, float64 reduction)."""
     R = W - What
@@ -357,14 +474,39 @@ def optimal_scales(W: torch.Tensor, H: torch.Tensor, U: torch.Tensor) -> torch.T
     return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
 
 
+def _extend(Qj, P, Cm, cur, s3, loss, beam_width: int):
+    """One beam-search step on group j / codebook m: score every codeword for every hypothesis
+    and keep the `beam_width` best extensions per row.
+
+    Qj: (rows, beam, g) = (H r)_j of each hypothesis; P: (K, g) = C_m H_jj; Cm: (K, g);
+    cur: (rows, beam) current codes; s3: (rows, 1, 1) scales; loss: (rows, beam).
+    -> new losses (rows, kk), parent hypothesis (rows, kk), chosen codeword (rows, kk)."""
+    K, g = Cm.shape
+    Gd = (P * Cm).sum(1)  # (K,): c H_jj cᵀ of every codeword
+    CG = torch.cat([Cm, Gd[:, None]], 1).T  # (g+1, K)
+    # ΔL(c) = f(c) - f(cur), f(c) = v·C_c + s² C_c H_jj C_cᵀ, v = -2s((H r)_j + s C_cur H_jj)
+    v = torch.cat([-2 * s3 * (Qj + s3 * P[cur]), (s3 * s3).expand(-1, cur.shape[1], 1)], 2)
+    f = (v.reshape(-1, g + 1) @ CG).reshape(v.shape[0], v.shape[1], K)  # (rows, beam, K)
+    base = loss - (v * CG.T[cur]).sum(2)  # (rows, beam): L - f(cur)
+    kk = min(beam_width, f.shape[1] * K)
+    if kk == 1:
+        fmin, idx = f[:, 0].min(1, keepdim=True)  # (rows, 1)
+        val = base + fmin
+    else:
+        val, idx = torch.topk((f + base[..., None]).reshape(f.shape[0], -1), kk, dim=1, largest=False, sorted=True)
+    return val, idx // K, idx % K
+
+
 @torch.no_grad()
 def beam_search(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, s: torch.Tensor, codes: torch.Tensor,
-                beam_width: int) -> torch.Tensor:
-    """New codes (out, n, M) that lower Σ_o r_oᵀ H r_o, searching groups j = 0..n-1 and, within a
-    group, codebooks m = 0..M-1 in turn with `beam_width` hypotheses per row (AQLM Phase 1; the
-    order follows Vahe1994/AQLM beam_search_xtx: groups outside, codebooks inside).
+                beam_width: int, order: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
+    """New codes (out, n, M) that lower Σ_o r_oᵀ H r_o with `beam_width` hypotheses per row (AQLM
+    Phase 1). order=None: groups j = 0..n-1 and, within a group, codebooks m = 0..M-1 in turn
+    (Vahe1994/AQLM beam_search_xtx without a dim_rng: groups outside, codebooks inside), with H r
+    updated lazily; else the (group, codebook) pairs in `order` (e.g. `shuffled_order`, their
+    dim_rng), with H r updated on every column after each step.
 
-    W: (out, in); H: (in, in); C: (M, K, g) float32 holding the stored values; s: (out,);
+    W: (out, in); H: (in, in); C: (M, K, g) float32; s: (out,);
     codes: (out, n, M) int64, the starting point (always one of the hypotheses' ancestors, so
     the best final hypothesis is never worse than it, up to float rounding)."""
     out_f, in_f = W.shape
@@ -380,6 +522,20 @@ def beam_search(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, s: torch.Tens
         loss = (Q[:, 0] * r).sum(1)[:, None]  # (rows, beam)
         hyp = codes[b_][:, None].clone()  # (rows, beam, n, M)
         s3 = sc[:, None, None]
+        if order is not None:
+            for j, m in order:
+                sl = slice(j * g, (j + 1) * g)
+                Cm = C[m]  # (K, g)
+                loss, parent, c = _extend(Q[:, :, sl], Cm @ H[sl, sl], Cm, hyp[:, :, j, m], s3, loss, beam_width)
+                if hyp.shape[1] > 1 or c.shape[1] > 1:
+                    hyp = hyp.gather(1, parent[:, :, None, None].expand(-1, -1, n, M)).clone()
+                    Q = Q.gather(1, parent[:, :, None].expand(-1, -1, in_f))
+                old = hyp[:, :, j, m].clone()
+                hyp[:, :, j, m] = c
+                dvec = s3 * (Cm[c] - Cm[old])  # (rows, kk, g): change of Ŵ in group j
+                Q = Q - (dvec.reshape(-1, g) @ H[sl]).reshape(dvec.shape[0], dvec.shape[1], in_f)
+            new_codes[b_] = hyp[torch.arange(hyp.shape[0], device=W.device), loss.argmin(1)]
+            continue
         gb = max(1, LAZY_COLUMNS // g)  # groups per lazy block
         for j0 in range(0, n, gb):
             j1 = min(j0 + gb, n)
@@ -390,23 +546,9 @@ def beam_search(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, s: torch.Tens
                 Hj = H[sl, j * g:c1]  # (g, columns j*g .. c1)
                 for m in range(M):
                     Cm = C[m]  # (K, g)
-                    P = Cm @ Hj[:, :g]  # (K, g): C_m H_jj
-                    Gd = (P * Cm).sum(1)  # (K,): c H_jj cᵀ of every codeword
-                    CG = torch.cat([Cm, Gd[:, None]], 1).T  # (g+1, K)
-                    cur = hyp[:, :, j, m]  # (rows, beam)
-                    # ΔL(c) = f(c) - f(cur), f(c) = v·C_c + s² C_c H_jj C_cᵀ, v = -2s((H r)_j + s C_cur H_jj)
-                    v = torch.cat([-2 * s3 * (Q[:, :, sl] + s3 * P[cur]), (s3 * s3).expand(-1, cur.shape[1], 1)], 2)
-                    f = (v.reshape(-1, g + 1) @ CG).reshape(v.shape[0], v.shape[1], K)  # (rows, beam, K)
-                    base = loss - (v * CG.T[cur]).sum(2)  # (rows, beam): L - f(cur)
-                    kk = min(beam_width, f.shape[1] * K)
-                    if kk == 1:
-                        fmin, idx = f[:, 0].min(1, keepdim=True)  # (rows, 1)
-                        val = base + fmin
-                    else:
-                        val, idx = torch.topk((f + base[..., None]).reshape(f.shape[0], -1), kk, dim=1,
-                                              largest=False, sorted=True)
-                    parent, c = idx // K, idx % K  # (rows, kk)
-                    if hyp.shape[1] > 1 or kk > 1:
+                    loss, parent, c = _extend(Q[:, :, sl], Cm @ Hj[:, :g], Cm, hyp[:, :, j, m], s3, loss,
+                                              beam_width)
+                    if hyp.shape[1] > 1 or c.shape[1] > 1:
                         hyp = hyp.gather(1, parent[:, :, None, None].expand(-1, -1, n, M)).clone()
                         Q = Q.gather(1, parent[:, :, None].expand(-1, -1, in_f))
                         Dblk = Dblk.gather(1, parent[:, :, None].expand(-1, -1, c1 - c0))
@@ -416,7 +558,6 @@ def beam_search(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, s: torch.Tens
                     Dblk[:, :, j * g - c0:(j + 1) * g - c0] += dvec
                     # H r after the change, only on the block's columns not yet searched (lazy)
                     Q[:, :, j * g:c1] -= (dvec.reshape(-1, g) @ Hj).reshape(dvec.shape[0], dvec.shape[1], -1)
-                    loss = val
             if c1 < in_f:  # the block's changes reach the later columns in one product
                 Q[:, :, c1:] -= (Dblk.reshape(-1, c1 - c0) @ H[c0:c1, c1:]).reshape(Q.shape[0], Q.shape[1], -1)
         new_codes[b_] = hyp[torch.arange(hyp.shape[0], device=W.device), loss.argmin(1)]
@@ -443,21 +584,71 @@ class _Adam:
             p.sub_(lr * mh / (vh.sqrt() + self.eps))
 
 
-def loss_grads(W, H, C, s, codes, segs: List[Segments]):
-    """Gradients of L with the codes fixed: -> (dL/dC (M, K, g), dL/ds (out,)).
-    segs[m]: `Segments` of codes[..., m] flattened (out*n,)."""
+def loss_grads(W, H, C, s, codes, segs: List[Segments], *, scale: float = 1.0, with_loss: bool = False):
+    """Gradients of scale·L with the codes fixed: -> (d/dC (M, K, g), d/ds (out,)) and, with_loss,
+    L itself (float32 products, float64 sum). segs[m]: `Segments` of codes[..., m] flattened (out*n,)."""
     out_f, in_f = W.shape
     g = C.shape[2]
     U = decode(C, codes)  # (out, n, g)
     R = W - s[:, None] * U.reshape(out_f, in_f)
-    G = (-2 * (R @ H)).reshape_as(U)  # dL/dŴ: (out, n, g)
+    RH = R @ H  # (out, in)
+    G = ((-2 * scale) * RH).reshape_as(U)  # d(scale·L)/dŴ: (out, n, g)
     gs = (G * U).sum((1, 2))  # (out,)
     sG = (s[:, None, None] * G).reshape(-1, g)  # (out*n, g)
     gC = torch.stack([seg.sum(sG) for seg in segs])
+    if with_loss:
+        return gC, gs, float((RH * R).double().sum())
     return gC, gs
 
 
 # ----------------------------------------------------------------------------- the method
+
+@dataclass(frozen=True)
+class Resolved:
+    """An AQLM config with every count and rate decided: the `iters` preset, then the variant's
+    defaults, then the explicit config fields (see ITER_PRESETS, VARIANT_DEFAULTS)."""
+    variant: str
+    iters: str
+    max_iterations: int
+    adam_steps: int
+    kmeans_iters: int
+    rel_tol: float
+    beam_width: int
+    lr: float
+    finetune_epochs: int  # variant=reference (0 for weighted)
+    finetune_steps: int  # variant=weighted (0 for reference)
+    finetune_lr: float
+    finetune_batch: int
+
+
+_LOWER_BOUNDS = {"max_iterations": 0, "adam_steps": 0, "kmeans_iters": 0, "beam_width": 1, "finetune_epochs": 0,
+                 "finetune_steps": 0, "finetune_batch": 1}
+
+
+def resolve(c) -> Resolved:
+    """Config -> Resolved; one-line ValueErrors naming the bad value and the valid choices."""
+    if c.variant not in VARIANTS:
+        raise ValueError(f"method.variant={c.variant!r}; valid: {', '.join(VARIANTS)}")
+    if c.iters not in ITER_PRESETS:
+        raise ValueError(f"method.iters={c.iters!r}; valid: {', '.join(ITER_PRESETS)}")
+    other = {"reference": "finetune_steps", "weighted": "finetune_epochs"}[c.variant]
+    if getattr(c, other) is not None:
+        mine = "finetune_epochs" if other == "finetune_steps" else "finetune_steps"
+        raise ValueError(f"method.{other}={getattr(c, other)} does not apply to variant={c.variant}; "
+                         f"its block finetuning is counted by method.{mine}")
+    vals = {**ITER_PRESETS[c.iters], **VARIANT_DEFAULTS[c.variant], other: 0}
+    out = {"variant": c.variant, "iters": c.iters}
+    for f in fields(Resolved)[2:]:
+        given = getattr(c, f.name)
+        v = vals[f.name] if given is None else given
+        out[f.name] = float(v) if f.name in ("rel_tol", "lr", "finetune_lr") else int(v)
+        if f.name in _LOWER_BOUNDS and out[f.name] < _LOWER_BOUNDS[f.name]:
+            raise ValueError(f"method.{f.name}={given}; valid: >= {_LOWER_BOUNDS[f.name]}")
+    for f in ("lr", "finetune_lr"):
+        if not out[f] > 0:
+            raise ValueError(f"method.{f}={getattr(c, f)}; valid: > 0")
+    return Resolved(**out)
+
 
 class AQLM(Method):
     name = "aqlm"
@@ -465,30 +656,28 @@ class AQLM(Method):
     @dataclass
     class Config:
         name: str = "aqlm"
+        variant: str = "reference"  # reference = Vahe1994/AQLM's algorithm; weighted = ours (module docstring)
+        iters: str = "cpu"  # iteration preset: cpu | paper (their main.py counts); the counts below override it
         scheme: Optional[str] = None  # "MxB", e.g. "1x16", "2x8"; null = chosen by the budget per layer shape
         in_group_size: Optional[int] = None  # g input weights per code group; null = chosen by the budget
         tolerance: float = 0.1  # realized total may exceed the target by at most this
-        # CPU-sized search. Vahe1994/AQLM main.py defaults (GPU): beam_size 1, 100 Adam steps (lr 1e-4)
-        # per beam search, up to 1000 such epochs, stop below relative_mse_tolerance (README: 0.01).
-        max_iterations: int = 4  # beam-search + Adam alternations
-        rel_tol: float = 0.01  # stop when an iteration lowers the proxy loss by less than this fraction
-        beam_width: int = 1
-        adam_steps: int = 5  # Adam steps on codebooks + scales per iteration
-        lr: float = 0.003  # Adam step, relative to the parameter's scale (codebooks: RMS-normalised rows)
-        kmeans_iters: int = 6  # Lloyd iterations per residual k-means stage
-        finetune_steps: int = 0  # block finetuning Adam steps (0 = off: CPU default)
-        finetune_lr: float = 1e-4
-        finetune_batch: int = 4  # calibration windows per finetuning step
+        # null below = from the `iters` preset (ITER_PRESETS) or the variant (VARIANT_DEFAULTS)
+        max_iterations: Optional[int] = None  # Adam + beam-search epochs (their max_epochs)
+        rel_tol: Optional[float] = None  # stop when an epoch lowers the proxy loss by less than this fraction
+        beam_width: Optional[int] = None  # hypotheses kept per row (their beam_size)
+        adam_steps: Optional[int] = None  # Adam steps on codebooks + scales per epoch (their steps_per_epoch)
+        lr: Optional[float] = None  # reference: 1e-4 (theirs); weighted: 3e-3, relative to the parameter's scale
+        kmeans_iters: Optional[int] = None  # Lloyd iterations per residual k-means stage (their init_max_iter)
+        finetune_epochs: Optional[int] = None  # reference: block finetuning passes over the calibration set (0 = off)
+        finetune_steps: Optional[int] = None  # weighted: block finetuning Adam steps (default 0 = off)
+        finetune_lr: Optional[float] = None  # reference: 1e-5 (theirs); weighted: 1e-4
+        finetune_batch: Optional[int] = None  # calibration windows per finetuning step (reference: 1; weighted: 4)
 
     def __init__(self, config, *, bits, seed=0):
         super().__init__(config, bits=bits, seed=seed)
-        c = config
-        for field, lo in (("max_iterations", 0), ("beam_width", 1), ("adam_steps", 0), ("kmeans_iters", 0),
-                          ("finetune_steps", 0), ("finetune_batch", 1)):
-            if int(getattr(c, field)) < lo:
-                raise ValueError(f"method.{field}={getattr(c, field)} must be >= {lo}")
-        if c.scheme is not None:
-            parse_scheme(c.scheme)
+        self.resolved = resolve(config)
+        if config.scheme is not None:
+            parse_scheme(config.scheme)
 
     def layer_plan(self, out_f: int, in_f: int) -> Tuple[int, int, int]:
         """(M, B, g) for an (out_f, in_f) layer (pure; BudgetError if `bits` cannot be met)."""
@@ -496,11 +685,16 @@ class AQLM(Method):
         return choose_scheme(self.bits, c.tolerance, int(out_f), int(in_f), c.scheme, c.in_group_size)
 
     def settings(self, plan=None):
-        c = self.config
-        s = {"scheme": c.scheme or "auto", "in_group_size": c.in_group_size or "auto",
-             "max_iterations": c.max_iterations, "rel_tol": c.rel_tol, "beam_width": c.beam_width,
-             "adam_steps": c.adam_steps, "lr": c.lr, "kmeans_iters": c.kmeans_iters,
-             "finetune_steps": c.finetune_steps}
+        c, r = self.config, self.resolved
+        s = {"variant": r.variant, "iters": r.iters, "scheme": c.scheme or "auto",
+             "in_group_size": c.in_group_size or "auto", "max_iterations": r.max_iterations, "rel_tol": r.rel_tol,
+             "beam_width": r.beam_width, "adam_steps": r.adam_steps, "lr": r.lr, "kmeans_iters": r.kmeans_iters}
+        if r.variant == "reference":
+            s["finetune_epochs"] = r.finetune_epochs
+        else:
+            s["finetune_steps"] = r.finetune_steps
+        if r.finetune_epochs or r.finetune_steps:
+            s.update(finetune_lr=r.finetune_lr, finetune_batch=r.finetune_batch)
         if plan:
             s["chosen"] = " ".join(f"{o}x{i}:{scheme_name(*v)}" for (o, i), v in sorted(plan.items()))
         return s
@@ -532,13 +726,51 @@ class AQLM(Method):
             codes, C, s, hist = self.quantize(W, H, M, B, g, seed=self.layer_seed(name))
         log.debug("%s: aqlm %s proxy loss %s", name, scheme_name(M, B, g), hist)
         q = AQLMWeight(codes, C, s, B)
-        q.history = hist  # proxy loss after init and after every iteration (not stored)
+        q.history = hist  # proxy losses during the search, the stored weight's last (not stored)
         return q
 
     def quantize(self, W, H, M, B, g, *, seed: int):
         """-> codes (out, n, M), codebooks (M, 2^B, g) and scales (out,), both holding fp16
-        values, and the history of the stored proxy loss [init, iteration 1, ...]."""
-        c = self.config
+        values, and a history of proxy losses whose last entry is the stored weight's."""
+        if self.resolved.variant == "reference":
+            return self._quantize_reference(W, H, M, B, g, seed=seed)
+        return self._quantize_weighted(W, H, M, B, g, seed=seed)
+
+    def _quantize_reference(self, W, H, M, B, g, *, seed: int):
+        """variant=reference (see the module docstring): their init, one persistent Adam
+        (betas (0, 0.95), amsgrad) on L / out, then a shuffled beam search, per epoch. The
+        history holds L at every epoch start (float32 codebooks and scales), then the stored
+        (fp16) weight's L."""
+        r = self.resolved
+        out_f, in_f = W.shape
+        n, K = in_f // g, 2**B
+        gen = torch.Generator().manual_seed(seed)  # k-means seeding
+        rng = random.Random(seed)  # beam-search order
+        codes, C, s = reference_init(W, M, B, g, r.kmeans_iters, gen)  # C (M, K, g), s (out,) float32
+        opt = torch.optim.Adam([C, s], lr=r.lr, betas=(0.0, 0.95), amsgrad=True)
+        best_start = math.inf  # their previous_best_loss
+        hist = []
+        for _ in range(r.max_iterations):
+            segs = [Segments(codes[..., m].reshape(-1), K) for m in range(M)]
+            gC, gs, L = loss_grads(W, H, C, s, codes, segs, scale=1.0 / out_f, with_loss=True)
+            hist.append(L)
+            if L / best_start > 1.0 - r.rel_tol:  # their relative_mse_tolerance, at an epoch's first step
+                break
+            best_start = min(best_start, L)
+            for step in range(r.adam_steps):
+                if step:
+                    gC, gs = loss_grads(W, H, C, s, codes, segs, scale=1.0 / out_f)
+                C.grad, s.grad = gC, gs
+                opt.step()
+            codes = beam_search(W, H, C, s, codes, r.beam_width, order=shuffled_order(n, M, rng))
+        C, s = _fp16(C), _fp16(s)
+        hist.append(float(row_losses(W, s[:, None] * decode(C, codes).reshape(out_f, in_f), H).sum()))
+        return codes, C, s, hist
+
+    def _quantize_weighted(self, W, H, M, B, g, *, seed: int):
+        """variant=weighted (see the module docstring). -> as `quantize`; the history holds the
+        stored proxy loss [init, iteration 1, ...]."""
+        c = self.resolved
         out_f, in_f = W.shape
         n, K = in_f // g, 2**B
         gen = torch.Generator().manual_seed(seed)
@@ -592,13 +824,75 @@ class AQLM(Method):
     # -- per block
     @property
     def uses_float_outputs(self) -> bool:
-        return self.config.finetune_steps > 0
+        return (self.resolved.finetune_epochs if self.resolved.variant == "reference" else self.resolved.finetune_steps) > 0
 
     def finetune_block(self, block: torch.nn.Module, ctx: BlockContext) -> Dict[str, float]:
-        """Adam on the block-output MSE vs the float block (AQLM Phase 3): codebooks, scales and the
-        block's norm weights are tuned, codes stay fixed. The tuned state is kept only if it
+        """Block finetuning (AQLM Phase 3) after the block's linears are quantized, as the variant does it."""
+        if self.resolved.variant == "reference":
+            return self._finetune_reference(block, ctx)
+        return self._finetune_weighted(block, ctx)
+
+    def _finetune_reference(self, block: torch.nn.Module, ctx: BlockContext) -> Dict[str, float]:
+        """variant=reference, their `finetune_groupwise` with main.py's defaults (no validation
+        split): Adam (betas (0.9, 0.95)) on every float parameter of the block, codes fixed,
+        minimising the mean squared error of the block's output against the float block's;
+        the windows in one seeded random order, cycled, `finetune_batch` per step,
+        len(windows) // finetune_batch steps per epoch. The result is kept as it ends.
+        Returns the relative training MSE of the first and last epoch and the step count."""
+        r = self.resolved
+        if r.finetune_epochs <= 0 or ctx.float_outputs is None:
+            return {}
+        from vptq.qlinear import QuantLinear
+
+        qws = [m.qweight for m in block.modules() if isinstance(m, QuantLinear) and isinstance(m.qweight, AQLMWeight)]
+        if not qws:
+            return {}
+        params = [p for p in block.parameters() if p.is_floating_point()]  # norm weights, biases, ...
+        req = [p.requires_grad for p in params]
+        for q in qws:
+            q.codebooks = q.codebooks.float().clone().requires_grad_(True)
+            q.scales = q.scales.float().clone().requires_grad_(True)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam([t for q in qws for t in (q.codebooks, q.scales)] + params, lr=r.finetune_lr,
+                               betas=(0.9, 0.95))
+        X, Y = ctx.inputs, ctx.float_outputs  # (N, L, D)
+        N, b = X.shape[0], r.finetune_batch
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(self.layer_seed(f"finetune.{ctx.index}")))
+        batches = [perm[i:i + b].tolist() for i in range(0, N, b)]  # one order, cycled over the epochs
+        per_epoch = max(1, N // b)
+        den = float(Y.float().pow(2).mean().clamp_min(1e-30))
+        epoch_mse, t = [], 0
+        try:
+            with torch.enable_grad():
+                for _ in range(r.finetune_epochs):
+                    tot = 0.0
+                    for _ in range(per_epoch):
+                        chunk = batches[t % len(batches)]
+                        t += 1
+                        opt.zero_grad(set_to_none=True)
+                        for i in chunk:  # one window at a time: the batch mean, by gradient accumulation
+                            y = _first(block(X[i:i + 1], **ctx.block_kwargs))
+                            loss = F.mse_loss(y.float(), Y[i:i + 1].float()) / len(chunk)
+                            loss.backward()
+                            tot += float(loss.detach())
+                        opt.step()
+                    epoch_mse.append(tot / per_epoch / den)
+        finally:
+            with torch.no_grad():
+                for q in qws:  # store fp16, exactly what dequantize will use
+                    q.codebooks = q.codebooks.detach().to(torch.float16)
+                    q.scales = q.scales.detach().to(torch.float16)
+            for p, rq in zip(params, req):
+                p.grad = None
+                p.requires_grad_(rq)
+        return {"ft_rel_mse_first_epoch": epoch_mse[0], "ft_rel_mse_last_epoch": epoch_mse[-1], "ft_steps": float(t)}
+
+    def _finetune_weighted(self, block: torch.nn.Module, ctx: BlockContext) -> Dict[str, float]:
+        """variant=weighted: Adam on the block-output MSE vs the float block: codebooks, scales and
+        the block's norm weights are tuned, codes stay fixed. The tuned state is kept only if it
         lowers the MSE on the calibration windows."""
-        c = self.config
+        c = self.resolved
         if c.finetune_steps <= 0 or ctx.float_outputs is None:
             return {}
         from vptq.qlinear import QuantLinear
