@@ -235,12 +235,12 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
     if bits > 16:
         raise UserError(f"bits={cfg.bits} is above 16: nothing to quantize; valid: 0 < bits <= 16")
     device = resolve_device(cfg.device)
-    if cfg.kernel.name == "triton":
-        import vptq.kernels  # noqa: F401  (registers "triton" in vptq.qlinear.KERNELS)
+    if cfg.kernel.name in ("triton", "cpu"):
+        import vptq.kernels  # noqa: F401  (registers "triton" and "cpu" in vptq.qlinear.KERNELS)
     from vptq.qlinear import KERNELS
 
     if cfg.kernel.name != "torch" and cfg.kernel.name not in KERNELS:
-        raise UserError(f"kernel={cfg.kernel.name!r} is not registered; valid choices: torch, triton")
+        raise UserError(f"kernel={cfg.kernel.name!r} is not registered; valid choices: torch, triton, cpu")
     check_data(cfg.data.name, cfg.data.path)
     ppl_sets = ppl_datasets(cfg)
     from runners.parallel import check_parallel

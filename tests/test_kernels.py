@@ -268,12 +268,13 @@ else:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
     @pytest.mark.parametrize("M,nbits,g", [(1, 8, 4), (2, 6, 8), (1, 5, 3)])
     def test_aqlm_weights_dequantize_exactly_through_the_vq_kernel(M, nbits, g, dtype):
-        """AQLM-style weights are the VPTQ layout of their transpose: the dequantization kernel
-        reproduces AQLMWeight.dequantize bit for bit, and QuantLinear routes through it."""
-        from vptq.kernels.layout import from_aqlm
+        """AQLM-style weights describe themselves as the VPTQ layout of their transpose
+        (`AQLMWeight.kernel_layout`): the dequantization kernel reproduces AQLMWeight.dequantize bit
+        for bit, and QuantLinear routes through it."""
+        from vptq.kernels.layout import from_layout, layout_of
 
         q = make_aqlm(M, nbits, g=g, inn=8 * g)
-        kw = from_aqlm(q)
+        kw = from_layout(layout_of(q))
         assert kw.transposed and (kw.out_features, kw.in_features) == (q.in_features, q.out_features)
         ref = q.dequantize(dtype)
         for cfg in (None, SMALL_DEQUANT):
@@ -294,6 +295,24 @@ else:
         x = torch.randn(1, q.in_features).to(DEVICE)
         assert dispatch.triton_linear(lin, x) is None
         assert torch.equal(lin(x), QuantLinear(q).to(DEVICE)(x))
+
+    def test_cached_buffers_follow_the_weight():
+        """The kernel buffers are rebuilt when a stored tensor changes (finetuning steps a codebook in
+        place, or replaces it), and a call that needs autograd takes the torch path."""
+        q = make_vq(**CASES["v6_k37_pad"])
+        lin, ref = QuantLinear(q, kernel="triton").to(DEVICE), QuantLinear(q).to(DEVICE)
+        x = torch.randn(1, q.in_features).to(DEVICE)
+        with torch.no_grad():
+            lin(x)
+            q.centroids.mul_(2)  # in place: a new version of the same tensor
+            assert rel(lin(x), ref(x)) < TOL[torch.float32]
+            q.centroids = -q.centroids  # replaced
+            assert rel(lin(x), ref(x)) < TOL[torch.float32]
+        assert dispatch.triton_linear(lin, x) is not None
+        q.centroids.requires_grad_(True)
+        assert dispatch.triton_linear(lin, x) is None
+        with torch.no_grad():
+            assert dispatch.triton_linear(lin, x) is not None
 
     def test_unsupported_falls_back():
         q = make_vq(out=8, inn=16, v=4, k=1)  # a 1-entry codebook has no index stream

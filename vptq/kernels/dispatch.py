@@ -1,12 +1,14 @@
 """Which kernel runs a `QuantLinear` forward under `kernel=triton`, and with which block sizes.
 
 The dispatch table (`ROUTES`) picks by token count: up to `gemv.MAX_TOKENS` tokens (decode) the
-fused dequantize-GEMV, above that (prefill) Triton dequantization + `F.linear`. AQLM-style weights
-are held as the VPTQ layout of their transpose (`layout.from_aqlm`): they always take the
-dequantization route (`dequant_matmul_t`), at any token count. Anything the
-kernels do not take returns None, and `QuantLinear.forward` falls back to the torch path:
-  * weights that are neither a `VQWeight` nor an AQLM-style `AQLMWeight` with M <= 2 codebooks,
-    or whose index width is outside 1..32 merged bits,
+fused dequantize-GEMV, above that (prefill) Triton dequantization + `F.linear`. Each weight type
+says how the kernels read it (`layout.layout_of`: a `VQWeight` as it is, others through
+`QuantizedWeight.kernel_layout`); a transposed layout (AQLM-style weights, the VPTQ layout of their
+transpose) always takes the dequantization route (`dequant_matmul_t`), at any token count. Anything
+the kernels do not take returns None, and `QuantLinear.forward` falls back to the torch path:
+  * weights without a kernel layout (`Unsupported`: e.g. AQLM-style with M > 2 codebooks, GPTVQ,
+    scalar grids), or whose index width is outside 1..32 merged bits,
+  * calls that need autograd (a tensor that requires grad while grad is enabled: finetuning),
   * activations that are not float16 / bfloat16 / float32,
   * a device Triton cannot run on (CPU, unless TRITON_INTERPRET=1 was set before the import).
 
@@ -31,7 +33,7 @@ import triton
 
 from vptq.kernels import gemv as G
 from vptq.kernels.dequant import DEQUANT_CONFIG, INTERPRET, INTERPRET_DEQUANT_CONFIG, dequantize
-from vptq.kernels.layout import KernelWeight, Unsupported, from_aqlm, from_vqweight
+from vptq.kernels.layout import KernelWeight, Unsupported, from_layout, layout_of, same_stamp, weight_stamp
 
 log = logging.getLogger("vq-bench")
 
@@ -173,7 +175,7 @@ def runnable(device: torch.device) -> bool:
 
 
 def _run_dequant_matmul_t(kw: KernelWeight, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """kw holds Wᵀ (AQLM-style weights, `layout.from_aqlm`)."""
+    """kw holds Wᵀ (a transposed `KernelLayout`, e.g. AQLM-style weights)."""
     Wt = dequantize(kw, x.dtype, INTERPRET_DEQUANT_CONFIG if INTERPRET else DEQUANT_CONFIG)  # (in, out)
     return F.linear(x, Wt.t(), None if bias is None else bias.to(x.dtype))
 
@@ -182,33 +184,26 @@ TRANSPOSED_ROUTE = Route("dequant_matmul_t", None, _run_dequant_matmul_t)
 
 
 def kernel_weight(qlinear) -> Optional[KernelWeight]:
-    """The cached kernel buffers of this layer (built on first use, rebuilt if it moved device).
-    For an AQLM-style weight they describe its transpose (`kw.transposed`)."""
-    from vptq.vqweight import VQWeight
-
+    """The cached kernel buffers of this layer (built on first use; rebuilt when the weight's tensors
+    changed: moved, replaced or updated in place, `layout.weight_stamp`). For a transposed layout
+    (AQLM-style weights) they describe Wᵀ (`kw.transposed`). None where the kernels do not fit."""
     q = qlinear.qweight
-    build = None
-    if isinstance(q, VQWeight):
-        build, dev = from_vqweight, q.centroids.device
-    elif type(q).__name__ == "AQLMWeight":  # baselines.aqlm (not imported here: no dependency on baselines)
-        build, dev = from_aqlm, q.codebooks.device
-    if build is None:
-        return None
-    cached = getattr(qlinear, "_triton_weight", None)
-    if cached is not None and cached[0] == dev and cached[1] is q:
-        return cached[2]
+    cache = qlinear.kernel_cache
+    hit = cache.get("triton")
+    if hit is not None and hit[0] is q and same_stamp(hit[1], q):
+        return hit[2]
     try:
-        kw = build(q)
+        kw = from_layout(layout_of(q))
     except Unsupported as e:
         _warn_once(("unsupported", str(e)), f"kernel=triton: torch path for a weight: {e}")
         kw = None
-    qlinear._triton_weight = (dev, q, kw)
+    cache["triton"] = (q, weight_stamp(q), kw)
     return kw
 
 
 def triton_linear(qlinear, x: torch.Tensor) -> Optional[torch.Tensor]:
     """`KERNELS["triton"]`: y = x W^T + b through the Triton kernels, or None (torch path)."""
-    if x.dtype not in DTYPES or not runnable(x.device):
+    if x.dtype not in DTYPES or not runnable(x.device) or qlinear.needs_grad(x):
         if not runnable(x.device):
             _warn_once(("device", x.device.type), f"kernel=triton: Triton cannot run on {x.device.type} "
                        "(set TRITON_INTERPRET=1 before importing for the interpreter); using the torch path")

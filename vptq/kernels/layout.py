@@ -41,12 +41,10 @@ from typing import Optional
 
 import torch
 
+from vptq.qweight import KernelLayout, Unsupported  # noqa: F401  (Unsupported re-exported: vptq.kernels)
+
 MAX_TOTAL_BITS = 32  # one merged index spans at most two int32 words
 MAX_VECTOR_LEN = 64  # VP = next_pow2(v) codeword lanes held in registers per index
-
-
-class Unsupported(ValueError):
-    """The weight cannot run through the Triton kernels (the torch path takes it)."""
 
 
 def next_pow2(x: int) -> int:
@@ -217,7 +215,7 @@ class KernelWeight:
     perm: Optional[torch.Tensor]
     scale: Optional[torch.Tensor]
     wbias: Optional[torch.Tensor]
-    transposed: bool = False  # holds Wᵀ (an AQLM-style weight, `from_aqlm`): dequantization route only
+    transposed: bool = False  # holds Wᵀ (a transposed `KernelLayout`, e.g. AQLM): dequantization route only
 
     @property
     def device(self) -> torch.device:
@@ -280,29 +278,36 @@ def from_vqweight(q) -> KernelWeight:
     return KernelWeight(q.out_features, q.in_features, main, outlier, perm, scale, wbias)
 
 
-def from_aqlm(q) -> KernelWeight:
-    """An AQLM-style additive weight (baselines.aqlm.AQLMWeight) as the kernel buffers of its
-    TRANSPOSE. AQLM's vectors run along the input dimension (Ŵ[o, j·g:(j+1)·g] = scale[o] ·
-    Σ_m C_m[codes[o, j, m]]); read as Ŵᵀ (in, out), that is the VPTQ layout exactly: vectors of
-    length v = g along Ŵᵀ's rows within each of its columns o, codebook C_0, a residual codebook
-    C_1 when M = 2, and a per-column scale (bias 0) = the per-row scale of Ŵ. So the dequantization
-    kernel serves AQLM-style weights unchanged (the caller transposes its output); the fused GEMV
-    computes x·Wᵀ for the layout it reads and does not apply (it would need x·Ŵᵀᵀ). M > 2
-    codebooks have no slot in the format: `Unsupported`."""
+def layout_of(q) -> KernelLayout:
+    """How the kernels read weight q: a `VQWeight` as it is; every other type describes itself through
+    `QuantizedWeight.kernel_layout` (e.g. AQLM-style weights: the VQWeight of their transpose), and
+    raises `Unsupported` where no kernel fits."""
     from vptq.vqweight import VQWeight
 
-    M = q.num_codebooks
-    if M > 2:
-        raise Unsupported(f"AQLM-style scheme {M}x{q.nbits}: the kernels take at most 2 codebooks (main + residual)")
-    codes = q.codes()  # (out, n, M)
-    idx = codes[..., 0].t().contiguous()[None]  # (1, n, out): vector row j of column o
-    res = codes[..., 1].t().contiguous()[None] if M == 2 else None
-    cb = q.codebooks
-    vq = VQWeight(out_features=q.in_features, in_features=q.out_features, vector_len=q.in_group_size,
-                  num_centroids=2 ** q.nbits, group_num=1, group_size=q.out_features, centroids=cb[0:1],
-                  indices=idx, num_res_centroids=2 ** q.nbits if M == 2 else 0,
-                  res_centroids=cb[1:2] if M == 2 else None, res_indices=res,
-                  weight_scale=q.scales, weight_bias=torch.zeros_like(q.scales))
-    kw = from_vqweight(vq)
-    kw.transposed = True
+    lay = KernelLayout(q) if isinstance(q, VQWeight) else q.kernel_layout()
+    if not isinstance(lay.weight, VQWeight):
+        raise Unsupported(f"{type(q).__name__}.kernel_layout() gave a {type(lay.weight).__name__}, not a VQWeight")
+    return lay
+
+
+def from_layout(lay: KernelLayout) -> KernelWeight:
+    """The Triton buffers of a kernel layout. A transposed layout (Wᵀ, e.g. AQLM-style weights) is
+    dequantized by the same kernel (the caller transposes its output); the fused GEMV computes x·Wᵀ
+    for the layout it reads and does not serve it (it would need x·Ŵᵀᵀ)."""
+    kw = from_vqweight(lay.weight)
+    kw.transposed = lay.transposed
     return kw
+
+
+def weight_stamp(q) -> tuple:
+    """What a kernel's cached buffers of weight q were built from: each tensor attribute (the object
+    itself, kept alive by the stamp, so its id cannot be reused) with its in-place version counter.
+    A cache is valid while `same_stamp` holds: finetuning that replaces a codebook or steps it in
+    place (AQLM Phase 3, VPTQ layer-wise finetuning) invalidates it."""
+    return tuple((k, t, t._version) for k, t in vars(q).items() if isinstance(t, torch.Tensor))
+
+
+def same_stamp(stamp: tuple, q) -> bool:
+    now = [(k, t) for k, t in vars(q).items() if isinstance(t, torch.Tensor)]
+    return len(now) == len(stamp) and all(
+        k == k0 and t is t0 and t._version == v0 for (k, t), (k0, t0, v0) in zip(now, stamp))

@@ -1,0 +1,295 @@
+"""`kernel=cpu` (vptq/kernels/cpu.py, csrc/vq_cpu.cpp) against the torch path, and `dense_weights`.
+
+The C++ GEMV and `QuantLinear(q, kernel="torch")` compute the same sum in a different order (the
+kernel adds column after column per pass in float32, MKL blocks its GEMV, the norms enter as
+W'(s∘x) + b·x instead of inside W), so they agree within a rounding bound, not bitwise. The bound,
+per output element, with A = |x| · |W|ᵀ (|W| = |W'|·|s| + |b| with norms) + |bias|:
+    float32 activations:  |y - y_ref| <= 2 (in + 4) 2⁻²⁴ · A      (two float32 sums of `in` terms)
+    float16 / bfloat16:   + 3 u · A, u = 2⁻¹¹ / 2⁻⁸                 (the reference rounds W and the
+                                                                    bias to the dtype, both round y)
+A wrong gather changes an element by about one term |x_c w|, ~A / in: far above the bound at these
+widths (`test_bound_catches_a_wrong_index` checks it does). `dense_weights` is checked bitwise: it
+runs the torch path's own dequantization and `F.linear`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import pytest
+import torch
+
+import vptq.kernels  # noqa: F401  (registers kernel=cpu)
+from tests.test_kernels import CASES, make_vq
+from vptq.kernels import cpu
+from vptq.qlinear import STATS, QuantLinear, dense_weights
+from vptq.qweight import QuantizedWeight, Storage
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(cpu.isa() == "unavailable", reason="no C++ compiler: kernel=cpu falls back")]
+
+U = {torch.float32: 0.0, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+DTYPES = list(U)
+
+
+def abs_weight(q) -> torch.Tensor:
+    """|W'|·|s| + |b| (out, in) float64: what bounds the rounding of each product."""
+    if getattr(q, "weight_scale", None) is None:
+        return q.dequantize(torch.float64).abs()
+    bare = dataclasses.replace(q, weight_scale=None, weight_bias=None)
+    return bare.dequantize(torch.float64).abs() * q.weight_scale.double().abs() + q.weight_bias.double().abs()
+
+
+def check_close(y, yr, x, q, bias=None):
+    """Assert |y - yr| <= the module docstring's bound, element by element."""
+    A = x.double().abs().reshape(-1, q.in_features) @ abs_weight(q).T  # (tokens, out)
+    if bias is not None:
+        A = A + bias.double().abs()
+    tol = (2 * (q.in_features + 4) * 2.0 ** -24 + 3 * U[x.dtype]) * A + 1e-30
+    err = (y.double() - yr.double()).abs().reshape(tol.shape)
+    assert y.dtype == yr.dtype == x.dtype and y.shape == yr.shape
+    assert bool((err <= tol).all()), f"max err/bound {float((err / tol).max()):.3g}"
+    return float((err / tol).max())
+
+
+def run_both(q, x, bias=None):
+    lin = QuantLinear(q, bias, kernel="cpu")
+    before = cpu.STATS["cpu"]
+    with torch.no_grad():
+        y = lin(x)
+        yr = QuantLinear(q, bias, kernel="torch")(x)
+    assert cpu.STATS["cpu"] == before + 1, "kernel=cpu did not run"
+    return y, yr
+
+
+# ---------------------------------------------------------------- VPTQ layout: every feature
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_vq_matches_torch(case, tokens, dtype):
+    q = make_vq(**CASES[case])
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, q.in_features, generator=g).to(dtype)
+    bias = torch.randn(q.out_features, generator=g)
+    y, yr = run_both(q, x, bias)
+    check_close(y, yr, x, q, bias)
+
+
+EXTRA = {  # shapes the shared CASES do not reach: VP = 32, several tiles, many groups, k = 2
+    "v24_k5": dict(out=50, inn=24, v=24, k=5, norm=True),
+    "v2_k2_tiles": dict(out=130, inn=40, v=2, k=2, groups=4, k_res=3, outliers=4, v_out=3, k_out=7, perm=True),
+    "v16_k300": dict(out=35, inn=18, v=16, k=300, groups=3),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTRA))
+def test_more_layouts_match_torch(case):
+    q = make_vq(**EXTRA[case])
+    x = torch.randn(5, q.in_features)
+    check_close(*run_both(q, x), x, q)
+
+
+def test_batched_leading_dims_and_no_bias():
+    q = make_vq(**CASES["v6_all"])
+    x = torch.randn(2, 3, q.in_features)
+    y, yr = run_both(q, x)
+    assert y.shape == (2, 3, q.out_features)
+    check_close(y, yr, x, q)
+
+
+@pytest.mark.parametrize("case", ["v6_all", "v3_k32_res4", "v12_k4096_res4096"])
+def test_scalar_loop_and_threads(case):
+    """The portable loop (CPUs without AVX2) agrees with the torch path too; two threads split tiles,
+    each computed as on one thread: bitwise the same output."""
+    q = make_vq(**CASES[case])
+    x = torch.randn(5, q.in_features)
+    cw = cpu.from_layout(vptq.kernels.layout_of(q))
+    yr = QuantLinear(q).forward(x).detach()
+    check_close(cpu.matmul(cw, x, force_scalar=True), yr, x, q)
+    big = make_vq(out=200, inn=40, v=6, k=64, k_res=8)  # 34 vector rows: 5 tiles to split
+    cwb = cpu.from_layout(vptq.kernels.layout_of(big))
+    xb = torch.randn(3, 40)
+    assert torch.equal(cpu.matmul(cwb, xb, nthreads=1), cpu.matmul(cwb, xb, nthreads=2))
+
+
+def test_bound_catches_a_wrong_index():
+    """One wrong gather (an index off by one in the kernel's buffer) breaks the bound."""
+    q = make_vq(**CASES["v6_k37_pad"])
+    x = torch.randn(1, q.in_features)
+    lin = QuantLinear(q, kernel="cpu")
+    with torch.no_grad():
+        lin(x)
+        cw = lin.kernel_cache["cpu"][2]
+        idx = cw.passes[0].idx
+        idx[0, 5, 0] = (int(idx[0, 5, 0]) + 1) % 37
+        y = lin(x)
+        yr = QuantLinear(q)(x)
+    with pytest.raises(AssertionError, match="max err/bound"):
+        check_close(y, yr, x, q)
+
+
+# ---------------------------------------------------------------- AQLM-style (transposed layout)
+def make_aqlm(M, nbits, g, out=20, n=6, seed=0):
+    from baselines.aqlm import AQLMWeight
+
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** nbits, (out, n, M), generator=gen)
+    codebooks = torch.randn(M, 2 ** nbits, g, generator=gen) * 0.1
+    return AQLMWeight(codes, codebooks, torch.rand(out, generator=gen) + 0.5, nbits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("M,nbits,g", [(1, 8, 8), (2, 6, 8), (1, 5, 3), (2, 4, 12), (1, 16, 4)])
+def test_aqlm_matches_torch(M, nbits, g, dtype):
+    q = make_aqlm(M, nbits, g)
+    x = torch.randn(3, q.in_features).to(dtype)
+    bias = torch.randn(q.out_features)
+    y, yr = run_both(q, x, bias)
+    A = x.double().abs() @ q.dequantize(torch.float64).abs().T + bias.double().abs()
+    tol = (2 * (q.in_features + 4) * 2.0 ** -24 + 3 * U[dtype]) * A
+    assert bool(((y.double() - yr.double()).abs() <= tol).all())
+
+
+def test_aqlm_three_codebooks_falls_back():
+    q = make_aqlm(3, 4, 8)
+    lin = QuantLinear(q, kernel="cpu")
+    x = torch.randn(1, q.in_features)
+    assert cpu.cpu_linear(lin, x) is None
+    assert torch.equal(lin(x), QuantLinear(q)(x))
+
+
+# ---------------------------------------------------------------- what it does not take
+class ScalarWeight(QuantizedWeight):
+    """A weight type without a kernel layout (like GPTVQ or a scalar grid)."""
+
+    def __init__(self, W):
+        self.W, self.out_features, self.in_features = W, *W.shape
+
+    def dequantize(self, dtype=torch.float32):
+        return self.W.to(dtype)
+
+    def storage(self):
+        return Storage(self.W.numel(), {"codes": self.W.numel() * 16})
+
+    def to(self, device):
+        self.W = self.W.to(device)
+        return self
+
+
+def test_fallbacks_to_torch():
+    q = make_vq(**CASES["v6_all"])
+    lin = QuantLinear(q, kernel="cpu")
+    x = torch.randn(cpu.MAX_TOKENS + 1, q.in_features)
+    assert cpu.cpu_linear(lin, x) is None  # prefill
+    assert cpu.cpu_linear(lin, x[:0]) is None  # no tokens
+    assert cpu.cpu_linear(lin, x[:1].double()) is None  # dtype
+    assert cpu.cpu_linear(lin, x[:1].requires_grad_()) is None  # autograd
+    with torch.no_grad():
+        assert cpu.cpu_linear(lin, x[:1]) is not None
+    other = QuantLinear(ScalarWeight(torch.randn(4, 8)), kernel="cpu")
+    assert cpu.cpu_linear(other, torch.randn(1, 8)) is None
+    x1 = torch.randn(1, 8)
+    assert torch.equal(other(x1), torch.nn.functional.linear(x1, other.qweight.W))
+    big_k = make_vq(out=8, inn=4, v=1, k=70000)
+    assert cpu.cpu_linear(QuantLinear(big_k, kernel="cpu"), torch.randn(1, 4)) is None  # > uint16
+
+
+def test_cached_buffers_follow_the_weight():
+    q = make_vq(**CASES["v4_res_groups"])
+    lin = QuantLinear(q, kernel="cpu")
+    x = torch.randn(2, q.in_features)
+    with torch.no_grad():
+        lin(x)
+        q.res_centroids.mul_(-3)  # stepped in place (finetuning)
+        check_close(lin(x), QuantLinear(q)(x), x, q)
+        q.centroids = q.centroids * 0.5  # replaced
+        check_close(lin(x), QuantLinear(q)(x), x, q)
+
+
+def test_no_compiler_falls_back_with_one_warning(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(cpu, "_LIB", [])
+    monkeypatch.setattr(cpu, "compiler", lambda: None)
+    q = make_vq(**CASES["v6_k37_pad"])
+    lin = QuantLinear(q, kernel="cpu")
+    x = torch.randn(1, q.in_features)
+    with caplog.at_level(logging.WARNING, logger="vq-bench"):
+        assert torch.equal(lin(x), QuantLinear(q)(x))
+        lin(x)
+    warnings = [r for r in caplog.records if "kernel=cpu" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+    assert cpu.isa() == "unavailable"
+
+
+def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
+    """A fresh cache folder gets one library; a second build reuses it without compiling; other
+    flags (or another source, compiler, machine) have another file."""
+    monkeypatch.setenv("VQB_CACHE", str(tmp_path))
+    cxx = cpu.compiler()
+    path = cpu._build(cxx, cpu.FLAGS)
+    assert os.path.dirname(path) == str(tmp_path / "cpu_kernels") and os.path.isfile(path)
+    mtime = os.stat(path).st_mtime_ns
+    assert cpu._build(cxx, cpu.FLAGS) == path and os.stat(path).st_mtime_ns == mtime
+    assert cpu.library_path(cxx, cpu.FLAGS + cpu.OPENMP) != path
+    assert os.listdir(tmp_path / "cpu_kernels") == [os.path.basename(path)]  # no temporary left
+
+
+# ---------------------------------------------------------------- a model
+def test_tiny_model_decodes_through_the_kernel():
+    """A tiny Llama of QuantLinear(VQWeight) layers (residual, outliers, perm, norms): 8 tokens through
+    kernel=cpu give the logits of kernel=torch (float rounding apart)."""
+    from tests.test_throughput import set_kernel, tiny_vq_model
+
+    model, _ = tiny_vq_model()
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        set_kernel(model, "torch")
+        ref = model(ids, use_cache=False).logits
+        set_kernel(model, "cpu")
+        before = cpu.STATS["cpu"]
+        got = model(ids, use_cache=False).logits
+        set_kernel(model, "torch")
+    assert cpu.STATS["cpu"] - before == 14  # every linear of both blocks
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_dense_weights_one_dequantization_per_layer_same_perplexity():
+    """Inside dense_weights each QuantLinear dequantizes once for the whole evaluation (outside: on
+    every forward) and the perplexity is bitwise the same; the dense weights are freed on exit."""
+    from runners.ppl import perplexity
+    from tests.test_throughput import set_kernel, tiny_vq_model
+
+    model, _ = tiny_vq_model()
+    set_kernel(model, "torch")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    windows = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    d0 = STATS["dequantize"]
+    outside = perplexity(model, windows, "cpu")
+    d1 = STATS["dequantize"]
+    with dense_weights(model) as n:
+        inside = perplexity(model, windows, "cpu")
+        d2 = STATS["dequantize"]
+        again = perplexity(model, windows, "cpu")
+        assert STATS["dequantize"] == d2
+        assert all(m._dense for m in layers)
+    assert n == len(layers) == 14
+    assert d1 - d0 == 3 * len(layers)  # per window, per layer
+    assert d2 - d1 == len(layers)  # once per layer
+    assert inside == outside == again
+    assert all(m._dense is None for m in layers)
+
+
+def test_dense_weights_filters_and_nesting():
+    q = make_vq(**CASES["v6_k37_pad"])
+    model = torch.nn.Sequential(QuantLinear(q, kernel="torch"), torch.nn.ReLU(), QuantLinear(
+        make_vq(out=48, inn=20, v=4, k=16), kernel="triton"))
+    x = torch.randn(2, q.in_features)
+    with torch.no_grad():
+        with dense_weights(model, kernels=("torch", "cpu")) as n:
+            assert n == 1 and model[0]._dense is not None and model[2]._dense is None
+            with dense_weights(model) as inner:  # covers only what the outer one does not
+                assert inner == 1
+            assert model[0]._dense is not None and model[2]._dense is None
+            model(x)
+        with dense_weights(model, enabled=False) as off:
+            assert off == 0 and model[0]._dense is None

@@ -1,0 +1,382 @@
+"""`kernel=cpu`: decode (1 to `MAX_TOKENS` tokens) of quantized linears on the CPU, straight from the
+indices, without the dense weight: a gather-FMA GEMV in C++ (csrc/vq_cpu.cpp) built on first use.
+
+Why this route (measured on a 2-core AMD EPYC Zen3, docs/LOG.md): at one token an fp32 `F.linear` is
+bound by memory bandwidth (a 4096x11008 fp32 weight is 180 MB), the torch path dequantizes the whole
+weight on every call, and a 2-bit weight is 8-16x fewer bytes. The kernel reads one uint16 index per
+v weights and gathers a float16 codeword from a cache-resident codebook: for output vector row r
+(rows r*v .. r*v+v-1) and stored input column c,
+
+    y[t, r*v:(r+1)*v] += x'[t, c] * C[g(c)][I[r, c]]       (VPTQ layout, `VQWeight`)
+
+summed over one PASS per codebook (main, residual, outlier columns), with x' = (s ∘ x)[perm] and
+y += (b · x) for the per-column norms W = W'·s + b. Transposed layouts (AQLM-style weights: vectors
+along the input dimension, `vptq.qweight.KernelLayout(transposed=True)`) run the same loop as dot
+products: y[t, o] = s[o] · Σ_j x[t, j*g:(j+1)*g] · C[I[o, j]] (+ C_1[...] as a second pass).
+
+Buffers per pass (`Pass`), built once per weight and cached on the `QuantLinear`:
+    idx       (ntiles, ncols, R) uint16   R = TILE_ROWS vector rows of a tile adjacent per column
+    codebook  (G, k, VP)         float16  codewords zero-padded to VP in {4, 8, 16, 32} lanes
+Arithmetic is float32 (codebooks are float16 in every format here, so converting them is exact); the
+result is cast to the activations' dtype. Against kernel="torch" it differs only in summation order
+(and, for float16/bfloat16 activations, in where the rounding to that dtype happens): tests bound it.
+
+What it does not take returns None (the torch path): tensors off the CPU, more than MAX_TOKENS tokens
+(prefill: see `vptq.qlinear.dense_weights`), calls that need autograd, weights without a kernel
+layout (GPTVQ, scalar grids, AQLM with M > 2) or with k > 65536 or v > 32, transposed layouts with
+groups, outliers or a permutation, and any machine where the library cannot be built (no compiler:
+one warning). The library: a plain C ABI called through ctypes, compiled with the system C++
+compiler ($CXX, g++, c++ or clang++) into $VQB_CACHE/cpu_kernels (default ~/.cache/vq-bench), keyed by
+a hash of the source, compiler and flags; no -march: the AVX2/FMA/F16C loop is compiled for that
+target by function attributes and chosen at run time, every other CPU runs a portable scalar loop.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from vptq.kernels.layout import Unsupported, layout_of, same_stamp, weight_stamp
+from vptq.qweight import KernelLayout
+
+log = logging.getLogger("vq-bench")
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "vq_cpu.cpp")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+OPENMP = ("-fopenmp",)
+MAX_TOKENS = 16  # decode; more tokens take the torch path (or dense_weights)
+TILE_ROWS = 8  # R: vector rows per tile (the kernel's register tiles divide it)
+LANES = (4, 8, 16, 32)  # VP: codeword lanes the kernel has loops for
+MAX_K = 65536  # uint16 indices
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STATS: Counter = Counter()  # route -> calls ("cpu", "torch"); tests check the kernel really ran
+
+
+# ---------------------------------------------------------------------------------- the library
+class _Pass(ctypes.Structure):
+    """struct VQPass of csrc/vq_cpu.cpp (field for field)."""
+
+    _fields_ = [("in_mode", ctypes.c_int32), ("T", ctypes.c_int32), ("x", ctypes.c_void_p), ("ldx", ctypes.c_int64),
+                ("idx", ctypes.c_void_p), ("ntiles", ctypes.c_int32), ("ncols", ctypes.c_int32),
+                ("R", ctypes.c_int32), ("VP", ctypes.c_int32), ("v", ctypes.c_int32), ("cb", ctypes.c_void_p),
+                ("cb_gstride", ctypes.c_int64), ("group_size", ctypes.c_int32), ("y", ctypes.c_void_p),
+                ("ldy", ctypes.c_int64), ("nvec", ctypes.c_int32), ("nthreads", ctypes.c_int32)]
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def cache_dir() -> str:
+    root = os.environ.get("VQB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vq-bench"))
+    return os.path.join(root, "cpu_kernels")
+
+
+def compiler() -> Optional[str]:
+    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def library_path(cxx: str, flags: tuple) -> str:
+    """Where the library built from SOURCE by `cxx` with `flags` is cached (a hash of the source,
+    compiler path and version, flags and machine: a cache shared across machines stays valid)."""
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"{cxx} --version failed: {e}") from e
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(b"\0".join([src, cxx.encode(), version.encode(), " ".join(flags).encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"vq_cpu-{key}.so")
+
+
+def _build(cxx: str, flags: tuple) -> str:
+    """Compile SOURCE with `flags` into the cache unless it is there -> the library's path."""
+    path = library_path(cxx, flags)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".vq_cpu-", suffix=".so")
+    os.close(fd)
+    try:
+        r = subprocess.run([cxx, *flags, SOURCE, "-o", tmp], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise BuildError(f"{os.path.basename(cxx)} {' '.join(flags)} failed: {r.stderr.strip()[-600:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)  # atomic: concurrent builders each write their own file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load():
+    cxx = compiler()
+    if cxx is None:
+        raise BuildError("no C++ compiler found ($CXX, g++, c++, clang++)")
+    try:
+        path = _build(cxx, FLAGS + OPENMP)
+    except BuildError as e:  # e.g. clang without libomp: single-threaded build
+        log.info("kernel=cpu: OpenMP build failed (%s); building single-threaded", e)
+        path = _build(cxx, FLAGS)
+    lib = ctypes.CDLL(path)
+    lib.vq_cpu_pass.argtypes = [ctypes.POINTER(_Pass), ctypes.c_int]
+    lib.vq_cpu_pass.restype = ctypes.c_int
+    lib.vq_cpu_isa.restype = ctypes.c_int
+    return lib
+
+
+_LIB: list = []  # [lib or None] once tried
+
+
+def library():
+    """The compiled kernel library (built and loaded on first use), or None where it cannot be built
+    (logged once: the torch path runs)."""
+    if not _LIB:
+        try:
+            _LIB.append(_load())
+        except (BuildError, OSError, subprocess.SubprocessError) as e:
+            log.warning("kernel=cpu: the C++ kernel is unavailable (%s); using the torch path", e)
+            _LIB.append(None)
+    return _LIB[0]
+
+
+def isa() -> str:
+    """Which loop the library runs on this CPU: "avx2" (AVX2+FMA+F16C), "scalar" or "unavailable"."""
+    lib = library()
+    return "unavailable" if lib is None else ("avx2" if lib.vq_cpu_isa() == 2 else "scalar")
+
+
+# ---------------------------------------------------------------------------------- buffers
+@dataclass(eq=False)
+class Pass:
+    """One codebook over a range of input columns (csrc/vq_cpu.cpp). idx (ntiles, ncols, R) uint16,
+    codebook (G, k, VP) float16; columns [col0, col0 + ncols) of x' (OUT) or all of x (IN)."""
+
+    idx: torch.Tensor
+    codebook: torch.Tensor
+    v: int
+    group_size: int
+    col0: int
+    nvec: int  # vector rows (OUT) / output rows (IN)
+    in_mode: bool
+
+    @property
+    def vp(self) -> int:
+        return self.codebook.shape[-1]
+
+    @property
+    def ncols(self) -> int:
+        return self.idx.shape[1]
+
+    def nbytes(self) -> int:
+        return self.idx.numel() * 2 + self.codebook.numel() * 2
+
+    def run(self, lib, x: torch.Tensor, y: torch.Tensor, nthreads: int, force_scalar: bool = False) -> int:
+        """y (T, ldy) float32 += this pass of x (T, ldx) float32 (both C-contiguous rows)."""
+        a = _Pass(in_mode=int(self.in_mode), T=x.shape[0], x=x.data_ptr() + 4 * self.col0, ldx=x.stride(0),
+                  idx=self.idx.data_ptr(), ntiles=self.idx.shape[0], ncols=self.ncols, R=self.idx.shape[2],
+                  VP=self.vp, v=self.v, cb=self.codebook.data_ptr(),
+                  cb_gstride=self.codebook.shape[1] * self.vp, group_size=self.group_size, y=y.data_ptr(),
+                  ldy=y.stride(0), nvec=self.nvec, nthreads=nthreads)
+        r = lib.vq_cpu_pass(ctypes.byref(a), int(force_scalar))
+        if r < 0:
+            raise RuntimeError(f"vq_cpu_pass rejected its arguments: {[(f, getattr(a, f)) for f, _ in a._fields_]}")
+        return r
+
+
+def lanes(v: int) -> int:
+    """VP: the smallest register width >= v the kernel has a loop for."""
+    for vp in LANES:
+        if v <= vp:
+            return vp
+    raise Unsupported(f"vector_len {v} > {LANES[-1]}")
+
+
+def _codebook(centroids: torch.Tensor) -> torch.Tensor:
+    """(G, k, v) -> (G, k, VP) float16, zero-padded lanes. Codebooks must be float16-exact."""
+    G, k, v = centroids.shape
+    if k > MAX_K:
+        raise Unsupported(f"codebook of {k} entries > {MAX_K} (uint16 indices)")
+    c16 = centroids.detach().to(torch.float16)
+    if centroids.dtype != torch.float16 and not torch.equal(c16.float(), centroids.detach().float()):
+        raise Unsupported(f"{centroids.dtype} codebook is not exactly representable in float16")
+    out = torch.zeros(G, k, lanes(v), dtype=torch.float16)
+    out[..., :v] = c16.cpu()
+    return out
+
+
+def _tiles(idx: torch.Tensor) -> torch.Tensor:
+    """(rows, ncols) integer indices -> (ntiles, ncols, R) uint16, rows padded to a multiple of R."""
+    rows, ncols = idx.shape
+    nt = -(-rows // TILE_ROWS)
+    out = torch.zeros(nt * TILE_ROWS, ncols, dtype=torch.int32)
+    out[:rows] = idx.cpu()
+    return out.reshape(nt, TILE_ROWS, ncols).permute(0, 2, 1).to(torch.uint16).contiguous()  # (nt, ncols, R)
+
+
+def out_pass(centroids: torch.Tensor, indices: torch.Tensor, col0: int) -> Pass:
+    """A pass of the VPTQ layout: centroids (G, k, v), indices (G, n, gs) for stored columns
+    [col0, col0 + G*gs); codebook g serves columns g*gs .. (g+1)*gs - 1."""
+    G, n, gs = indices.shape
+    idx = indices.permute(1, 0, 2).reshape(n, G * gs)  # (n, G*gs): vector row r, stored column c
+    return Pass(idx=_tiles(idx), codebook=_codebook(centroids), v=centroids.shape[-1], group_size=max(gs, 1),
+                col0=col0, nvec=n, in_mode=False)
+
+
+@dataclass(eq=False)
+class CpuWeight:
+    """The kernel's view of one weight. OUT mode (`transposed` False):
+        y = Σ_passes (x'[:, col0:col0+ncols] "times" pass)[:, :out] + (x · wbias) + bias,
+        x' = (x * scale)[:, perm]
+    perm (in,) int64, scale / wbias (in,) float32 by ORIGINAL column (None: identity / no norm).
+    IN mode (`transposed`, AQLM-style): x is zero-padded to (T, nj, VP), y = Σ_passes(...) * scale
+    + (Σ x) * wbias + bias, scale / wbias (out,) per output row."""
+
+    out_features: int
+    in_features: int
+    passes: List[Pass]
+    ydim: int  # columns of the float32 accumulator (>= out_features: padding rows)
+    perm: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+    wbias: Optional[torch.Tensor]
+    transposed: bool = False
+    g: int = 0  # IN mode: vector length along the input
+
+    def nbytes(self) -> int:
+        n = sum(p.nbytes() for p in self.passes)
+        for t in (self.perm, self.scale, self.wbias):
+            n += 0 if t is None else t.numel() * t.element_size()
+        return n
+
+
+def from_layout(lay: KernelLayout) -> CpuWeight:
+    """Build the kernel buffers (on the CPU) of a kernel layout. Raises `Unsupported`."""
+    q = lay.weight
+    if q.centroids.device.type != "cpu":
+        raise Unsupported(f"weight on {q.centroids.device.type}")
+    norm = (None, None) if q.weight_scale is None else (q.weight_scale.float().cpu(), q.weight_bias.float().cpu())
+    if lay.transposed:
+        return _from_transposed(q, norm)
+    passes = [out_pass(q.centroids, q.indices, q.outlier_size)]
+    if q.num_res_centroids:
+        passes.append(out_pass(q.res_centroids, q.res_indices, q.outlier_size))
+    if q.outlier_size:
+        passes.append(out_pass(q.outlier_centroids, q.outlier_indices, 0))
+    ydim = max(p.nvec * p.v for p in passes)
+    perm = None if q.perm is None else q.perm.to(torch.int64).cpu()
+    return CpuWeight(q.out_features, q.in_features, passes, ydim, perm, *norm)
+
+
+def _from_transposed(q, norm) -> CpuWeight:
+    """q: the VQWeight of Wᵀ (in, out); vectors of length g run along W's input dimension."""
+    if q.group_num != 1 or q.outlier_size or q.perm is not None:
+        raise Unsupported("a transposed layout with groups, outliers or a permutation")
+    out_f, in_f, g = q.in_features, q.out_features, q.vector_len
+
+    def in_pass(centroids, indices):  # indices (1, nj, out): vector j of output row o
+        return Pass(idx=_tiles(indices[0].t()), codebook=_codebook(centroids), v=g, group_size=indices.shape[1],
+                    col0=0, nvec=out_f, in_mode=True)
+
+    passes = [in_pass(q.centroids, q.indices)]
+    if q.num_res_centroids:
+        passes.append(in_pass(q.res_centroids, q.res_indices))
+    return CpuWeight(out_f, in_f, passes, out_f, None, *norm, transposed=True, g=g)
+
+
+# ---------------------------------------------------------------------------------- compute
+def matmul(cw: CpuWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None, lib=None,
+           nthreads: Optional[int] = None, force_scalar: bool = False) -> torch.Tensor:
+    """y = x Wᵀ + bias for x (T, in) on the CPU, in x's dtype (float32 arithmetic)."""
+    lib = lib or library()
+    if lib is None:
+        raise BuildError("the C++ kernel is unavailable")
+    nthreads = nthreads or torch.get_num_threads()
+    T = x.shape[0]
+    xf = x.float()  # (T, in)
+    if cw.transposed:
+        p0 = cw.passes[0]
+        nj = p0.ncols
+        xp = torch.zeros(T, nj, p0.vp)  # (T, nj, VP): x by input vector, zero lanes
+        xpad = xf if nj * cw.g == cw.in_features else torch.nn.functional.pad(xf, (0, nj * cw.g - cw.in_features))
+        xp[..., :cw.g] = xpad.reshape(T, nj, cw.g)
+        xp = xp.reshape(T, nj * p0.vp)
+        y = torch.zeros(T, cw.ydim)
+        for p in cw.passes:
+            p.run(lib, xp, y, nthreads, force_scalar)
+        if cw.scale is not None:
+            y = y * cw.scale + xf.sum(1, keepdim=True) * cw.wbias
+    else:
+        bx = None
+        if cw.scale is not None:
+            bx = xf @ cw.wbias  # (T,)
+            xf = xf * cw.scale
+        if cw.perm is not None:
+            xf = xf[:, cw.perm]  # stored column order
+        xf = xf.contiguous()
+        y = torch.zeros(T, cw.ydim)  # (T, ydim) float32: every pass adds into it
+        for p in cw.passes:
+            p.run(lib, xf, y, nthreads, force_scalar)
+        y = y[:, :cw.out_features]
+        if bx is not None:
+            y = y + bx[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).contiguous()
+
+
+_warned = set()
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg)
+
+
+def cpu_weight(qlinear) -> Optional[CpuWeight]:
+    """The cached buffers of this layer (built on first use, rebuilt when the weight's tensors changed:
+    `layout.weight_stamp`), or None where the kernel does not take the weight."""
+    q = qlinear.qweight
+    cache = qlinear.kernel_cache
+    hit = cache.get("cpu")
+    if hit is not None and hit[0] is q and same_stamp(hit[1], q):
+        return hit[2]
+    try:
+        cw = from_layout(layout_of(q))
+    except Unsupported as e:
+        _warn_once(("unsupported", str(e)), f"kernel=cpu: torch path for a weight: {e}")
+        cw = None
+    cache["cpu"] = (q, weight_stamp(q), cw)
+    return cw
+
+
+def cpu_linear(qlinear, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """`KERNELS["cpu"]`: y = x Wᵀ + b through the C++ kernel, or None (the torch path)."""
+    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    if (x.device.type != "cpu" or x.dtype not in DTYPES or not 0 < tokens <= MAX_TOKENS
+            or qlinear.needs_grad(x) or library() is None):
+        STATS["torch"] += 1
+        return None
+    cw = cpu_weight(qlinear)
+    if cw is None:
+        STATS["torch"] += 1
+        return None
+    y = matmul(cw, x.reshape(tokens, cw.in_features), qlinear.bias)  # (tokens, out)
+    if not STATS["cpu"]:
+        log.info("kernel=cpu: first call (%d tokens, %s loop)", tokens, isa())
+    STATS["cpu"] += 1
+    return y.reshape(*x.shape[:-1], cw.out_features)

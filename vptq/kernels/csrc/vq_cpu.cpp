@@ -1,0 +1,292 @@
+// Gather-FMA GEMV for vector-quantized weights on the CPU (`kernel=cpu`; vptq/kernels/cpu.py builds,
+// loads and calls it). A plain C ABI without torch headers, so that it compiles in seconds; the caller
+// passes raw pointers through ctypes.
+//
+// One call is one PASS: one codebook and one index stream over a range of input columns. A weight is the
+// sum of its passes (main codebook, residual codebook, outlier columns; or AQLM's M codebooks), each
+// accumulated into the same float32 output buffer. Two layouts:
+//
+//   OUT (VPTQ, `VQWeight`: vectors along the OUTPUT dimension within one input column):
+//     y[t, r*v + i] += sum_c x[t, c] * cb[g(c)][idx[r, c]][i]            i < v, g(c) = c / group_size
+//   IN  (AQLM-style: vectors along the INPUT dimension, x given zero-padded as (T, ncols, VP)):
+//     y[t, r]       += sum_c dot(x[t, c, 0:VP], cb[0][idx[r, c]][0:VP])
+//
+// Buffers (built once per weight by cpu.py):
+//   idx  (ntiles, ncols, R) uint16   the R rows of one tile adjacent for each column (rows past nvec: 0)
+//   cb   (G, k, VP)         float16  codewords zero-padded from v to VP lanes (VP in {4, 8, 16, 32})
+// One program computes RS rows x TT tokens of one tile over all columns with the accumulators in
+// registers (RS*TT*NV <= 8), then adds them to y; rows at or past nvec (the last tile's padding) are not
+// stored, nor lanes at or past v (OUT). Measured on Zen3 (docs/LOG.md): float16 codebooks beat float32
+// ones at every k (half the cache footprint), and one codebook per pass beats main + residual fused in
+// one loop (fewer instructions per long-latency gather when a 65536-entry codebook misses L2).
+//
+// The AVX2/FMA/F16C code is compiled for that target only (function attributes, no -march), and chosen
+// at run time by __builtin_cpu_supports; every other CPU runs the portable scalar loop. Threads: OpenMP
+// over tiles (in a torch process, the libgomp torch loaded), `nthreads` given by the caller.
+#include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define VQ_X86 1
+#endif
+
+extern "C" {
+
+struct VQPass {
+  int32_t in_mode;       // 0: OUT layout, 1: IN layout
+  int32_t T;             // tokens
+  const float* x;        // OUT: column c of token t at x[t*ldx + c]; IN: x[t*ldx + c*VP .. + VP)
+  int64_t ldx;
+  const uint16_t* idx;   // (ntiles, ncols, R)
+  int32_t ntiles, ncols, R;
+  int32_t VP, v;         // lanes per codeword (padded), lanes stored per row (OUT)
+  const uint16_t* cb;    // (G, k, VP) float16 bits
+  int64_t cb_gstride;    // k * VP
+  int32_t group_size;    // columns per group: the codebook advances every group_size columns
+  float* y;              // OUT: y[t*ldy + r*v + i]; IN: y[t*ldy + r]
+  int64_t ldy;
+  int32_t nvec;          // valid rows (vector rows for OUT, output rows for IN)
+  int32_t nthreads;
+};
+
+int vq_cpu_isa(void);
+int vq_cpu_pass(const VQPass* p, int force_scalar);
+}
+
+// ------------------------------------------------------------------------------------------ scalar
+static float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    bits = sign;  // +-0
+  } else {  // subnormal: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400));
+    bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+static void tile_scalar(const VQPass& a, int tile) {
+  const int R = a.R, VP = a.VP;
+  float acc[32], w[32];
+  for (int r = 0; r < R; ++r) {
+    const int row = tile * R + r;
+    if (row >= a.nvec) break;
+    for (int t = 0; t < a.T; ++t) {
+      for (int i = 0; i < VP; ++i) acc[i] = 0.f;
+      const uint16_t* cb = a.cb;
+      int gend = a.group_size;
+      const uint16_t* ip = a.idx + (int64_t)tile * a.ncols * R + r;
+      for (int c = 0; c < a.ncols; ++c, ip += R) {
+        if (c == gend) {
+          cb += a.cb_gstride;
+          gend += a.group_size;
+        }
+        const uint16_t* wp = cb + (int64_t)ip[0] * VP;
+        for (int i = 0; i < VP; ++i) w[i] = half_to_float(wp[i]);
+        if (!a.in_mode) {
+          const float xs = a.x[t * a.ldx + c];
+          for (int i = 0; i < VP; ++i) acc[i] += xs * w[i];
+        } else {
+          const float* xv = a.x + t * a.ldx + (int64_t)c * VP;
+          for (int i = 0; i < VP; ++i) acc[i] += xv[i] * w[i];
+        }
+      }
+      if (!a.in_mode) {
+        float* yp = a.y + t * a.ldy + (int64_t)row * a.v;
+        for (int i = 0; i < a.v; ++i) yp[i] += acc[i];
+      } else {
+        float s = 0.f;
+        for (int i = 0; i < VP; ++i) s += acc[i];
+        a.y[t * a.ldy + row] += s;
+      }
+    }
+  }
+}
+
+#ifdef VQ_X86
+// ------------------------------------------------------------------------------------------ AVX2
+#define VQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define VQ_UNROLL _Pragma("GCC unroll 16")
+
+// L float lanes per register: 8 (ymm) or 4 (xmm, for VP == 4)
+template <int L> struct Vec;
+template <> struct Vec<8> {
+  typedef __m256 T;
+  typedef __m256i M;
+  static VQ_AVX2 inline T zero() { return _mm256_setzero_ps(); }
+  static VQ_AVX2 inline T load(const float* p) { return _mm256_loadu_ps(p); }
+  static VQ_AVX2 inline T loadh(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static VQ_AVX2 inline T bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static VQ_AVX2 inline T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static VQ_AVX2 inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static VQ_AVX2 inline M first(int n) {  // lanes i < n
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static VQ_AVX2 inline T mload(const float* p, M m) { return _mm256_maskload_ps(p, m); }
+  static VQ_AVX2 inline void mstore(float* p, M m, T a) { _mm256_maskstore_ps(p, m, a); }
+  static VQ_AVX2 inline float hsum(T a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+};
+template <> struct Vec<4> {
+  typedef __m128 T;
+  typedef __m128i M;
+  static VQ_AVX2 inline T zero() { return _mm_setzero_ps(); }
+  static VQ_AVX2 inline T load(const float* p) { return _mm_loadu_ps(p); }
+  static VQ_AVX2 inline T loadh(const uint16_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)p)); }
+  static VQ_AVX2 inline T bcast(const float* p) { return _mm_broadcast_ss(p); }
+  static VQ_AVX2 inline T add(T a, T b) { return _mm_add_ps(a, b); }
+  static VQ_AVX2 inline T fma(T a, T b, T c) { return _mm_fmadd_ps(a, b, c); }
+  static VQ_AVX2 inline M first(int n) { return _mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3)); }
+  static VQ_AVX2 inline T mload(const float* p, M m) { return _mm_maskload_ps(p, m); }
+  static VQ_AVX2 inline void mstore(float* p, M m, T a) { _mm_maskstore_ps(p, m, a); }
+  static VQ_AVX2 inline float hsum(T s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+};
+
+// rows r0 .. r0+RS of `tile` x tokens t0 .. t0+TT; NV registers of L lanes per codeword (VP = L*NV).
+// Every loop over RS/TT/NV is unrolled, so `acc` lives in registers (an indexed access would make GCC
+// keep it in memory and store it on every column: measured 2x slower).
+template <int L, int NV, int RS, int TT, bool IN>
+VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
+  typedef Vec<L> V;
+  typedef typename V::T reg;
+  constexpr int VP = L * NV;
+  const int R = a.R, ncols = a.ncols, gs = a.group_size;
+  const int64_t gstride = a.cb_gstride, ldx = a.ldx;
+  reg acc[RS][TT][NV];
+  VQ_UNROLL for (int r = 0; r < RS; ++r)
+    VQ_UNROLL for (int t = 0; t < TT; ++t)
+      VQ_UNROLL for (int j = 0; j < NV; ++j) acc[r][t][j] = V::zero();
+  const uint16_t* cb = a.cb;
+  int gend = gs;
+  const uint16_t* ip = a.idx + (int64_t)tile * ncols * R + r0;
+  const float* xp = a.x + (int64_t)t0 * ldx;
+  for (int c = 0; c < ncols; ++c, ip += R) {
+    if (c == gend) {  // next group: its own codebook
+      cb += gstride;
+      gend += gs;
+    }
+    reg xv[TT][IN ? NV : 1];
+    VQ_UNROLL for (int t = 0; t < TT; ++t) {
+      if (IN) {
+        VQ_UNROLL for (int j = 0; j < NV; ++j) xv[t][j] = V::load(xp + t * ldx + (int64_t)c * VP + j * L);
+      } else {
+        xv[t][0] = V::bcast(xp + t * ldx + c);
+      }
+    }
+    VQ_UNROLL for (int r = 0; r < RS; ++r) {
+      const uint16_t* wp = cb + (int64_t)ip[r] * VP;
+      VQ_UNROLL for (int j = 0; j < NV; ++j) {
+        const reg w = V::loadh(wp + j * L);
+        VQ_UNROLL for (int t = 0; t < TT; ++t) acc[r][t][j] = V::fma(w, xv[t][IN ? j : 0], acc[r][t][j]);
+      }
+    }
+  }
+  typename V::M mask[NV];
+  VQ_UNROLL for (int j = 0; j < NV; ++j) mask[j] = V::first(a.v - j * L);
+  VQ_UNROLL for (int r = 0; r < RS; ++r) {
+    const int row = tile * R + r0 + r;
+    if (row < a.nvec) {
+      VQ_UNROLL for (int t = 0; t < TT; ++t) {
+        if (!IN) {
+          float* yp = a.y + (int64_t)(t0 + t) * a.ldy + (int64_t)row * a.v;
+          VQ_UNROLL for (int j = 0; j < NV; ++j)
+            V::mstore(yp + j * L, mask[j], V::add(V::mload(yp + j * L, mask[j]), acc[r][t][j]));
+        } else {
+          reg s = acc[r][t][0];
+          VQ_UNROLL for (int j = 1; j < NV; ++j) s = V::add(s, acc[r][t][j]);
+          a.y[(int64_t)(t0 + t) * a.ldy + row] += V::hsum(s);
+        }
+      }
+    }
+  }
+}
+
+// RS rows per program from the token chunk and the codeword width: RS*TT*NV <= 8 accumulators
+template <int L, int NV, int TT, bool IN>
+VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
+  constexpr int RS0 = 8 / (TT * NV);
+  constexpr int RS = RS0 < 1 ? 1 : RS0;
+  for (int r0 = 0; r0 < a.R; r0 += RS) tile_avx2<L, NV, RS, TT, IN>(a, tile, r0, t0);
+}
+
+// tokens in chunks of 4, then 2, then 1
+template <int L, int NV, bool IN>
+VQ_AVX2 static void tile_tokens(const VQPass& a, int tile) {
+  int t0 = 0;
+  for (; t0 + 4 <= a.T; t0 += 4) tile_rows<L, NV, 4, IN>(a, tile, t0);
+  if (a.T - t0 >= 2) {
+    tile_rows<L, NV, 2, IN>(a, tile, t0);
+    t0 += 2;
+  }
+  if (a.T - t0 >= 1) tile_rows<L, NV, 1, IN>(a, tile, t0);
+}
+
+typedef void (*tile_fn)(const VQPass&, int);
+
+template <int L, int NV>
+static tile_fn pick_mode(const VQPass& a) {
+  return a.in_mode ? &tile_tokens<L, NV, true> : &tile_tokens<L, NV, false>;
+}
+
+static tile_fn pick_avx2(const VQPass& a) {
+  if (a.R % 8 != 0) return nullptr;  // RS divides 8
+  switch (a.VP) {
+    case 4: return pick_mode<4, 1>(a);
+    case 8: return pick_mode<8, 1>(a);
+    case 16: return pick_mode<8, 2>(a);
+    case 32: return pick_mode<8, 4>(a);
+    default: return nullptr;
+  }
+}
+#endif  // VQ_X86
+
+// ------------------------------------------------------------------------------------------ entry
+// 2: AVX2 + FMA + F16C available, 0: the scalar loop only
+int vq_cpu_isa(void) {
+#ifdef VQ_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 2;
+#endif
+  return 0;
+}
+
+// y += this pass's product. Returns the path taken (2 AVX2, 0 scalar), or -1 for bad arguments.
+int vq_cpu_pass(const VQPass* ap, int force_scalar) {
+  const VQPass& a = *ap;
+  if (a.T < 1 || a.R < 1 || a.VP < 1 || a.VP > 32 || a.v < 1 || a.v > a.VP || a.group_size < 1 || a.ntiles < 0 ||
+      a.ncols < 0)
+    return -1;
+  void (*fn)(const VQPass&, int) = tile_scalar;
+  int isa = 0;
+#ifdef VQ_X86
+  if (!force_scalar && vq_cpu_isa() == 2) {
+    tile_fn f = pick_avx2(a);
+    if (f) {
+      fn = f;
+      isa = 2;
+    }
+  }
+#endif
+  const int n = a.ntiles, nt = a.nthreads < 1 ? 1 : a.nthreads;
+  if (nt == 1 || n < 2) {
+    for (int i = 0; i < n; ++i) fn(a, i);
+  } else {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int i = 0; i < n; ++i) fn(a, i);
+  }
+  return isa;
+}
