@@ -84,11 +84,10 @@ generator seeded by `layer_seed(name)` (or the block index); segment sums (k-mea
 gradients) use `index_add_` on the CPU and a sort + float64 cumulative sum elsewhere, never
 atomics, so a layer's result is a function of (W, H, config, seed) on a given device (the
 weighted variant checked on an H200: two runs bitwise equal, and the loss history equal to the
-CPU's to ~1e-8). On the CPU a layer runs on one thread (see `_single_thread`).
+CPU's to ~1e-8). On the CPU a layer runs on one thread (`vptq.threads.single_thread`).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -102,6 +101,7 @@ import torch.nn.functional as F
 from vptq.kmeans import assign
 from vptq.methods import BlockContext, BudgetError, Method
 from vptq.qweight import QuantizedWeight, Storage
+from vptq.threads import single_thread
 
 log = logging.getLogger(__name__)
 
@@ -722,7 +722,7 @@ class AQLM(Method):
             H[dead, dead] = 1.0
             W = W.clone()
             W[:, dead] = 0.0
-        with _single_thread(W.device):
+        with single_thread(W.device):  # small ops: one thread on CPU (vptq.threads)
             codes, C, s, hist = self.quantize(W, H, M, B, g, seed=self.layer_seed(name))
         log.debug("%s: aqlm %s proxy loss %s", name, scheme_name(M, B, g), hist)
         q = AQLMWeight(codes, C, s, B)
@@ -951,22 +951,6 @@ class AQLM(Method):
                 for p, v in zip(norms, saved[1]):
                     p.copy_(v)
         return {"ft_rel_mse_before": before, "ft_rel_mse_after": min(after, before)}
-
-
-@contextlib.contextmanager
-def _single_thread(device):
-    """Beam search and k-means issue thousands of small ops: on a CPU, OpenMP fork/join costs
-    more than it gains there, and collapses when the cores are shared (measured: a 576x1536
-    layer 8x slower on 2 threads than on 1 with a loaded 2-core machine). Run them on one."""
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _first(out):

@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from aqlm_layer import proxy_loss, synthetic_layer  # noqa: E402
+sys.path.insert(0, str(HERE.parents[1]))  # the repo: the finetuning setup builds a tiny model with runners/
+from aqlm_layer import block_rel_mse, finetune_setup, proxy_loss, synthetic_layer  # noqa: E402
 
 # Their main.py defaults, with relative_mse_tolerance as in their README's quantization command
 # (main.py's default None would run all 1000 epochs).
@@ -48,7 +49,70 @@ THEIR_SETTINGS = dict(
     init_max_iter=100, init_max_points_per_centroid=None, use_faiss=False,
     lr=1e-4, beam_size=1, max_epochs=1000, steps_per_epoch=100, relative_mse_tolerance=0.01,
 )
-THEIR_FILES = ("aq_engine.py", "src/aq.py", "src/beam_search_xtx.py", "src/kmeans.py", "src/utils.py")
+THEIR_FILES = ("aq_engine.py", "src/aq.py", "src/beam_search_xtx.py", "src/kmeans.py", "src/utils.py",
+               "src/finetune.py")
+# Block finetuning runs (their finetune_groupwise; Adam betas (0.9, 0.95) are their main.py defaults):
+# full-batch (order-free: the same gradients as ours up to rounding) and their default batch of 1.
+FINETUNE_RUNS = (dict(name="full_batch", epochs=20, lr=1e-3, batch=8, seeds=(0,)),
+                 dict(name="batch1", epochs=3, lr=1e-4, batch=1, seeds=(0, 1, 2)))
+
+
+class _ParamAQLinear(torch.nn.Module):
+    """Glue (ours, not theirs): an AQLM weight whose codebooks and scales are nn.Parameters, the
+    form their finetune_groupwise trains (every parameter with requires_grad)."""
+
+    def __init__(self, qlin):
+        super().__init__()
+        from baselines.aqlm import decode
+
+        q = qlin.qweight
+        self.decode, self.shape = decode, (q.out_features, q.in_features)
+        self.codebooks = torch.nn.Parameter(q.codebooks.float().clone())
+        self.scales = torch.nn.Parameter(q.scales.float().clone())
+        self.register_buffer("codes", q.codes())
+        self.bias = qlin.bias
+
+    def forward(self, x):
+        W = self.scales[:, None] * self.decode(self.codebooks, self.codes).reshape(self.shape)
+        return torch.nn.functional.linear(x, W.to(x.dtype), self.bias)
+
+
+class _Tupled(torch.nn.Module):
+    """Glue: their code unpacks `out, *_ = layer(x)` (older transformers layers returned tuples)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, **kw):
+        y = self.block(x, **kw)
+        return y if isinstance(y, (tuple, list)) else (y,)
+
+
+def run_their_finetune(epochs, lr, batch, seed):
+    from src.finetune import finetune_groupwise  # theirs
+    from vptq.qlinear import QuantLinear
+
+    block, X, Y, kwargs = finetune_setup()
+    before = block_rel_mse(block, X, Y, kwargs)
+    for name, mod in list(block.named_modules()):
+        if isinstance(mod, QuantLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, _ParamAQLinear(mod))
+    for p in block.parameters():
+        p.requires_grad_(True)  # their main.py's model: every parameter trainable
+    args = Namespace(devices=[torch.device("cpu")], offload_activations=False, finetune_lr=lr,
+                     finetune_adam_beta1=0.9, finetune_adam_beta2=0.95, finetune_batch_size=batch,
+                     local_batch_size=None, finetune_max_epochs=epochs, finetune_early_stop=3)
+    torch.manual_seed(seed)  # their minibatch order: torch.randperm on the global RNG
+    finetune_groupwise(layer=_Tupled(block), train_inps=[X], train_outs=[Y], args=args, verbose=False, **kwargs)
+    after32 = block_rel_mse(block, X, Y, kwargs)
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, _ParamAQLinear):  # as stored: fp16
+                m.codebooks.copy_(m.codebooks.half().float())
+                m.scales.copy_(m.scales.half().float())
+    return {"rel_mse_before": before, "rel_mse_after": block_rel_mse(block, X, Y, kwargs), "rel_mse_after_fp32": after32}
 
 
 def parse_config(text: str):
@@ -123,6 +187,7 @@ def main():
     ap.add_argument("--shape", type=int, nargs=2, default=[128, 256], metavar=("OUT", "IN"))
     ap.add_argument("--layer-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-finetune", action="store_true", help="skip the block-finetuning runs")
     ap.add_argument("--out", default=str(HERE.parents[1] / "tests" / "data" / "fidelity_reference_aqlm.json"))
     a = ap.parse_args()
 
@@ -157,6 +222,14 @@ def main():
         ls = torch.tensor([r["proxy_loss"] for r in runs if r["config"] == config], dtype=torch.float64)
         summary[config] = {"mean": float(ls.mean()), "std": float(ls.std()) if len(ls) > 1 else 0.0,
                            "min": float(ls.min()), "max": float(ls.max()), "relative_mean": float(ls.mean()) / ref}
+    finetune = []
+    if not a.no_finetune:
+        for spec in FINETUNE_RUNS:
+            for seed in spec["seeds"]:
+                r = dict(name=spec["name"], epochs=spec["epochs"], lr=spec["lr"], batch=spec["batch"], seed=seed,
+                         **run_their_finetune(spec["epochs"], spec["lr"], spec["batch"], seed))
+                print(json.dumps(r), flush=True)
+                finetune.append(r)
     doc = {
         "reference": {"repository": "https://github.com/Vahe1994/AQLM", "commit": commit,
                       "files_sha256": {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in THEIR_FILES},
@@ -169,6 +242,9 @@ def main():
         "loss": "tr((W - Ŵ) H (W - Ŵ)ᵀ), float64",
         "runs": runs,
         "summary": summary,
+        "finetune": {"setup": "scripts/fidelity/aqlm_layer.py:finetune_setup() (seed 0, 8 windows x 32 tokens, "
+                              "1x6/g4 weights), their src/finetune.py:finetune_groupwise, no validation split",
+                     "runs": finetune},
         "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "cpu": _cpu_name(), "threads": a.threads},
     }
