@@ -173,6 +173,7 @@ class Pass:
     col0: int
     nvec: int  # vector rows (OUT) / output rows (IN)
     in_mode: bool
+    _args: Optional[bytes] = None  # the constant fields of its struct VQPass (pointers into idx, codebook)
 
     @property
     def vp(self) -> int:
@@ -186,12 +187,15 @@ class Pass:
         return self.idx.numel() * 2 + self.codebook.numel() * 2
 
     def run(self, lib, x: torch.Tensor, y: torch.Tensor, nthreads: int, force_scalar: bool = False) -> int:
-        """y (T, ldy) float32 += this pass of x (T, ldx) float32 (both C-contiguous rows)."""
-        a = _Pass(in_mode=int(self.in_mode), T=x.shape[0], x=x.data_ptr() + 4 * self.col0, ldx=x.stride(0),
-                  idx=self.idx.data_ptr(), ntiles=self.idx.shape[0], ncols=self.ncols, R=self.idx.shape[2],
-                  VP=self.vp, v=self.v, cb=self.codebook.data_ptr(),
-                  cb_gstride=self.codebook.shape[1] * self.vp, group_size=self.group_size, y=y.data_ptr(),
-                  ldy=y.stride(0), nvec=self.nvec, nthreads=nthreads)
+        """y (T, ldy) float32 += this pass of x (T, ldx) float32 (both with unit column stride)."""
+        if self._args is None:  # the fields that do not change between calls, set once
+            self._args = bytes(_Pass(in_mode=int(self.in_mode), idx=self.idx.data_ptr(), ntiles=self.idx.shape[0],
+                                     ncols=self.ncols, R=self.idx.shape[2], VP=self.vp, v=self.v,
+                                     cb=self.codebook.data_ptr(), cb_gstride=self.codebook.shape[1] * self.vp,
+                                     group_size=self.group_size, nvec=self.nvec))
+        a = _Pass.from_buffer_copy(self._args)  # per call: calls may overlap (ctypes drops the GIL)
+        a.T, a.x, a.ldx = x.shape[0], x.data_ptr() + 4 * self.col0, x.stride(0)
+        a.y, a.ldy, a.nthreads = y.data_ptr(), y.stride(0), nthreads
         r = lib.vq_cpu_pass(ctypes.byref(a), int(force_scalar))
         if r < 0:
             raise RuntimeError(f"vq_cpu_pass rejected its arguments: {[(f, getattr(a, f)) for f, _ in a._fields_]}")
@@ -330,12 +334,13 @@ def matmul(cw: CpuWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None, 
         y = torch.zeros(T, cw.ydim)  # (T, ydim) float32: every pass adds into it
         for p in cw.passes:
             p.run(lib, xf, y, nthreads, force_scalar)
-        y = y[:, :cw.out_features]
+        if cw.ydim != cw.out_features:  # padding rows
+            y = y[:, :cw.out_features].contiguous()
         if bx is not None:
-            y = y + bx[:, None]
+            y += bx[:, None]
     if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).contiguous()
+        y += bias.float()
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 _warned = set()

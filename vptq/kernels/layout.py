@@ -301,13 +301,17 @@ def from_layout(lay: KernelLayout) -> KernelWeight:
 
 def weight_stamp(q) -> tuple:
     """What a kernel's cached buffers of weight q were built from: each tensor attribute (the object
-    itself, kept alive by the stamp, so its id cannot be reused) with its in-place version counter.
-    A cache is valid while `same_stamp` holds: finetuning that replaces a codebook or steps it in
-    place (AQLM Phase 3, VPTQ layer-wise finetuning) invalidates it."""
-    return tuple((k, t, t._version) for k, t in vars(q).items() if isinstance(t, torch.Tensor))
+    itself, kept alive by the stamp, so its id cannot be reused) with its in-place version counter,
+    and each None attribute. A cache is valid while `same_stamp` holds: finetuning that replaces a
+    codebook or steps it in place (AQLM Phase 3, VPTQ layer-wise finetuning) invalidates it."""
+    return tuple((k, t, None if t is None else t._version) for k, t in vars(q).items()
+                 if t is None or isinstance(t, torch.Tensor))
 
 
 def same_stamp(stamp: tuple, q) -> bool:
-    now = [(k, t) for k, t in vars(q).items() if isinstance(t, torch.Tensor)]
-    return len(now) == len(stamp) and all(
-        k == k0 and t is t0 and t._version == v0 for (k, t), (k0, t0, v0) in zip(now, stamp))
+    d = vars(q)
+    for k, t, v in stamp:
+        now = d.get(k)
+        if now is not t or (t is not None and t._version != v):
+            return False
+    return True
