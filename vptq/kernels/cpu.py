@@ -1,5 +1,5 @@
-"""`kernel=cpu`: decode (1 to `MAX_TOKENS` tokens) of quantized linears on the CPU, straight from the
-indices, without the dense weight: a gather-FMA GEMV in C++ (csrc/vq_cpu.cpp) built on first use.
+"""`kernel=cpu`: decode (1 to `MAX_TOKENS` = 64 tokens) of quantized linears on the CPU, straight from
+the indices, without the dense weight: a gather-FMA GEMV in C++ (csrc/vq_cpu.cpp) built on first use.
 
 Why this route (measured on a 2-core AMD EPYC Zen3, docs/LOG.md): at one token an fp32 `F.linear` is
 bound by memory bandwidth (a 4096x11008 fp32 weight is 180 MB), the torch path dequantizes the whole
@@ -54,7 +54,11 @@ log = logging.getLogger("vq-bench")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "vq_cpu.cpp")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-MAX_TOKENS = 16  # decode; more tokens take the torch path (or dense_weights)
+# Up to this many tokens the kernel runs (decode, short prefills). Its cost grows with the tokens; the
+# torch path's is one dequantization (150-330 ms for a 4096x4096 layer here) + F.linear: the kernel is
+# still 4x faster at 64 tokens (39 vs 168 ms, v=6 k=4096, one thread), but slower than F.linear with a
+# weight already dense (32 ms), which `vptq.qlinear.dense_weights` provides for evaluation.
+MAX_TOKENS = 64
 TILE_ROWS = 8  # R: vector rows per tile (the kernel's register tiles divide it)
 LANES = (4, 8, 16, 32)  # VP: codeword lanes the kernel has loops for
 MAX_K = 65536  # uint16 indices
