@@ -53,6 +53,7 @@ def _weights(model):
     return {n: m.qweight.dequantize() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+@pytest.mark.slow
 def test_resume_at_first_unfinished_block_is_bit_identical(tmp_path):
     calib = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(0))
     method = _GPTQLike(_GPTQLike.Config(), bits=3, seed=0)
@@ -81,6 +82,7 @@ def test_resume_at_first_unfinished_block_is_bit_identical(tmp_path):
     assert torch.equal(ref(x).logits, m2(x).logits)
 
 
+@pytest.mark.slow
 def test_checkpoints_of_other_code_are_quantized_again(tmp_path, monkeypatch):
     """A block saved by other quantization code (checkpoint `code` differs) is not reused."""
     import runners.checkpoint as C
@@ -137,6 +139,7 @@ def _registered():
     return [n for n in METHODS if method_class(n).quantizes]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _registered())
 def test_every_method_weight_roundtrips_through_checkpoint(tmp_path, name):
     """Quantize one block of the tiny model with each registered method, save, load: exact."""

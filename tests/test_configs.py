@@ -65,6 +65,7 @@ def test_bad_choices_are_one_line(arg, needle):
             assert c in errs[0]
 
 
+@pytest.mark.slow
 def test_bad_choice_cli_exits_with_one_line(tmp_path):
     r = run_cli(["model=llama9", f"hydra.run.dir={tmp_path}"])
     assert r.returncode == 2

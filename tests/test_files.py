@@ -52,6 +52,7 @@ def test_model_folder_index_naming_a_missing_shard(tmp_path):
         check_model_folder(str(d))
 
 
+@pytest.mark.slow
 def test_truncated_model_shard_is_one_line_naming_it(tmp_path):
     d = _tiny_folder(tmp_path)
     _truncate(d / "model.safetensors")
@@ -108,6 +109,7 @@ def _tiny3():
     return _model()
 
 
+@pytest.mark.slow
 def test_corrupt_block_checkpoint_is_named_and_quantized_again(tmp_path, caplog):
     from runners.driver import quantize_model
     from tests.test_checkpoint import _weights
@@ -128,6 +130,7 @@ def test_corrupt_block_checkpoint_is_named_and_quantized_again(tmp_path, caplog)
     check_safetensors(str(ck / "block001.safetensors"))  # rewritten whole
 
 
+@pytest.mark.slow
 def test_corrupt_hessian_cache_is_named_and_recomputed(tmp_path, caplog):
     from runners.driver import quantize_model
     from tests.test_checkpoint import _weights

@@ -356,6 +356,7 @@ class NearestVQ(Method):
                         group_size=in_f, centroids=cb[None], indices=idx[None])
 
 
+@pytest.mark.slow
 def test_harness_save_quantized_in_process(tmp_path, monkeypatch):
     """save.quantized=true through runners.job.run_job (check_exportable, driver, EXPORTERS, export_run)
     with a stand-in VQ method; the reloaded folder reproduces the job's perplexity exactly."""

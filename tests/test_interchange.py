@@ -90,6 +90,7 @@ def their_python():
     return r.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_official_vptq_loads_our_export(tmp_path, their_python):
     ids = input_ids(batch=2, length=23, seed=7)
     import safetensors.torch as st

@@ -56,6 +56,7 @@ def _assert_identical(a, b):
         assert torch.equal(a(x).logits, b(x).logits)
 
 
+@pytest.mark.slow
 def test_assembled_blocks_bit_identical_and_rerun_does_only_missing(tmp_path):
     """Block groups [0, 1] and [2] quantized by two jobs (submitit's DebugExecutor: the same job
     function, in this process; test_cli_parallel_equals_serial runs them as separate processes)."""

@@ -83,6 +83,7 @@ def _corrupt(tmp_path, piqa_dir, questions=None, labels=None):
     ("no_folder", "eval.qa_data.piqa='/nonexistent' is not a folder"),
     ("no_local_format", "no local format for QA task 'hellaswag'; local copies are supported for: piqa"),
 ])
+@pytest.mark.slow
 def test_bad_qa_input_one_line(tmp_path, piqa_dir, case, needle):
     kw = dict(limit=10, batch_size=4, data={"piqa": piqa_dir})
     tasks = ["piqa"]
@@ -126,6 +127,7 @@ def test_hub_task_offline_fails_at_once(task, monkeypatch):
         assert "eval.qa_data.piqa=FOLDER" in msg
 
 
+@pytest.mark.slow
 def test_cli_ppl_on_two_corpora_and_qa(tmp_path, wikitext2_dir, piqa_dir):
     """One run: perplexity on pydoc @64 and the local WikiText-2 @128, plus PIQA through lm-eval."""
     r = run_cli([*TINY, "method=rtn", "bits=4", "logger=none", "eval=qa", "eval.qa_tasks=[piqa]",
@@ -152,6 +154,7 @@ def test_cli_ppl_on_two_corpora_and_qa(tmp_path, wikitext2_dir, piqa_dir):
         assert h in head, head
 
 
+@pytest.mark.slow
 def test_cli_bad_qa_input_fails_before_quantizing(tmp_path, piqa_dir):
     """Through the CLI (the other bad inputs take the same path, checked in-process above)."""
     needle = "QA task 'arc_easy' needs its dataset from the Hugging Face hub"

@@ -108,6 +108,7 @@ def test_pareto_front():
     assert pareto_front(pts) == [(2.0, 12.0), (2.1, 9.0), (3.1, 6.0)]
 
 
+@pytest.mark.slow
 def test_report_cli_wandb_offline(results):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     r = subprocess.run([sys.executable, os.path.join(REPO, "analysis", "report.py"), str(results), "--wandb"],

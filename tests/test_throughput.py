@@ -105,6 +105,7 @@ def set_kernel(model, kernel: str) -> None:
 
 
 # ---------------------------------------------------------------- harness: throughput on CPU
+@pytest.mark.slow
 def test_harness_writes_throughput_metrics(tmp_path):
     r = run_cli(["model=tiny_llama", "method=rtn", "bits=4", "kernel=triton", "kernel.throughput=true",
                  "kernel.decode_tokens=4", "kernel.warmup_tokens=1", "kernel.prompt_tokens=4", "logger=none",
@@ -157,6 +158,7 @@ def test_harness_triton_ppl_equals_torch_vptq(tmp_path):
 
 # ---------------------------------------------------------------- kernels in a tiny model
 if not CHILD:
+    @pytest.mark.slow
     def test_tiny_vq_model_under_interpreter():
         """Runs this file's kernel cases in one child process with TRITON_INTERPRET=1."""
         env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "0"}
