@@ -43,16 +43,21 @@ PEAK_GBPS = (
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
+    from runners.metrics import _cpu_model
 
-    return platform.processor() or platform.machine() or "cpu"
+    return _cpu_model() or "cpu"
 
 
 def peak_gbps(device: torch.device) -> Optional[float]:
     """The roofline's bandwidth for this device, or None (CPU, unknown GPU)."""
     if device.type != "cuda":
         return None
-    name = device_name(device)
+    return peak_gbps_for(device_name(device))
+
+
+def peak_gbps_for(name: str) -> Optional[float]:
+    """The first PEAK_GBPS entry whose key is in the device name (so a more specific key, e.g.
+    "H100 PCIe", must come before a key it contains, "H100"), or None."""
     for key, bw in PEAK_GBPS:
         if key in name:
             return bw

@@ -303,10 +303,21 @@ def test_pickle_checkpoints_are_not_loaded(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the harness
-def test_exporter_registered():
-    from runners.save import EXPORTERS
+def test_only_methods_with_an_exporter_may_save():
+    """save.quantized=true: a method with an exporter passes the check, one without is refused before any
+    work, in one line naming the methods that can be saved; every registered exporter imports."""
+    import importlib
 
-    assert EXPORTERS.get("vptq") == "vptq.format:export_run"
+    from runners.errors import UserError
+    from runners.save import EXPORTERS, check_exportable
+    from vptq.methods import build_method, method_class
+
+    for name, target in EXPORTERS.items():
+        module, fn = target.split(":")
+        assert callable(getattr(importlib.import_module(module), fn)), target
+        check_exportable(build_method(name, method_class(name).Config(), bits=2.0))
+    with pytest.raises(UserError, match=r"save.quantized=true is not supported for method=rtn; .*vptq"):
+        check_exportable(build_method("rtn", method_class("rtn").Config(), bits=2.0))
 
 
 def test_export_run_writes_self_description(tmp_path):

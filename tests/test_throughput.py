@@ -123,14 +123,14 @@ def test_harness_writes_throughput_metrics(tmp_path):
     assert lay["time_us"] > 0 and lay["gbps"] > 0 and lay["roofline"] is None
 
 
-def test_peak_bandwidth_table():
-    from runners.throughput import PEAK_GBPS
+def test_peak_bandwidth_lookup_reaches_every_entry():
+    """First-match lookup by substring: an entry whose key contains an earlier entry's key would never
+    be reached (an "H100 PCIe" after "H100" would get the SXM bandwidth). Every key must find itself."""
+    from runners.throughput import PEAK_GBPS, peak_gbps_for
 
-    def lookup(name):
-        return next(bw for key, bw in PEAK_GBPS if key in name)
-
-    assert lookup("NVIDIA H100 80GB HBM3") == 3350.0 and lookup("NVIDIA H200") == 4800.0
-    assert lookup("NVIDIA H100 PCIe") == 2000.0
+    for key, bw in PEAK_GBPS:
+        assert peak_gbps_for(f"NVIDIA {key} (some board)") == bw, key
+    assert peak_gbps_for("an unknown accelerator") is None
 
 
 # ---------------------------------------------------------------- harness: method=vptq
