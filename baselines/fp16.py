@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vptq.methods import Method
+from vptq.methods import ITERS_PRESETS, Method, check_choice
 
 
 class FP16(Method):
@@ -19,6 +19,16 @@ class FP16(Method):
     @dataclass
     class Config:
         name: str = "fp16"
+        variant: str = "reference"  # the weights as loaded: nothing else exists
+        iters: str = "cpu"  # no iteration counts (accepted so +experiment=paper composes)
 
-    def quantize_layer(self, W, H, *, name):  # pragma: no cover - never called
+    def __init__(self, config, *, bits, seed=0):
+        super().__init__(config, bits=bits, seed=seed)
+        check_choice("variant", config.variant, ("reference",))
+        check_choice("iters", config.iters, ITERS_PRESETS)
+
+    def settings(self, plan=None):
+        return {"variant": self.config.variant}
+
+    def quantize_layer(self, W, H, *, name, plan=None):  # pragma: no cover - never called
         raise RuntimeError("fp16 does not quantize")

@@ -5,17 +5,32 @@ H⁻¹, damping `percdamp`); this module owns only the grid it hands that loop, 
 asymmetric min-max grid RTN uses (`baselines.scalar`), so both store the same `ScalarWeight`:
     ŵ = s · (q - z),   q in [0, 2^b - 1],  s float16, z b-bit, one (s, z) per row and group.
 
-Grids, as in IST-DASLab/gptq:
+Grids, as in IST-DASLab/gptq (`gptq.py` `GPTQ.fasterquant`, `quant.py`):
   * per channel (group_size=null): one grid per row, fitted on the original W before the pass;
   * groups, natural order: the grid of columns [c0, c0+g) is fitted when the pass reaches c0,
-    on the weights as the error feedback has updated them by then (`RunningWeight` rebuilds
-    them exactly from what was already quantized);
+    on the weights as the error feedback has updated them by then;
   * act-order (columns in descending diag(H)) needs static groups: every group's grid is fitted
     on the original W before the permuted pass, so group k still covers original columns
     [k·g, (k+1)·g) and the stored group->scale mapping is the plain one (`static_groups`).
+    (Their act-order with dynamic groups forms groups in the permuted order and stores a
+    per-column group index; that layout is not offered here.)
 
-Budget rule (like RTN, `scalar_budget`): the widest code b with b + (16 + b)·groups/in_features
-<= bits + tolerance on every layer shape; `wbits` given explicitly overrides it.
+Variants (`variant=`):
+  * `reference` (default): their code step for step: codes taken against the float32 scale;
+    the per-channel grid fitted on W before dead columns are zeroed; a dynamic group's grid
+    fitted on their `W`, the weight as the lazy block updates left it (columns the current
+    block has already quantized have not yet passed their errors on to it when g is not a
+    multiple of the block size). Stored: the scale rounded to float16 (16 bits counted, as their
+    paper counts it), so the stored weight dequantizes to s16 · (q - z): within 2^-12 relative
+    of the weight their loop produced (proxy loss within 0.1% on the fidelity layer).
+  * `consistent` (ours): the scale rounded to float16 before coding (the loop sees exactly what
+    is stored: the solver's Q is bitwise the stored weight), dynamic groups fitted on the
+    exactly updated weights (`RunningWeight`).
+
+Budget rule (like RTN, `scalar_plan`, per layer shape): the widest code b, then the smallest
+group (a multiple of 32 columns, or per channel) with b + (16 + b)·groups/in_features <=
+bits + tolerance; `wbits` / `group_size` given explicitly fix those choices. GPTQ has no
+iteration counts (`iters` is accepted and changes nothing).
 """
 from __future__ import annotations
 
@@ -26,8 +41,10 @@ from typing import Optional
 import torch
 
 from baselines.scalar import ScalarGrid, ScalarPlan, ScalarWeight, scalar_plan
-from vptq.methods import Method
+from vptq.methods import ITERS_PRESETS, Method, check_choice
 from vptq.solver import SolverResult, error_feedback, inverse_cholesky, prepare_hessian
+
+VARIANTS = ("reference", "consistent")
 
 
 class RunningWeight:
@@ -80,11 +97,15 @@ def check_layer(W: torch.Tensor, H: Optional[torch.Tensor], name: str, method: s
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, wbits: int, group_size: Optional[int] = None,
                   act_order: bool = False, static_groups: bool = False, block_size: int = 128,
-                  percdamp: float = 0.01):
+                  percdamp: float = 0.01, variant: str = "reference"):
     """-> (ScalarWeight, SolverResult). W: (out, in); H: (in, in) = E[x xᵀ].
 
-    The solver's Q (the weights the error feedback saw) is bitwise the ScalarWeight's dequantize.
-    """
+    variant=consistent: the solver's Q (the weights the error feedback saw) is bitwise the
+    ScalarWeight's dequantize. variant=reference: Q is their loop's weight (float32 scales); the
+    stored weight holds the float16 scales (see the module docstring)."""
+    check_choice("variant", variant, VARIANTS)
+    ref = variant == "reference"
+    W_raw = W.detach().float()
     W, H, _dead = prepare_hessian(W, H)
     out_f, in_f = W.shape
     g = in_f if group_size is None else int(group_size)
@@ -94,20 +115,27 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, wbits: int, group_size: O
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
     order = perm if perm is not None else torch.arange(in_f, device=dev)  # solver col -> original col
     order_l = order.tolist()
-    scale = torch.zeros(out_f, ngroups, device=dev)  # (out, ngroups) float16-representable
+    scale = torch.zeros(out_f, ngroups, device=dev)  # (out, ngroups) float32 (float16 values if consistent)
     zero = torch.zeros(out_f, ngroups, dtype=torch.int64, device=dev)  # (out, ngroups)
     codes = torch.zeros(out_f, in_f, dtype=torch.int64, device=dev)  # (out, in), original order
     dynamic = group_size is not None and not static_groups
-    if not dynamic:  # per channel, or static groups: every grid from the original W
+    if group_size is None:  # per channel (theirs: fitted before the dead columns are zeroed)
+        scale[:, 0], zero[:, 0] = grid.fit(W_raw if ref else W, fp16_scale=not ref)
+    elif not dynamic:  # static groups: every grid from the original W
         for k in range(ngroups):
-            scale[:, k], zero[:, k] = grid.fit(W[:, k * g:(k + 1) * g])
-    running = RunningWeight(W, solver_inverse_cholesky(H, percdamp, None)) if dynamic else None
+            scale[:, k], zero[:, k] = grid.fit(W[:, k * g:(k + 1) * g], fp16_scale=not ref)
+    state = {}
+    running = RunningWeight(W, solver_inverse_cholesky(H, percdamp, None)) if dynamic and not ref else None
+
+    def expose(Wl, U):  # their `W`: lazily updated, block by block
+        state["W"] = Wl
 
     def quantize_cols(col: int, Wc: torch.Tensor) -> torch.Tensor:  # Wc: (out, 1)
         j = order_l[col]
         k = j // g
         if dynamic and col % g == 0:  # natural order here: solver col == original col
-            scale[:, k], zero[:, k] = grid.fit(running.columns(col, min(col + g, in_f)))
+            Wg = state["W"][:, col:col + g] if ref else running.columns(col, min(col + g, in_f))
+            scale[:, k], zero[:, k] = grid.fit(Wg, fp16_scale=not ref)
         q = grid.quantize(Wc, scale[:, k], zero[:, k])  # (out, 1) int64
         codes[:, j] = q[:, 0]
         Qc = grid.dequantize(q, scale[:, k], zero[:, k])  # (out, 1)
@@ -116,7 +144,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, *, wbits: int, group_size: O
         return Qc
 
     res: SolverResult = error_feedback(W, H, quantize_cols, block_size=block_size, step=1,
-                                       percdamp=percdamp, perm=perm)
+                                       percdamp=percdamp, perm=perm, expose=expose if dynamic and ref else None)
     return ScalarWeight(codes, scale, zero, wbits, group_size), res
 
 
@@ -126,8 +154,10 @@ class GPTQ(Method):
     @dataclass
     class Config:
         name: str = "gptq"
+        variant: str = "reference"  # reference: IST-DASLab/gptq as released | consistent: float16 scale in coding
+        iters: str = "cpu"  # GPTQ has no iteration counts: both presets are the same
         wbits: Optional[int] = None  # explicit code width; overrides the bits budget
-        group_size: Optional[int] = None  # input columns per (scale, zero); null = per output channel
+        group_size: Optional[int] = None  # input columns per (scale, zero); null = chosen by the budget
         act_order: bool = True  # quantize columns in descending diag(H) order
         static_groups: Optional[bool] = None  # grids fitted before the pass; null = same as act_order
         block_size: int = 128  # lazy-update block (columns)
@@ -137,6 +167,8 @@ class GPTQ(Method):
     def __init__(self, config, *, bits, seed=0):
         super().__init__(config, bits=bits, seed=seed)
         c = config
+        check_choice("variant", c.variant, VARIANTS)
+        check_choice("iters", c.iters, ITERS_PRESETS)
         if c.group_size is not None and c.group_size < 1:
             raise ValueError(f"method.group_size={c.group_size} must be a positive number of columns or null")
         if c.block_size < 1:
@@ -152,10 +184,13 @@ class GPTQ(Method):
 
     def layer_plan(self, out_f, in_f) -> ScalarPlan:
         c = self.config
-        return scalar_plan(self.bits, out_f, in_f, wbits=c.wbits, group_size=c.group_size, tolerance=c.tolerance)
+        # act-order with dynamic groups has no stored layout here: the budget stays per channel then
+        groups = not (c.act_order and not self._static)
+        return scalar_plan(self.bits, out_f, in_f, wbits=c.wbits, group_size=c.group_size, tolerance=c.tolerance,
+                           choose_group=groups)
 
     def settings(self, plan=None):
-        s = {"wbits": self.config.wbits, "group_size": self.config.group_size,
+        s = {"variant": self.config.variant, "wbits": self.config.wbits, "group_size": self.config.group_size,
              "act_order": self.config.act_order, "static_groups": self._static,
              "percdamp": self.config.percdamp, "block_size": self.config.block_size}
         if plan:
@@ -168,5 +203,6 @@ class GPTQ(Method):
         plan = self.layer_plan(*W.shape) if plan is None else plan
         c = self.config
         qw, _ = gptq_quantize(W, H, wbits=plan.wbits, group_size=plan.group_size, act_order=c.act_order,
-                              static_groups=self._static, block_size=c.block_size, percdamp=c.percdamp)
+                              static_groups=self._static, block_size=c.block_size, percdamp=c.percdamp,
+                              variant=c.variant)
         return qw

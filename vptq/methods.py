@@ -36,6 +36,16 @@ class BudgetError(ValueError):
     """No configuration of the method meets the requested bits budget."""
 
 
+ITERS_PRESETS = ("cpu", "paper")  # `iters=`: CPU-sized counts | the reference's (paper) counts
+
+
+def check_choice(field: str, value: Any, valid: Iterable[Any]) -> None:
+    """One-line ValueError naming the bad value and the valid choices (e.g. method.variant)."""
+    valid = tuple(valid)
+    if value not in valid:
+        raise ValueError(f"method.{field}={value!r}; valid: {', '.join(map(str, valid))}")
+
+
 def method_class(name: str):
     if name not in METHODS:
         from runners.errors import choices_error

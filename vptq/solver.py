@@ -73,13 +73,27 @@ def error_feedback(
     step: int = 1,
     percdamp: float = 0.01,
     perm: Optional[torch.Tensor] = None,
+    within_step: str = "sequential",
+    expose: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
 ) -> SolverResult:
     """Quantize W (out, in) column by column with second-order error feedback.
 
     H: (in, in) = E[x xᵀ], already cleaned of dead columns (see `prepare_hessian`).
     perm: optional (in,) column order (e.g. act-order: descending diag(H)).
+    within_step: how the `step` columns quantized jointly pass their errors on.
+        "sequential": column c's error updates columns c+1.. (the later columns of the same
+            step included) before their errors are taken: the exact joint OBS update.
+        "diagonal": every column of the step takes its error from the values the step started
+            with, and the errors reach only the columns after the step (GPTVQ's released code,
+            Qualcomm-AI-research/gptvq `gptq.py`). Identical for step=1.
+    expose: called once, before the loop, with the solver's working weight (out, in) (solver
+        column order) and U: its columns from the current lazy block on hold the errors of all
+        earlier blocks, updated in place at each block end (IST-DASLab/gptq's `W`, which its
+        group grids and GPTVQ's codebooks are fitted on).
     """
     out_f, in_f = W.shape
+    if within_step not in ("sequential", "diagonal"):
+        raise ValueError(f"within_step={within_step!r}; valid: diagonal, sequential")
     if block_size % step:
         raise ValueError(f"block_size={block_size} must be a multiple of step={step}")
     if in_f % step:
@@ -90,6 +104,8 @@ def error_feedback(
         W = W[:, perm]
         H = H[perm][:, perm]
     U = inverse_cholesky(H, percdamp)  # (in, in) upper
+    if expose is not None:
+        expose(W, U)
     Q = torch.zeros_like(W)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, in_f, block_size):
@@ -101,6 +117,12 @@ def error_feedback(
         for j in range(0, i2 - i1, step):
             q = quantize_cols(i1 + j, W1[:, j:j + step])  # (out, step)
             Q1[:, j:j + step] = q
+            if within_step == "diagonal" and step > 1:
+                err = (W1[:, j:j + step] - q) / torch.diagonal(U1)[j:j + step]  # (out, step)
+                loss += (err.double() ** 2).sum()
+                W1[:, j + step:] -= err @ U1[j:j + step, j + step:]
+                E1[:, j:j + step] = err
+                continue
             for c in range(j, j + step):
                 d = U1[c, c]
                 err = (W1[:, c] - Q1[:, c]) / d  # (out,)
