@@ -183,6 +183,7 @@ def test_fallbacks_to_torch():
     x = torch.randn(cpu.MAX_TOKENS + 1, q.in_features)
     assert cpu.cpu_linear(lin, x) is None  # prefill
     assert cpu.cpu_linear(lin, x[:0]) is None  # no tokens
+    assert cpu.cpu_linear(lin, x[:1, :-1]) is None  # wrong width: the torch path raises its own error
     assert cpu.cpu_linear(lin, x[:1].double()) is None  # dtype
     assert cpu.cpu_linear(lin, x[:1].requires_grad_()) is None  # autograd
     with torch.no_grad():

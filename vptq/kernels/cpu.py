@@ -375,7 +375,7 @@ def cpu_weight(qlinear) -> Optional[CpuWeight]:
 
 def cpu_linear(qlinear, x: torch.Tensor) -> Optional[torch.Tensor]:
     """`KERNELS["cpu"]`: y = x Wᵀ + b through the C++ kernel, or None (the torch path)."""
-    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    tokens = x.numel() // qlinear.in_features if x.dim() and x.shape[-1] == qlinear.in_features else 0
     if (x.device.type != "cpu" or x.dtype not in DTYPES or not 0 < tokens <= MAX_TOKENS
             or qlinear.needs_grad(x) or library() is None):
         STATS["torch"] += 1
