@@ -22,7 +22,8 @@
 //
 // The AVX2/FMA/F16C code is compiled for that target only (function attributes, no -march), and chosen
 // at run time by __builtin_cpu_supports; every other CPU runs the portable scalar loop. Threads: OpenMP
-// over tiles (in a torch process, the libgomp torch loaded), `nthreads` given by the caller.
+// over tiles, handed out one at a time (a thread the OS deschedules then holds back one tile, not half
+// of the work), in a torch process the libgomp torch loaded, `nthreads` given by the caller.
 #include <stdint.h>
 #include <string.h>
 #if defined(__x86_64__) || defined(_M_X64)
@@ -285,7 +286,7 @@ int vq_cpu_pass(const VQPass* ap, int force_scalar) {
   if (nt == 1 || n < 2) {
     for (int i = 0; i < n; ++i) fn(a, i);
   } else {
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int i = 0; i < n; ++i) fn(a, i);
   }
   return isa;
