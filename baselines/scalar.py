@@ -111,10 +111,7 @@ class ScalarGrid:
         if not fp16_scale:
             scale = (xmax - xmin) / self.maxq
             return scale, torch.round(-xmin / scale).to(torch.int64)
-        scale = ((xmax - xmin) / self.maxq).to(torch.float16)
-        # float16 underflow/overflow guard: a scale that rounds to 0 or inf is unusable
-        scale = torch.where(scale == 0, torch.full_like(scale, 6.1e-5), scale)
-        scale = scale.float()
+        scale = stored_scale((xmax - xmin) / self.maxq).float()  # float16 values: what is stored is used
         zero = torch.clamp(torch.round(-xmin / scale), 0, self.maxq).to(torch.int64)
         return scale, zero
 

@@ -150,3 +150,27 @@ def test_large_tensor_is_vectorized():
     a, b = unpack_indices(pack_indices(idx, 12, res, 8), 12, 4096, 8)
     assert torch.equal(a, idx) and torch.equal(b, res)
     assert time.perf_counter() - t0 < 5.0
+
+
+# ----------------------------------------------------------------------------- vptq.numerics
+def test_shared_numeric_helpers():
+    """One copy of each helper (vptq.numerics): ceil(log2 k), the uint8 bit stream, the two
+    named float16 overflow rules, deterministic segment sums."""
+    from vptq.numerics import Segments, ceil_log2, pack_bits, round_fp16, unpack_bits
+
+    assert [ceil_log2(k) for k in (1, 2, 3, 4, 5, 256, 257, 65536)] == [0, 1, 2, 2, 3, 8, 9, 16]
+    x = torch.randint(0, 2**11, (5, 17), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unpack_bits(pack_bits(x, 11), 11, x.numel()).reshape(5, 17), x)
+    with pytest.raises(ValueError, match=r"out of range for 3 bits.*valid: 0..7"):
+        pack_bits(torch.tensor([8]), 3)
+    t = torch.tensor([1.0, 70000.0, -1e6])
+    assert round_fp16(t, overflow="clamp").tolist() == [1.0, 65504.0, -65504.0]
+    with pytest.raises(ValueError, match="overflows float16"):
+        round_fp16(t, overflow="raise")
+    with pytest.raises(ValueError, match=r"overflow='wrap'; valid: raise, clamp"):
+        round_fp16(t, overflow="wrap")
+    idx = torch.tensor([2, 0, 2, 1, 0])
+    v = torch.arange(10, dtype=torch.float32).reshape(5, 2)
+    seg = Segments(idx, 4)
+    assert seg.sum(v).tolist() == [[10.0, 12.0], [6.0, 7.0], [4.0, 6.0], [0.0, 0.0]]
+    assert torch.equal(seg.sum(v), seg.sum(v))  # same kernels, same order: bitwise

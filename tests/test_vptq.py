@@ -1,5 +1,7 @@
 """VPTQ quantizer (vptq/quantizer.py): proxy-loss orderings at equal total bits, the stored
-weight == what the solver optimised, determinism, residual/outliers/groups/norm, bad input."""
+weight == what the solver optimised, determinism, residual/outliers/groups/norm, the variants
+and iteration presets (the reference's choices checked as properties: microsoft/VPTQ's code
+needs cuml on a GPU and cannot run here), bad input."""
 from __future__ import annotations
 
 import math
@@ -176,6 +178,60 @@ def test_norm_weighting_modes_run_and_scaled_is_consistent(norm_hessian):
         assert info["solver_loss"] == pytest.approx(true, rel=0.25)
 
 
+def test_raw_norm_hessian_is_the_reference_loss():
+    """variant=reference (norm_hessian raw): the error feedback minimises tr(ΔW' H ΔW'ᵀ) of the
+    NORMALISED weight under the raw H, as the algorithm branch's `vptq()` does: the solver's
+    loss is that quantity (hand-computed here), not the layer's proxy loss."""
+    W = _layer(128, 128, seed=8) * torch.linspace(0.2, 3.0, 128)[None]
+    H = correlated_hessian(128, seed=8)
+    cfg = LayerConfig(vector_len=4, num_centroids=32, norm=True, perm=False)
+    q, info = quantize_weight(W, H, cfg, seed=0, opts=QuantOptions(norm_hessian="raw", kmeans_init="random",
+                                                                    residual_init="feedback"))
+    Wc, Hc, _ = prepare_hessian(W, H)
+    s, b = q.weight_scale.float(), q.weight_bias.float()
+    Wn = (Wc - b[None]) / s[None]  # the normalised weight, from the stored norms
+    Hd = Hc.clone()
+    Hd.diagonal().add_(0.01 * Hd.diagonal().mean())
+    assert info["solver_loss"] == pytest.approx(proxy_loss(Wn, info["Q"], Hd), rel=1e-3)
+    assert torch.allclose(q.dequantize(), info["Q"] * s[None] + b[None], rtol=1e-5, atol=1e-6)
+
+
+def test_random_init_takes_distinct_vectors():
+    """kmeans_init=random (cuml's init="random"): k distinct training vectors; with k = N every
+    vector is its own centroid after one Lloyd step, for any seed."""
+    from vptq.kmeans import kmeans
+
+    X = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    for seed in (0, 1):
+        r = kmeans(X, 40, seed=seed, iters=1, init_method="random")
+        assert torch.equal(torch.sort(r.labels).values, torch.arange(40))
+        assert r.inertia < 1e-5  # 0 up to the rounding of the expanded distance ||c||² - 2x·c + ||x||²
+    a = kmeans(X, 5, seed=3, iters=5, init_method="random")
+    b = kmeans(X, 5, seed=3, iters=5, init_method="random")
+    assert torch.equal(a.centroids, b.centroids)  # bitwise: same call twice
+
+
+def test_variants_and_iteration_presets():
+    ref, sc = VPTQ(VPTQ.Config(), bits=2.0), VPTQ(VPTQ.Config(variant="scaled"), bits=2.0)
+    assert (ref.opts.norm_hessian, ref.opts.residual_init, ref.opts.kmeans_init) == ("raw", "feedback", "random")
+    assert (sc.opts.norm_hessian, sc.opts.residual_init, sc.opts.kmeans_init) == ("scaled", "kmeans", "kmeans++")
+    assert (ref.opts.kmeans_iters, ref.opts.kmeans_tol, ref.opts.kmeans_max_train) == (10, 1e-3, 32768)
+    paper = VPTQ(VPTQ.Config(iters="paper"), bits=2.0).opts
+    assert (paper.kmeans_iters, paper.kmeans_tol, paper.kmeans_max_train) == (100, 1e-5, None)
+    mixed = VPTQ(VPTQ.Config(iters="paper", kmeans_iters=7, kmeans_max_train=4096, residual_init="kmeans"),
+                 bits=2.0).opts  # explicit fields win over the variant and the preset
+    assert (mixed.kmeans_iters, mixed.kmeans_max_train, mixed.residual_init, mixed.norm_hessian) == \
+        (7, 4096, "kmeans", "raw")
+    assert VPTQ(VPTQ.Config(kmeans_max_train=None), bits=2.0).opts.kmeans_max_train is None  # null: every vector
+    m = VPTQ(VPTQ.Config(), bits=2.0)
+    st = m.settings(m.plan([(576, 576)]))
+    assert st["variant"] == "reference" and st["iters"] == "cpu" and "576x576" in st
+    with pytest.raises(ValueError, match=r"method.variant='exact'; valid: reference, scaled"):
+        VPTQ(VPTQ.Config(variant="exact"), bits=2.0)
+    with pytest.raises(ValueError, match=r"method.iters='full'; valid: cpu, paper"):
+        VPTQ(VPTQ.Config(iters="full"), bits=2.0)
+
+
 # ------------------------------------------------------------------ bad / odd input
 def test_nan_inf_weight_names_the_layer():
     m = build_method("vptq", VPTQ.Config(vector_len=4, num_centroids=16), bits=2.0)
@@ -228,7 +284,8 @@ def test_massive_activation_column():
     assert relative_proxy_loss(W, q.dequantize(), H) < 0.02
 
 
-@pytest.mark.parametrize("field,value", [("norm_hessian", "diag"), ("residual_init", "random"), ("kmeans_iters", 0)])
+@pytest.mark.parametrize("field,value", [("norm_hessian", "diag"), ("residual_init", "random"), ("kmeans_iters", 0),
+                                         ("kmeans_init", "kmeans||")])
 def test_bad_algorithm_options(field, value):
     with pytest.raises(ValueError, match=field):
         build_method("vptq", VPTQ.Config(**{field: value}), bits=2.0)

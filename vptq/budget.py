@@ -42,6 +42,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
+from vptq.numerics import ceil_log2
+
 
 @dataclass(frozen=True)
 class LayerConfig:
@@ -72,8 +74,7 @@ class LayerConfig:
         return s
 
 
-def _log2(k: int) -> int:
-    return int(math.ceil(math.log2(k))) if k > 1 else 0
+_log2 = ceil_log2  # bits of one index into k entries (0 for k <= 1)
 
 
 def storage_bits(out_f: int, in_f: int, c: LayerConfig) -> Dict[str, int]:

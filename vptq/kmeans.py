@@ -33,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from vptq.numerics import Segments
+
 CHUNK_ELEMS = 1 << 22  # distances computed per chunk: chunk_rows * k ≈ 4M floats (16 MB)
 
 
@@ -112,12 +114,10 @@ def _coord_mask(valid: Optional[torch.Tensor], N: int, v: int, device) -> Option
 
 
 def _weighted_means(X, w, labels, k, mask, old):
-    """Per-cluster weighted means, deterministic on every device.
+    """Per-cluster weighted means, deterministic on every device (`vptq.numerics.Segments`).
 
     X (N, v), w (N,), labels (N,), mask (N, v) bool or None -> (k, v) means, (k,) weight sums.
-    A centroid coordinate no vector contributes to keeps its `old` value. CPU: float64
-    index_add_ (serial, deterministic); other devices: sort by label + float64 cumulative
-    sums (no atomics)."""
+    A centroid coordinate no vector contributes to keeps its `old` value. Sums in float64."""
     N, v = X.shape
     wd = w.double()
     wx = X.double() * wd[:, None]  # (N, v)
@@ -125,20 +125,9 @@ def _weighted_means(X, w, labels, k, mask, old):
     if mask is not None:
         wx = wx * mask
         wc = wc * mask
-    if X.device.type == "cpu":
-        S = torch.zeros(k, v, dtype=torch.float64).index_add_(0, labels, wx)  # (k, v)
-        Wt = torch.zeros(k, v, dtype=torch.float64).index_add_(0, labels, wc.contiguous())
-    else:
-        order = torch.sort(labels, stable=True).indices
-        lab = labels[order]
-        zero = torch.zeros(1, v, dtype=torch.float64, device=X.device)
-        cs = torch.cat([zero, wx[order].cumsum(0)])  # (N+1, v)
-        cw = torch.cat([zero, wc[order].cumsum(0)])
-        ar = torch.arange(k, device=X.device)
-        ends = torch.searchsorted(lab, ar, right=True)  # (k,)
-        starts = torch.searchsorted(lab, ar, right=False)
-        S = cs[ends] - cs[starts]  # (k, v)
-        Wt = cw[ends] - cw[starts]
+    seg = Segments(labels, k)
+    S = seg.sum(wx, torch.float64)  # (k, v)
+    Wt = seg.sum(wc.contiguous(), torch.float64)
     means = torch.where(Wt > 0, S / Wt.clamp_min(1e-300), old.double()).float()
     return means, Wt.max(dim=1).values  # (k, v), (k,)
 
@@ -195,6 +184,7 @@ def kmeans(
     max_train: Optional[int] = None,
     init: Optional[torch.Tensor] = None,
     final_assign: bool = True,
+    init_method: str = "kmeans++",
 ) -> KMeansResult:
     """Weighted k-means of X (N, v) into k centroids.
 
@@ -202,8 +192,12 @@ def kmeans(
     leading coordinates per row (None = all v); init: optional (k, v) starting centroids
     (skips k-means++); max_train: Lloyd runs on a seeded subsample of at most this many
     vectors (None = all); final_assign: label all N vectors at the end (else labels/inertia
-    refer to the training subsample only and labels is that subsample's).
+    refer to the training subsample only and labels is that subsample's); init_method:
+    "kmeans++" (weighted greedy k-means++) or "random" (k distinct training vectors drawn
+    uniformly, as cuml's KMeans(init="random") that microsoft/VPTQ's algorithm branch calls).
     """
+    if init_method not in ("kmeans++", "random"):
+        raise ValueError(f"init_method={init_method!r}; valid: kmeans++, random")
     if X.dim() != 2:
         raise ValueError(f"kmeans expects (N, v) vectors, got shape {tuple(X.shape)}")
     N, v = X.shape
@@ -241,6 +235,9 @@ def kmeans(
         if tuple(init.shape) != (k, v):
             raise ValueError(f"init centroids shape {tuple(init.shape)} != {(k, v)}")
         C = init.float().to(dev).clone()
+    elif init_method == "random":
+        pick = torch.randperm(T, generator=gen)[torch.arange(k) % T].to(dev)  # (k,) distinct while k <= T
+        C = Xt_m[pick].clone()
     else:
         if T > init_sample:
             sidx, ws = _subsample(wt, init_sample, gen)

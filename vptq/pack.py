@@ -27,10 +27,11 @@ values (the bits are disjoint, so add == or) and unpacking two gathers; no per-b
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
+
+from vptq.numerics import ceil_log2
 
 _MASK32 = 0xFFFFFFFF
 MAX_TOTAL_BITS = 32
@@ -41,7 +42,7 @@ def index_bits_of(num_centroids: int) -> int:
     """Bits of one index into a codebook of `num_centroids` entries (ceil(log2 k), as stored)."""
     if num_centroids < 1:
         raise ValueError(f"num_centroids={num_centroids} must be >= 1")
-    return int(math.ceil(math.log2(num_centroids))) if num_centroids > 1 else 0
+    return ceil_log2(num_centroids)
 
 
 def packed_words(group_size: int, total_bits: int) -> int:

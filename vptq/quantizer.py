@@ -8,10 +8,10 @@ One linear W (out, in) with its Hessian H = E[x xᵀ] (in, in) becomes a `VQWeig
  3. Optional per-input-column norm (the reference's `enable_norm`, norm_dim=0):
     s_c = max_r W_rc - min_r W_rc, b_c = min_r W_rc, both stored float16, and the
     normalised weight W' = (W - b) / s is quantized. Since W = W' diag(s) + b, the layer's
-    proxy loss tr(ΔW H ΔWᵀ) equals tr(ΔW' diag(s) H diag(s) ΔW'ᵀ): by default
-    (`norm_hessian: scaled`) W' is quantized under H' = diag(s) H diag(s) (k-means weights
-    s_c² H_cc, error feedback with H'). `norm_hessian: raw` reproduces the reference
-    (microsoft/VPTQ `algorithm` branch), which uses the raw H for the normalised weight.
+    proxy loss tr(ΔW H ΔWᵀ) equals tr(ΔW' diag(s) H diag(s) ΔW'ᵀ): variant=scaled
+    (`norm_hessian: scaled`) quantizes W' under H' = diag(s) H diag(s) (k-means weights
+    s_c² H_cc, error feedback with H'); variant=reference (`norm_hessian: raw`) does what
+    microsoft/VPTQ's `algorithm` branch does: the raw H for the normalised weight.
  4. Column order: the `outlier_size` columns with the largest Hessian diagonal (of the
     Hessian the weight is quantized under) come first, with their own codebook; the other
     columns follow in act order (descending diagonal, as the reference's `enable_perm`) or
@@ -21,12 +21,14 @@ One linear W (out, in) with its Hessian H = E[x xᵀ] (in, in) becomes a `VQWeig
     length v run along the OUTPUT dimension within one input column (so the whole vector
     shares the Hessian weight H_cc of its column); each region (outlier columns, each of
     `group_num` contiguous column groups of the permuted order) gets its own codebook by
-    weighted k-means (`vptq.kmeans`). Residual VQ (§3.4): a second codebook, by k-means on
-    the residual the first stage leaves: `residual_init: kmeans` (default) on the residual
-    of the k-means initialisation; `feedback` as the reference does, on the residuals of a
+    weighted k-means (`vptq.kmeans`), seeded by k-means++ (variant=scaled) or, as the
+    reference's cuml KMeans(init="random", n_init=1), by k random vectors. Residual VQ (§3.4):
+    a second codebook, by k-means on the residual the first stage leaves: `residual_init:
+    kmeans` (variant=scaled) on the residual of the k-means initialisation; `feedback`
+    (variant=reference, as the algorithm branch's `fast_vector_quant`) on the residuals of a
     first error-feedback pass with the main codebook alone (one more pass). Centroids are
     rounded to float16 right away: indices are chosen against the float16 codebook that is
-    stored.
+    stored (the reference's own run keeps float32 centroids until export).
  6. Channel-independent second-order optimisation, paper §3.2 (eq. 5-7): the shared GPTQ
     loop `vptq.solver.error_feedback` with step=1; each column's ceil(out/v) vectors are
     assigned to their nearest centroid (plain L2: every entry of a vector shares H_cc),
@@ -36,6 +38,14 @@ Padding rows (out not a multiple of v): a column is padded to n·v rows; the pad
 are "don't care": the last vector of a column is matched on its existing coordinates only
 (masked distance, in k-means and in the assignment), the solver never sees them, and
 dequantization drops them. They are counted in storage (the packed indices cover n·v rows).
+
+Variants and presets (VPTQ.Config): `variant=reference` (default) takes the algorithm branch's
+choices (raw-H weighting under the norm, two-pass residual initialisation, random k-means
+seeding); `variant=scaled` ours (diag(s)·H·diag(s), residual k-means at init, k-means++). Their
+code needs cuml/cupy (GPU k-means) and does not run on a CPU, so these choices are read from
+their source, not measured against it. `iters=cpu` (default): k-means up to 10 iterations, tol
+1e-3, Lloyd on a subsample; `iters=paper`: their 100 iterations, tol 1e-5, every vector. Fields
+given explicitly override both.
 
 Layer-wise finetuning (paper §4) lives in `vptq.finetune` (`VPTQ.finetune_block`).
 """
@@ -51,14 +61,17 @@ import torch.nn.functional as F
 
 from vptq.budget import LayerConfig, choose_config, check_format
 from vptq.kmeans import kmeans
-from vptq.methods import Method
+from vptq.methods import ITERS_PRESETS, Method, check_choice
+from vptq.numerics import round_fp16
 from vptq.solver import error_feedback, prepare_hessian
 from vptq.vqweight import VQWeight
 
 
 @dataclass
 class QuantOptions:
-    """Algorithm knobs that do not change the storage format (the defaults of VPTQ.Config)."""
+    """Algorithm knobs that do not change the storage format, as `quantize_weight` takes them
+    (VPTQ.Config resolves its variant and iteration preset into these; the defaults here are
+    variant=scaled with iters=cpu)."""
 
     percdamp: float = 0.01
     block_size: int = 128
@@ -66,9 +79,21 @@ class QuantOptions:
     kmeans_iters: int = 10
     kmeans_tol: float = 1e-3
     kmeans_init_sample: int = 2048
-    kmeans_max_train: Optional[int] = 32768  # Lloyd trains on max(this, per_centroid*k) vectors
+    kmeans_max_train: Optional[int] = 32768  # Lloyd trains on max(this, per_centroid*k) vectors; None: all
     kmeans_train_per_centroid: int = 64
     residual_init: str = "kmeans"  # kmeans: on the init residual | feedback: two passes (reference)
+    kmeans_init: str = "kmeans++"  # kmeans++ | random (the reference's cuml KMeans(init="random"))
+
+
+VARIANTS = {  # what follows from `variant` unless the Config gives it explicitly
+    "reference": {"norm_hessian": "raw", "residual_init": "feedback", "kmeans_init": "random"},
+    "scaled": {"norm_hessian": "scaled", "residual_init": "kmeans", "kmeans_init": "kmeans++"},
+}
+ITERS = {  # what follows from `iters` unless given explicitly (kmeans_max_train None = every vector)
+    "cpu": {"kmeans_iters": 10, "kmeans_tol": 1e-3, "kmeans_max_train": 32768},
+    "paper": {"kmeans_iters": 100, "kmeans_tol": 1e-5, "kmeans_max_train": None},
+}
+FROM_PRESET = -1  # kmeans_max_train's "not given" (None already means every vector)
 
 
 class _Codebook:
@@ -129,6 +154,8 @@ def _check_options(opts: QuantOptions) -> None:
         raise ValueError(f"method.norm_hessian={opts.norm_hessian!r}; valid choices: raw, scaled")
     if opts.residual_init not in ("kmeans", "feedback"):
         raise ValueError(f"method.residual_init={opts.residual_init!r}; valid choices: feedback, kmeans")
+    if opts.kmeans_init not in ("kmeans++", "random"):
+        raise ValueError(f"method.kmeans_init={opts.kmeans_init!r}; valid choices: kmeans++, random")
     if opts.kmeans_iters < 1 or opts.kmeans_init_sample < 1 or opts.kmeans_train_per_centroid < 1:
         raise ValueError("method.kmeans_iters, kmeans_init_sample and kmeans_train_per_centroid must be >= 1")
     if opts.kmeans_max_train is not None and opts.kmeans_max_train < 1:
@@ -136,11 +163,8 @@ def _check_options(opts: QuantOptions) -> None:
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
-    """Round to float16 and back (what is stored is what is used)."""
-    h = t.half()
-    if not torch.isfinite(h).all():
-        raise ValueError("a value overflows float16 (|x| > 65504)")
-    return h.float()
+    """Round to float16 and back (what is stored is what is used); overflow is an error."""
+    return round_fp16(t, overflow="raise")
 
 
 def _kmeans(X, k, w, valid, seed, opts: QuantOptions, final_assign: bool):
@@ -150,7 +174,8 @@ def _kmeans(X, k, w, valid, seed, opts: QuantOptions, final_assign: bool):
     vectors); k-means++ seeds from at least 4 vectors per centroid."""
     mt = None if opts.kmeans_max_train is None else max(opts.kmeans_max_train, opts.kmeans_train_per_centroid * k)
     return kmeans(X, k, weights=w, valid=valid, seed=seed, iters=opts.kmeans_iters, tol=opts.kmeans_tol,
-                  init_sample=max(opts.kmeans_init_sample, 4 * k), max_train=mt, final_assign=final_assign)
+                  init_sample=max(opts.kmeans_init_sample, 4 * k), max_train=mt, final_assign=final_assign,
+                  init_method=opts.kmeans_init)
 
 
 def fit_codebooks(X, w, valid, k, k_res, seed, opts: QuantOptions):
@@ -332,16 +357,20 @@ class VPTQ(Method):
         outlier_num_centroids: Optional[int] = None
         enable_perm: Optional[bool] = None  # act-order permutation (stored, 16 bits per column)
         enable_norm: Optional[bool] = None  # per-input-column weight_scale / weight_bias
-        # algorithm knobs (defaults defined once, in QuantOptions)
-        norm_hessian: str = QuantOptions.norm_hessian  # scaled: diag(s) H diag(s) | raw: as the reference
+        # algorithm knobs: null = from `variant` / `iters` (VARIANTS, ITERS above); other
+        # defaults defined once, in QuantOptions
+        variant: str = "reference"  # reference: microsoft/VPTQ algorithm branch | scaled: ours
+        iters: str = "cpu"  # iteration preset: cpu | paper (k-means 100 iterations, tol 1e-5, every vector)
+        norm_hessian: Optional[str] = None  # scaled: diag(s) H diag(s) | raw: H (the reference's)
+        residual_init: Optional[str] = None  # kmeans: on the init residual | feedback: two passes (reference's)
+        kmeans_init: Optional[str] = None  # kmeans++ | random (the reference's cuml KMeans init)
+        kmeans_iters: Optional[int] = None
+        kmeans_tol: Optional[float] = None
+        kmeans_max_train: Optional[int] = FROM_PRESET  # -1: from the preset; null: Lloyd on every vector
         percdamp: float = QuantOptions.percdamp
         block_size: int = QuantOptions.block_size
-        kmeans_iters: int = QuantOptions.kmeans_iters
-        kmeans_tol: float = QuantOptions.kmeans_tol
         kmeans_init_sample: int = QuantOptions.kmeans_init_sample
-        kmeans_max_train: Optional[int] = QuantOptions.kmeans_max_train  # null = Lloyd on all vectors
         kmeans_train_per_centroid: int = QuantOptions.kmeans_train_per_centroid
-        residual_init: str = QuantOptions.residual_init  # kmeans | feedback (the reference's 2 passes)
         finetune: bool = False  # layer-wise finetuning of centroids and norms (paper §4)
         finetune_epochs: int = 4
         finetune_lr: float = 1e-3  # measured on SmolLM2 block 11: 1e-4 too slow, 1e-2 diverges
@@ -349,7 +378,14 @@ class VPTQ(Method):
 
     def __init__(self, config, *, bits, seed=0):
         super().__init__(config, bits=bits, seed=seed)
-        self.opts = QuantOptions(**{f.name: getattr(config, f.name) for f in fields(QuantOptions)})
+        check_choice("variant", config.variant, VARIANTS)
+        check_choice("iters", config.iters, ITERS_PRESETS)
+        preset = {**VARIANTS[config.variant], **ITERS[config.iters]}
+        given = {f.name: getattr(config, f.name) for f in fields(QuantOptions)}
+        if given["kmeans_max_train"] == FROM_PRESET:
+            given["kmeans_max_train"] = preset["kmeans_max_train"]
+        self.opts = QuantOptions(**{k: preset[k] if (v is None and k in preset and k != "kmeans_max_train") else v
+                                    for k, v in given.items()})
         _check_options(self.opts)
 
     def _overrides(self) -> Dict[str, Any]:
@@ -367,8 +403,11 @@ class VPTQ(Method):
 
     def settings(self, plan=None) -> Dict[str, Any]:
         s: Dict[str, Any] = {f"{o}x{i}": c.short() for (o, i), c in sorted((plan or {}).items())}
-        s.update(finetune=self.config.finetune, norm_hessian=self.config.norm_hessian,
-                 residual_init=self.config.residual_init)
+        o = self.opts
+        s = {"variant": self.config.variant, "iters": self.config.iters, **s}
+        s.update(finetune=self.config.finetune, norm_hessian=o.norm_hessian, residual_init=o.residual_init,
+                 kmeans_init=o.kmeans_init, kmeans_iters=o.kmeans_iters, kmeans_tol=o.kmeans_tol,
+                 kmeans_max_train=o.kmeans_max_train if o.kmeans_max_train is not None else "all")
         return s
 
     def quantize_layer(self, W, H, *, name, plan=None):
