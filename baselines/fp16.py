@@ -28,7 +28,7 @@ class FP16(Method):
         check_choice("iters", config.iters, ITERS_PRESETS)
 
     def settings(self, plan=None):
-        return {"variant": self.config.variant}
+        return {"variant": self.config.variant, "iters": self.config.iters}
 
     def quantize_layer(self, W, H, *, name, plan=None):  # pragma: no cover - never called
         raise RuntimeError("fp16 does not quantize")

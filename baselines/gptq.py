@@ -190,7 +190,8 @@ class GPTQ(Method):
                            choose_group=groups)
 
     def settings(self, plan=None):
-        s = {"variant": self.config.variant, "wbits": self.config.wbits, "group_size": self.config.group_size,
+        s = {"variant": self.config.variant, "iters": self.config.iters, "wbits": self.config.wbits,
+             "group_size": self.config.group_size,
              "act_order": self.config.act_order, "static_groups": self._static,
              "percdamp": self.config.percdamp, "block_size": self.config.block_size}
         if plan:

@@ -45,7 +45,8 @@ class RTN(Method):
         return scalar_plan(self.bits, out_f, in_f, wbits=c.wbits, group_size=c.group_size, tolerance=c.tolerance)
 
     def settings(self, plan=None):
-        s = {"variant": self.config.variant, "wbits": self.config.wbits, "group_size": self.config.group_size}
+        s = {"variant": self.config.variant, "iters": self.config.iters, "wbits": self.config.wbits,
+             "group_size": self.config.group_size}
         if plan:
             s.update({f"{o}x{i}": p.short() for (o, i), p in sorted(plan.items())})
         return s
