@@ -3,7 +3,7 @@
 // passes raw pointers through ctypes.
 //
 // One call is one PASS: one codebook and one index stream over a range of input columns. A weight is the
-// sum of its passes (main codebook, residual codebook, outlier columns; or AQLM's M codebooks), each
+// sum of its passes (main codebook, residual codebook, outlier columns; or AQLM's M <= 2 codebooks), each
 // accumulated into the same float32 output buffer. Two layouts:
 //
 //   OUT (VPTQ, `VQWeight`: vectors along the OUTPUT dimension within one input column):
@@ -17,8 +17,9 @@
 // One program computes RS rows x TT tokens of one tile over all columns with the accumulators in
 // registers (RS*TT*NV <= 8), then adds them to y; rows at or past nvec (the last tile's padding) are not
 // stored, nor lanes at or past v (OUT). Measured on Zen3 (docs/LOG.md): float16 codebooks beat float32
-// ones at every k (half the cache footprint), and one codebook per pass beats main + residual fused in
-// one loop (fewer instructions per long-latency gather when a 65536-entry codebook misses L2).
+// ones from k = 4096 up and match them below (half the cache footprint), and one codebook per pass beats
+// main + residual fused in one loop (fewer instructions per long-latency gather when a 65536-entry
+// codebook misses L2).
 //
 // The AVX2/FMA/F16C code is compiled for that target only (function attributes, no -march), and chosen
 // at run time by __builtin_cpu_supports; every other CPU runs the portable scalar loop. Threads: OpenMP
