@@ -29,6 +29,23 @@ class TinyModelConfig:
 
 
 @dataclass
+class ArchConfig:
+    """The architecture as the planner (runners/plan.py) reads it, without loading weights: the
+    linears a decoder block holds and the float parts around them. null = unknown: read from
+    `model.path`'s config.json when that is a local folder, from `model.tiny` for tiny models.
+    Descriptive only: the loaded weights decide what a run quantizes."""
+    model_type: Optional[str] = None  # a runners/arch.py ARCHS key (llama, mistral, ...); null = llama
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_key_value_heads: Optional[int] = None  # null = num_attention_heads (no grouped-query attention)
+    head_dim: Optional[int] = None  # null = hidden_size // num_attention_heads
+    vocab_size: Optional[int] = None
+    tie_word_embeddings: Optional[bool] = None
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # short name shown in tables
     source: str = MISSING  # smollm2_gguf | pretrained | tiny
@@ -37,6 +54,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | float16 | bfloat16
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)  # for planning (runners/plan.py)
 
 
 @dataclass
