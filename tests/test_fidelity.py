@@ -76,14 +76,20 @@ def test_improved_variants_beside_the_reference(case, fidelity_layer):
     (loss-consistent weights and updates) is far below the reference (0.30-0.86x when recorded)."""
     W, H = fidelity_layer
     c = CASES[case]
+    from baselines.scalar import scalar_total_bits
+    from vptq.methods import method_class
+
     for v in compare.IMPROVED[c["method"]]:
-        q, loss, _ = compare.run_ours(c, v, W, H)
+        q, loss, bits = compare.run_ours(c, v, W, H)
         ratio = loss / c["proxy_loss"]
+        name, cfg = compare.our_config(c, v)
+        plan = method_class(name)(cfg, bits=None).layer_plan(*W.shape)  # the same plan as the reference's
         if c["method"] == "gptq":
             assert ratio == pytest.approx(1.0, abs=0.01)
+            assert bits == pytest.approx(scalar_total_bits(plan.wbits, plan.group_size, W.shape[1]))
         else:
             assert ratio < 0.95, ratio
-        assert q.storage().total_bits == compare.run_ours(c, "reference", W, H)[0].storage().total_bits
+            assert bits == pytest.approx(plan.total_bits(*W.shape))
 
 
 def test_registry_call_shape_needs_no_bits(fidelity_layer):
