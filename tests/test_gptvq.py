@@ -180,6 +180,12 @@ def test_codebook_update_and_assignment_pieces():
     Cb = torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(2))
     brute = ((X[:, :, None] - Cb[:, None]) ** 2 * Wt[None, :, None]).sum(-1).argmin(-1)
     assert torch.equal(weighted_assign(X, Wt, Cb), brute)
+    # the reference's lookups (expanded form) against their difference form: other arithmetic,
+    # so equal but for near ties (none among these 150 random points)
+    from baselines.gptvq import assign_by_difference, assign_reference
+
+    for w in (None, Wt[:1], Wt):
+        assert torch.equal(assign_reference(X, Cb, w), assign_by_difference(X, Cb, w))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
