@@ -40,7 +40,8 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))  # the repo: the finetuning setup builds a tiny model with runners/
-from aqlm_layer import block_rel_mse, finetune_setup, proxy_loss, synthetic_layer  # noqa: E402
+from aqlm_block import block_rel_mse, finetune_setup  # noqa: E402
+from layer import proxy_loss, synthetic_layer, weight_energy  # noqa: E402
 
 # Their main.py defaults, with relative_mse_tolerance as in their README's quantization command
 # (main.py's default None would run all 1000 epochs).
@@ -205,8 +206,8 @@ def main():
     torch.set_num_threads(a.threads)
 
     out_f, in_f = a.shape
-    W, H = synthetic_layer(out_f, in_f, seed=a.layer_seed)
-    ref = float(((W.double() @ H.double()) * W.double()).sum())  # tr(W H Wᵀ)
+    W, H = synthetic_layer(a.layer_seed, out_f, in_f)
+    ref = weight_energy(W, H)  # tr(W H Wᵀ)
     runs = []
     for config in a.configs:
         M, B, g, beam = parse_config(config)
@@ -236,13 +237,13 @@ def main():
                       "entry": "aq_engine.AQEngine.quantize (their main.py's per-linear step; no block finetuning)"},
         "settings": dict(THEIR_SETTINGS, shims="AQ_USE_JIT=0, TQDM_DISABLE=1, devices=[cpu], XTX=H in float64",
                          rng="torch.manual_seed(seed); random.seed(seed)"),
-        "layer": {"generator": "scripts/fidelity/aqlm_layer.py:synthetic_layer", "out_features": out_f,
+        "layer": {"generator": "scripts/fidelity/layer.py:synthetic_layer", "out_features": out_f,
                   "in_features": in_f, "seed": a.layer_seed, "tr_WHWt": ref,
                   "W_sum": float(W.double().sum()), "H_trace": float(H.double().trace())},
         "loss": "tr((W - Ŵ) H (W - Ŵ)ᵀ), float64",
         "runs": runs,
         "summary": summary,
-        "finetune": {"setup": "scripts/fidelity/aqlm_layer.py:finetune_setup() (seed 0, 8 windows x 32 tokens, "
+        "finetune": {"setup": "scripts/fidelity/aqlm_block.py:finetune_setup() (seed 0, 8 windows x 32 tokens, "
                               "1x6/g4 weights), their src/finetune.py:finetune_groupwise, no validation split",
                      "runs": finetune},
         "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
