@@ -1,0 +1,185 @@
+"""CPU decode benchmark: fp32 `F.linear` against `kernel=cpu` (vptq/kernels/cpu.py), side by side in
+ONE run, on Llama-2-7B linear shapes.
+
+    PYTHONPATH=. python benchmarks/cpu_decode_bench.py [--formats 2b-v6k4096,...] [--shapes 7b]
+        [--batches 1,4] [--threads 1,2] [--reps 15] [--clock wall|thread]
+
+Per (shape (out x in), format, batch, threads) it times, interleaved (fp32, cpu, fp32, cpu, ...),
+after warm-up calls that are not timed (library build, buffer layout, first-touch):
+    fp32   F.linear(x, W) with the dense float32 W (MKL; bound by memory bandwidth at batch 1)
+    cpu    QuantLinear(q, kernel="cpu")(x): the gather-FMA kernel from the indices, through the
+           module's forward (x's layout, norms/perm, the ctypes call and the output cast included)
+Each repetition times `--inner` back-to-back calls; a row reports the median repetition. Indices
+and codebooks are random (decode time does not depend on their values). Each row also checks that
+the two outputs agree (relative error, float32). `--clock thread` measures the calling thread's CPU
+time instead of wall time (steadier beside other processes; meaningful with --threads 1 only).
+
+Formats (index bits per weight = bits per index / v; + codebook bits on these shapes):
+    2b-v6k4096        v=6, k=4096             12 / 6 = 2.0   VPTQ paper's 2-bit setting
+    3b-v4k4096        v=4, k=4096             12 / 4 = 3.0
+    3b-v8k65536r256   v=8, k=65536 + res 256  24 / 8 = 3.0   released VPTQ 3-bit models
+    2b-v8k65536       v=8, k=65536            16 / 8 = 2.0   (optional: released 2-bit models)
+
+The last line is `min speedup vs fp32 at batch 1: X.XX` (over every batch-1 row: all shapes,
+formats and thread counts).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+FORMATS: Dict[str, dict] = {
+    "2b-v6k4096": dict(v=6, k=4096, k_res=0),
+    "3b-v4k4096": dict(v=4, k=4096, k_res=0),
+    "3b-v8k65536r256": dict(v=8, k=65536, k_res=256),
+    "2b-v8k65536": dict(v=8, k=65536, k_res=0),
+}
+DEFAULT_FORMATS = "2b-v6k4096,3b-v4k4096,3b-v8k65536r256"
+SHAPES = {
+    "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "tiny": [(64, 96), (40, 64)],  # smoke run of this script
+}
+
+
+def make_weight(fmt: dict, out: int, inn: int, seed: int = 0):
+    """A random VQWeight (one group, official layout, float16 codebooks)."""
+    from vptq.vqweight import VQWeight
+
+    g = torch.Generator().manual_seed(seed)
+    v, k, kr = fmt["v"], fmt["k"], fmt["k_res"]
+    n = -(-out // v)
+    kw = dict(out_features=out, in_features=inn, vector_len=v, num_centroids=k, group_num=1, group_size=inn,
+              centroids=(torch.randn(1, k, v, generator=g) * 0.02).half(),
+              indices=torch.randint(0, k, (1, n, inn), generator=g, dtype=torch.int32))
+    if kr:
+        kw.update(num_res_centroids=kr, res_centroids=(torch.randn(1, kr, v, generator=g) * 0.005).half(),
+                  res_indices=torch.randint(0, kr, (1, n, inn), generator=g, dtype=torch.int32))
+    return VQWeight(**kw)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, inner: int, clock) -> Dict[str, float]:
+    """Median seconds per call of each fn, repetitions interleaved across fns (drift hits all alike)."""
+    times: Dict[str, List[float]] = {n: [] for n in fns}
+    for _ in range(reps):
+        for n, f in fns.items():
+            t0 = clock()
+            for _ in range(inner):
+                f()
+            times[n].append((clock() - t0) / inner)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], threads: List[int], reps: int,
+        inner: int, clock_name: str) -> float:
+    import vptq.kernels  # noqa: F401  (registers kernel=cpu)
+    from vptq.kernels import cpu
+    from vptq.qlinear import QuantLinear
+
+    clock = time.thread_time if clock_name == "thread" else time.perf_counter
+    t_build = time.perf_counter()
+    isa = cpu.isa()
+    t_build = time.perf_counter() - t_build
+    n0 = torch.get_num_threads()
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); torch {torch.__version__}; "
+          f"kernel=cpu loop: {isa} (library ready in {t_build:.1f} s)")
+    print(f"date: {datetime.date.today().isoformat()}; load average at start: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; clock: {clock_name}; "
+          f"median of {reps} interleaved repetitions x {inner} calls, warm-up excluded")
+    if isa == "unavailable":
+        raise SystemExit("kernel=cpu is unavailable here (no C++ compiler?): nothing to compare")
+    header = (f"| {'shape (out x in)':>16} | {'format':<16} | {'bits':>5} | {'batch':>5} | {'threads':>7} | "
+              f"{'fp32 ms':>8} | {'cpu ms':>8} | {'speedup':>7} | {'rel err':>7} |")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    worst = float("inf")
+    for out, inn in shapes:
+        for name in formats:
+            q = make_weight(FORMATS[name], out, inn)
+            bits = q.storage().per_weight()["total"]
+            lin = QuantLinear(q, kernel="cpu")
+            W = q.dequantize(torch.float32)  # (out, in) the fp32 baseline's weight (the same numbers)
+            for nt in threads:
+                torch.set_num_threads(nt)
+                for b in batches:
+                    x = torch.randn(b, inn)
+                    with torch.no_grad():
+                        before = cpu.STATS["cpu"]
+                        y, yr = lin(x), F.linear(x, W)
+                        if cpu.STATS["cpu"] != before + 1:
+                            raise SystemExit(f"kernel=cpu did not take {out}x{inn} {name} batch {b}")
+                        err = float((y - yr).norm() / yr.norm())
+                        fns = {"fp32": lambda: F.linear(x, W), "cpu": lambda: lin(x)}
+                        for f in fns.values():  # warm-up
+                            f()
+                            f()
+                        t = time_interleaved(fns, reps, inner, clock)
+                    sp = t["fp32"] / t["cpu"]
+                    if b == 1:
+                        worst = min(worst, sp)
+                    print(f"| {f'{out} x {inn}':>16} | {name:<16} | {bits:5.2f} | {b:5d} | {nt:7d} | "
+                          f"{t['fp32'] * 1e3:8.3f} | {t['cpu'] * 1e3:8.3f} | {sp:6.2f}x | {err:7.1e} |", flush=True)
+            del W, lin, q
+    torch.set_num_threads(n0)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return worst
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma list of {', '.join(FORMATS)}")
+    ap.add_argument("--shapes", default="7b", help=f"one of {', '.join(SHAPES)}, or OUTxIN[,OUTxIN...]")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--inner", type=int, default=3)
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
+    a = ap.parse_args(argv)
+    formats = [f for f in a.formats.split(",") if f]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        ap.error(f"unknown format(s) {bad}; valid: {', '.join(FORMATS)}")
+    if a.shapes in SHAPES:
+        shapes = SHAPES[a.shapes]
+    else:
+        try:
+            shapes = [tuple(int(d) for d in s.lower().split("x")) for s in a.shapes.split(",")]
+            assert all(len(s) == 2 and min(s) > 0 for s in shapes)
+        except (ValueError, AssertionError):
+            ap.error(f"--shapes {a.shapes!r}: one of {', '.join(SHAPES)} or OUTxIN[,OUTxIN...]")
+    batches = [int(b) for b in a.batches.split(",")]
+    threads = [int(t) for t in a.threads.split(",")]
+    if a.clock == "thread" and threads != [1]:
+        ap.error("--clock thread measures one thread's CPU time: use it with --threads 1")
+    worst = run(formats, shapes, batches, threads, a.reps, a.inner, a.clock)
+    if worst == float("inf"):
+        print("min speedup vs fp32 at batch 1: n/a (no batch-1 rows)")
+    else:
+        print(f"min speedup vs fp32 at batch 1: {worst:.2f}")
+
+
+if __name__ == "__main__":
+    main()
