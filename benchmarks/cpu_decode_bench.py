@@ -111,7 +111,7 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
           f"median of {reps} interleaved repetitions x {inner} calls, warm-up excluded")
     if isa == "unavailable":
         raise SystemExit("kernel=cpu is unavailable here (no C++ compiler?): nothing to compare")
-    header = (f"| {'shape (out x in)':>16} | {'format':<16} | {'bits':>5} | {'batch':>5} | {'threads':>7} | "
+    header = (f"| {'shape (out x in)':>16} | {'format':<16} | {'bits':>7} | {'batch':>5} | {'threads':>7} | "
               f"{'fp32 ms':>8} | {'cpu ms':>8} | {'speedup':>7} | {'rel err':>7} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -140,7 +140,7 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
                     sp = t["fp32"] / t["cpu"]
                     if b == 1:
                         worst = min(worst, sp)
-                    print(f"| {f'{out} x {inn}':>16} | {name:<16} | {bits:5.2f} | {b:5d} | {nt:7d} | "
+                    print(f"| {f'{out} x {inn}':>16} | {name:<16} | {bits:7.2f} | {b:5d} | {nt:7d} | "
                           f"{t['fp32'] * 1e3:8.3f} | {t['cpu'] * 1e3:8.3f} | {sp:6.2f}x | {err:7.1e} |", flush=True)
             del W, lin, q
     torch.set_num_threads(n0)

@@ -294,3 +294,16 @@ def test_dense_weights_filters_and_nesting():
             model(x)
         with dense_weights(model, enabled=False) as off:
             assert off == 0 and model[0]._dense is None
+
+
+def test_decode_benchmark_smoke(capsys):
+    """benchmarks/cpu_decode_bench.py runs (tiny shapes) and ends with its contract line."""
+    import re
+
+    from benchmarks import cpu_decode_bench
+
+    cpu_decode_bench.main(["--shapes", "tiny", "--formats", "2b-v6k4096,3b-v8k65536r256", "--batches", "1,4",
+                           "--threads", "1", "--reps", "1", "--inner", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert sum("| 2b-v6k4096" in line or "| 3b-v8k65536r256" in line for line in out) == 2 * 2 * 2
+    assert re.fullmatch(r"min speedup vs fp32 at batch 1: \d+\.\d\d", out[-1]), out[-1]
