@@ -71,36 +71,48 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """-> (finished runs, failed runs). Columns of the first: model, method, bits_target, settings,
     seed, calib ("data NxL"), kernel, eval_windows, config_key (equal for runs that differ only in
     the seed), bits_index, bits_total, quant_s, eval_s, peak_rss_gb, peak_gpu_gb, mem_gb (peak GPU memory
-    on GPU runs, else peak process RSS), device, ppl::<ds>@<seqlen> (each dataset's own seqlen),
+    on GPU runs, else peak process RSS), device, the fair-comparison fields (protocol, finetune,
+    variant, iters), ppl::<ds>@<seqlen> (each dataset's own seqlen) with ppl_lo::/ppl_hi:: (95%
+    interval), kld::<ds>@<seqlen> (mean KL to the float model) with kld_se::, top1::<ds>@<seqlen> (%),
     qa::<task>::<metric> (and qa::mean::<metric>)."""
+    from runners.record import RunRecord
+
     ok, failed = [], []
     for m in dedupe(runs):
-        b = m.get("bits") or {}
-        row = {"model": m.get("model"), "method": m.get("method"), "bits_target": b.get("target"),
-               "run_key": m["run_key"], "path": m["_path"]}
-        if m.get("status") != "ok":
-            row["error"] = m.get("error", "")
+        r = RunRecord.from_dict({k: v for k, v in m.items() if not k.startswith("_")})
+        row = {"model": r.model, "method": r.method, "bits_target": r.bits.target, "run_key": r.run_key,
+               "path": m["_path"]}
+        if r.status != "ok":
+            row["error"] = r.error or ""
             failed.append(row)
             continue
-        ev = m.get("eval") or {}
+        ev = r.eval or {}
         seqlen, seqlens = ev.get("seqlen"), ev.get("seqlens") or {}
-        mem = m.get("memory") or {}
-        cal = m.get("calib") or {}
-        row.update({"settings": settings_str(m.get("settings")), "seed": m.get("seed"),
+        cal, cmp = r.calib or {}, r.comparison
+        row.update({"settings": settings_str(r.settings), "seed": r.seed,
                     "calib": f"{cal.get('data')} {cal.get('nsamples')}x{cal.get('seqlen')}" if cal else None,
-                    "kernel": (m.get("kernel") or {}).get("name"),
+                    "kernel": (r.kernel or {}).get("name"),
                     "eval_windows": _windows_str(ev.get("windows")),
-                    "bits_index": b.get("index"), "bits_total": b.get("total"),
-                    "quant_s": (m.get("time") or {}).get("quantize_s"),
-                    "eval_s": (m.get("time") or {}).get("eval_s"),
-                    "peak_rss_gb": mem.get("peak_rss_gb"), "peak_gpu_gb": mem.get("peak_gpu_gb"),
-                    "mem_gb": mem.get("peak_gpu_gb") if mem.get("peak_gpu_gb") is not None else mem.get("peak_rss_gb"),
-                    "device": (m.get("env") or {}).get("device"),
-                    "protocol": m.get("hessian_protocol")})
-        row["config_key"] = m.get("config_key") or _config_key_of(m, row)
-        for ds, v in (m.get("ppl") or {}).items():
-            row[f"ppl::{ds}@{seqlens.get(ds, seqlen)}"] = v
-        for task, vals in (m.get("qa") or {}).items():
+                    "bits_index": r.bits.index, "bits_total": r.bits.total,
+                    "quant_s": r.time.quantize_s, "eval_s": r.time.eval_s,
+                    "peak_rss_gb": r.memory.peak_rss_gb, "peak_gpu_gb": r.memory.peak_gpu_gb,
+                    "mem_gb": r.memory.peak_gpu_gb if r.memory.peak_gpu_gb is not None else r.memory.peak_rss_gb,
+                    "device": (r.env or {}).get("device"),
+                    "protocol": r.hessian_protocol,
+                    "finetune": cmp.finetune if r.format_version >= 2 else None,
+                    "variant": cmp.variant or (r.settings or {}).get("variant"),
+                    "iters": cmp.iters or (r.settings or {}).get("iters")})
+        row["config_key"] = r.config_key or _config_key_of(m, row)
+        for ds, v in r.ppl.items():
+            col = f"{ds}@{seqlens.get(ds, seqlen)}"
+            row[f"ppl::{col}"] = v
+            ci = r.ppl_ci.get(ds) or {}
+            row[f"ppl_lo::{col}"], row[f"ppl_hi::{col}"] = ci.get("low"), ci.get("high")
+            kl = r.kld.get(ds) or {}
+            if "mean" in kl:
+                row[f"kld::{col}"], row[f"kld_se::{col}"] = kl["mean"], kl.get("mean_se")
+                row[f"top1::{col}"] = kl.get("top1_agree")
+        for task, vals in (r.qa or {}).items():
             if isinstance(vals, dict):
                 for metric, v in vals.items():
                     row[f"qa::{task}::{metric}"] = v

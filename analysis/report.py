@@ -39,8 +39,8 @@ class Column:
 
 
 # what else tells two configurations apart: shown as a column only where the table's rows differ in it
-VARIANT_COLUMNS = [("calib", "calibration"), ("protocol", "Hessian protocol"), ("kernel", "kernel"),
-                   ("eval_windows", "eval windows")]
+VARIANT_COLUMNS = [("calib", "calibration"), ("protocol", "Hessian protocol"), ("finetune", "finetuning"),
+                   ("iters", "iterations"), ("kernel", "kernel"), ("eval_windows", "eval windows")]
 
 
 def variant_columns(df: pd.DataFrame) -> List[Column]:
@@ -53,16 +53,35 @@ def variant_columns(df: pd.DataFrame) -> List[Column]:
     return out
 
 
+def method_label(method: str, variant) -> str:
+    """The method column: the method's name, and any variant other than the authors' ("reference")
+    beside it, so a row of an improved variant is never read as the published method."""
+    if variant is None or (isinstance(variant, float) and math.isnan(variant)) or variant == "reference":
+        return method
+    return f"{method} ({variant})"
+
+
+def _metric_columns(df: pd.DataFrame, prefix: str) -> List[str]:
+    return [c for c in df.columns if c.startswith(prefix) and not c.endswith("::std")]
+
+
 def columns_for(df: pd.DataFrame) -> List[Column]:
-    cols = [Column("model", "model", None, "{}"), Column("method", "method", None, "{}"),
+    cols = [Column("model", "model", None, "{}"), Column("method_label", "method", None, "{}"),
             Column("bits_target", "bits (target)", None, "{:g}"), Column("settings", "settings", None, "{}")]
     cols += variant_columns(df)
     cols += [Column("bits_index", "bits/weight (index) ↓", "lower", "{:.3f}"),
             Column("bits_total", "bits/weight (total) ↓", "lower", "{:.3f}")]
-    for c in df.columns:
-        if c.startswith("ppl::") and not c.endswith("::std"):
-            ds, seqlen = c[5:].split("@")
-            cols.append(Column(c, f"PPL {ds} @{seqlen} ↓", "lower", "{:.2f}"))
+    for c in _metric_columns(df, "ppl::"):
+        ds, seqlen = c[5:].split("@")
+        cols.append(Column(c, f"PPL {ds} @{seqlen} ↓", "lower", "{:.2f}"))
+        if f"paper::{c[5:]}" in df and df[f"paper::{c[5:]}"].notna().any():
+            cols.append(Column(f"paper::{c[5:]}", f"paper PPL {ds} @{seqlen}", None, "{:.2f}"))
+            cols.append(Column(f"vs_paper::{c[5:]}", "Δ vs paper", None, "{:+.2f}"))
+    for c in _metric_columns(df, "kld::"):
+        ds, seqlen = c[5:].split("@")
+        cols.append(Column(c, f"KLD {ds} @{seqlen} ↓", "lower", "{:.4f}"))
+        if f"top1::{c[5:]}" in df:
+            cols.append(Column(f"top1::{c[5:]}", f"top-1 agree {ds} (%) ↑", "higher", "{:.1f}"))
     for c in df.columns:
         if c.startswith("qa::") and not c.endswith("::std"):
             parts = c.split("::")[1:]
@@ -86,7 +105,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     if "config_key" not in df:
         df["config_key"] = None
     df["bits_target"] = df["bits_target"].astype(object).where(df["bits_target"].notna(), None)
-    shown = [k for k, _ in VARIANT_COLUMNS if k in df]  # constant within a configuration
+    shown = [k for k, _ in VARIANT_COLUMNS + [("variant", "")] if k in df]  # constant within a configuration
     for k in shown:
         df[k] = df[k].astype(object).where(df[k].notna(), None)
     num = [c for c in df.columns if c not in keys + shown + ["seed", "config_key"]
@@ -95,12 +114,13 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     out = g[num].mean().reset_index()
     for k in shown:
         out[k] = g[k].first().values
-    spread = [c for c in num if c.startswith(("ppl::", "qa::"))]
+    spread = [c for c in num if c.startswith(("ppl::", "qa::", "kld::", "top1::"))]
     if spread:
         std = g[spread].std(ddof=1).reset_index(drop=True)
         for c in spread:
             out[f"{c}::std"] = std[c].values
     out["n_seeds"] = g.size().values
+    out["method_label"] = [method_label(m, v) for m, v in zip(out["method"], out.get("variant", [None] * len(out)))]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     out["_m"] = out["method"].map(lambda m: order.get(m, len(order)))
     out["_b"] = out["bits_target"].map(lambda b: -1 if b is None or (isinstance(b, float) and math.isnan(b)) else b)
@@ -108,26 +128,74 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def ranks(df: pd.DataFrame, col: Column, by=("model",)) -> Dict[int, int]:
-    """row index -> 1 (best) or 2 (second best), per group (model; or model and bits), on the
-    displayed (rounded) values."""
-    out: Dict[int, int] = {}
+def _noise_interval(r, key: str):
+    """(low, high) of a row's value from its noise: mean ± std over seeds where there are several,
+    else the 95% interval over the evaluation windows (perplexity; KL: mean ± 1.96 SE); None where
+    nothing is known (a single run's accuracy, bits, time: ranked on the value alone)."""
+    v = r.get(key)
+    std = r.get(f"{key}::std")
+    if r.get("n_seeds", 1) and r.get("n_seeds", 1) > 1 and not _missing(std):
+        return v - std, v + std
+    suffix = key.split("::", 1)[1] if "::" in key else None
+    if key.startswith("ppl::") and not _missing(r.get(f"ppl_lo::{suffix}")) and not _missing(r.get(f"ppl_hi::{suffix}")):
+        return r[f"ppl_lo::{suffix}"], r[f"ppl_hi::{suffix}"]
+    if key.startswith("kld::") and not _missing(r.get(f"kld_se::{suffix}")):
+        return v - 1.96 * r[f"kld_se::{suffix}"], v + 1.96 * r[f"kld_se::{suffix}"]
+    return None
+
+
+TIE = "tie"
+
+
+def ranks(df: pd.DataFrame, col: Column, by=("model",)) -> Dict[int, object]:
+    """row index -> 1 (best), 2 (second best) or TIE, per group (model; or model and bits), on the
+    displayed (rounded) values. Where the rows' noise is known (seed spread, or the interval over
+    the evaluation windows: `_noise_interval`), the best is bold only when its interval and the
+    runner-up's do not overlap (it beats it by more than their combined spread); otherwise the best
+    and every row within its noise are marked TIE and nothing is bold."""
+    out: Dict[int, object] = {}
     if col.better is None or col.key not in df:
         return out
+    lower = col.better == "lower"
     for _, sub in df.groupby(list(by), sort=False):
         sub = sub[~sub["method"].isin(REFERENCE_METHODS)]
-        vals = {}
-        for i, v in sub[col.key].items():
-            if v is None or (isinstance(v, float) and math.isnan(v)):
+        vals, noise = {}, {}
+        for i, r in sub.iterrows():
+            v = r.get(col.key)
+            if _missing(v):
                 continue
             vals[i] = float(col.fmt.format(v * 100 if col.key.startswith("qa::") else v))
-        distinct = sorted(set(vals.values()), reverse=(col.better == "higher"))
+            noise[i] = _noise_interval(r, col.key)
+        if not vals:
+            continue
+        distinct = sorted(set(vals.values()), reverse=not lower)
+        best = [i for i, v in vals.items() if v == distinct[0]]
+        rest = [i for i in vals if i not in best]
+        if rest and any(noise[i] is not None for i in vals):
+            raw = sub[col.key]
+            lo_b, hi_b = noise[best[0]] or (raw[best[0]], raw[best[0]])
+            tied = [i for i in rest if (noise[i] or (raw[i], raw[i]))[0] <= hi_b
+                    and lo_b <= (noise[i] or (raw[i], raw[i]))[1]]
+            if tied:  # the best is within the noise of another row: no winner
+                for i in best + tied:
+                    out[i] = TIE
+                continue
         for i, v in vals.items():
-            if distinct and v == distinct[0]:
+            if v == distinct[0]:
                 out[i] = 1
             elif len(distinct) > 1 and v == distinct[1]:
                 out[i] = 2
     return out
+
+
+def _mark(s: str, k, style: str) -> str:
+    if k == 1:
+        return f"**{s}**" if style == "md" else rf"\textbf{{{s}}}"
+    if k == 2:
+        return f"<u>{s}</u>" if style == "md" else rf"\underline{{{s}}}"
+    if k == TIE:
+        return f"{s} ≈" if style == "md" else rf"{s}$^{{\approx}}$"
+    return s
 
 
 def _missing(v) -> bool:
@@ -155,12 +223,7 @@ def render(df: pd.DataFrame, style: str) -> str:
             s = cell(r.get(c.key), c, r.get(f"{c.key}::std"), " ± " if style == "md" else r" $\pm$ ")
             if style == "tex":
                 s = s.replace("_", r"\_").replace("%", r"\%").replace("—", "--")
-            k = rk[c.key].get(i)
-            if k == 1:
-                s = f"**{s}**" if style == "md" else rf"\textbf{{{s}}}"
-            elif k == 2:
-                s = f"<u>{s}</u>" if style == "md" else rf"\underline{{{s}}}"
-            cells.append(s)
+            cells.append(_mark(s, rk[c.key].get(i), style))
         rows.append(cells)
     if style == "md":
         head = "| " + " | ".join(c.header for c in cols) + " |"
@@ -187,6 +250,17 @@ def notes(raw: pd.DataFrame, table: Optional[pd.DataFrame] = None) -> List[str]:
     if "protocol" in raw and raw["protocol"].notna().any():
         protos = ", ".join(sorted(raw["protocol"].dropna().unique()))
         out.append(f"Hessian protocol: {protos}.")
+    out.append("Where the noise of a column is known (the spread over seeds; without seeds the 95% interval over "
+               "the evaluation windows for perplexity, ±1.96 standard errors for KLD), the best is bold only when "
+               "it beats the runner-up by more than their combined noise; otherwise it and every row within its "
+               "noise are marked ≈ (tied) and nothing is bold.")
+    if "variant" in raw and raw["variant"].dropna().ne("reference").any():
+        out.append("A method name followed by a variant in parentheses is NOT the published algorithm but our "
+                   "variant of it (e.g. gptvq (exact)); the bare name is the authors' released algorithm.")
+    if any(c.startswith("kld::") for c in raw.columns):
+        out.append("KLD: mean per-token KL(float ‖ quantized) of the next-token distributions on the evaluation "
+                   "windows (nats), over the float model's top-k tokens and one bucket for the rest; top-1 agree: "
+                   "% of positions where both models' most likely token is the same.")
     if table is not None and "n_seeds" in table and (table["n_seeds"] > 1).any():
         out.append("A row over several seeds (the seeds column) shows the mean ± the sample standard deviation "
                    "over them; ranks are on the means. Runs are averaged only when their configurations differ in "
@@ -288,20 +362,18 @@ def render_paper(df: pd.DataFrame, qa_metric: str = "acc") -> str:
                     std = r.get(f"{c.key}::std")
                     if not _missing(std):
                         s += rf"\,{{\scriptsize$\pm${_tex(cell(std, c))}}}"
-                k = rk[c.key].get(i)
-                if k == 1:
-                    s = rf"\textbf{{{s}}}"
-                elif k == 2:
-                    s = rf"\underline{{{s}}}"
-                cells.append(s)
+                cells.append(_mark(s, rk[c.key].get(i), "tex"))
             lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
 
 
-def write_report(root: str, qa_metric: str = "acc") -> pd.DataFrame:
+def write_report(root: str, qa_metric: str = "acc", papers: Optional[str] = None) -> pd.DataFrame:
+    """papers: a CSV of published numbers (default analysis/papers.csv) shown beside matching rows."""
+    from analysis.papers import attach_papers, load_papers
+
     ok, failed = to_frame(load_runs(root))
-    table = aggregate(ok)
+    table = attach_papers(aggregate(ok), load_papers(papers))
     md = [f"# Results ({root})", ""]
     if table.empty:
         md.append("No finished runs.")
@@ -309,6 +381,11 @@ def write_report(root: str, qa_metric: str = "acc") -> pd.DataFrame:
         md.append(render(table, "md"))
         md.append("")
         md += [f"- {n}" for n in notes(ok, table)]
+        srcs = sorted({v for c in table.columns if c.startswith("paper_src::") for v in table[c].dropna()})
+        if srcs:
+            md.append("- Published values (paper PPL, their own protocol; Δ = ours − theirs) from: " + "; ".join(srcs)
+                      + ". A row matches a published one only for the same model, method (reference variant), bits "
+                        "(±0.1), dataset, seqlen and finetuning (analysis/papers.csv).")
     if not failed.empty:
         md += ["", "## Failed jobs", ""]
         md += [f"- {r.model} {r.method} bits={r.bits_target}: {r.error} ({r.path})" for r in failed.itertuples()]

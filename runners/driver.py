@@ -29,7 +29,7 @@ from runners.files import BadFile, check_safetensors
 from runners.memory import release_block
 from vptq.hessian import HessianAccumulator, load_hessians, relative_proxy_loss, save_hessians
 from vptq.methods import BlockContext, Method
-from vptq.qlinear import QuantLinear
+from vptq.qlinear import QuantLinear, dense_weights
 from vptq.qweight import Storage
 from vptq.threads import single_thread, thread_policy
 
@@ -115,10 +115,11 @@ def run_block(block: nn.Module, inputs: torch.Tensor, kwargs, *, out: Optional[t
     (a pass for its forward hooks)."""
     if keep and out is None:
         out = torch.empty_like(inputs)
-    for i in range(inputs.shape[0]):
-        y = _block_out(block(inputs[i:i + 1], **kwargs))
-        if keep:
-            out[i:i + 1] = y
+    with dense_weights(block, kernels=("torch", "cpu")):  # a quantized layer dequantized once per pass
+        for i in range(inputs.shape[0]):
+            y = _block_out(block(inputs[i:i + 1], **kwargs))
+            if keep:
+                out[i:i + 1] = y
     return out if keep else None
 
 

@@ -13,13 +13,16 @@ import shutil
 import sys
 import time
 import traceback
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runners import metrics as M
 from runners.errors import UserError
+from runners.files import read_json
+from runners.record import Bits, Comparison, RunRecord
 
 log = logging.getLogger("vq-bench")
 
@@ -69,18 +72,13 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
             if found:
                 log.info("run_key %s already finished: %s (skipped)", key, found)
                 if os.path.abspath(found) != os.path.abspath(out_path):
-                    import json
-
-                    with open(found) as f:
-                        prev = json.load(f)
+                    prev = read_json(found)
                     prev["reused_from"] = os.path.abspath(found)
                     M.write_json_atomic(out_path, prev)
-                return _headline(_load(out_path))
+                return _headline(RunRecord.from_dict(read_json(out_path)))
 
-    base: Dict[str, Any] = {
-        "run_key": key, "config_key": M.config_key(semantic), "model": cfg.model.name, "method": mname,
-        "bits": {"target": float(cfg.bits) if uses_bits else None, "index": None, "total": None},
-    }
+    rec = RunRecord(run_key=key, config_key=M.config_key(semantic), model=cfg.model.name, method=mname,
+                    bits=Bits(target=float(cfg.bits) if uses_bits else None), seed=int(cfg.seed))
     tracker = None
     failed = False
     try:
@@ -89,15 +87,16 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
         tags = [f"model:{cfg.model.name}", f"method:{mname}", f"bits:{cfg.bits}"]
         tracker = make_tracker(cfg.logger, name=os.path.basename(job_dir), group=group, tags=tags,
                                config=container, job_dir=job_dir)
-        result = _pipeline(cfg, container, job_dir, tracker, key)
-        result = {**base, **result, "bits": {**base["bits"], **result["bits"]}, "status": "ok"}
+        job = Job(cfg=cfg, job_dir=job_dir, key=key, tracker=tracker, rec=rec)
+        _pipeline(job)
+        result = rec.to_dict()
         M.write_json_atomic(out_path, result)
         ckpt = os.path.join(cfg.results_root, "checkpoints", key)
         if os.path.isdir(ckpt) and not cfg.quantize.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
         tracker.summary(result)
-        _print_summary(result)
-        return _headline(result)
+        _print_summary(rec)
+        return _headline(rec)
     except BaseException as e:  # record the failure, never leave a half-written result
         failed = True
         if isinstance(e, KeyboardInterrupt):
@@ -106,11 +105,11 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
 
         user = isinstance(e, USER_ERRORS + (BudgetError,))
         msg = str(e) if user else f"{type(e).__name__}: {e}"
-        rec = {**base, "status": "failed", "error": msg}
+        rec.status, rec.error = "failed", msg
         if not user:
-            rec["traceback"] = traceback.format_exc()
-            log.error("job failed:\n%s", rec["traceback"])
-        M.write_json_atomic(out_path, rec)
+            rec.traceback = traceback.format_exc()
+            log.error("job failed:\n%s", rec.traceback)
+        M.write_json_atomic(out_path, rec.to_dict())
         if tracker is not None:
             tracker.summary({"status": "failed", "error": msg})
         print(f"error: {msg}", file=sys.stderr)
@@ -167,27 +166,18 @@ def ppl_datasets(cfg: DictConfig):
     return out
 
 
-def _load(path):
-    import json
-
-    with open(path) as f:
-        return json.load(f)
+def _headline(rec: RunRecord) -> float:
+    return float(next(iter(rec.ppl.values()))) if rec.ppl else float("nan")
 
 
-def _headline(result) -> float:
-    if not result:
-        return float("nan")
-    ppl = result.get("ppl") or {}
-    return float(next(iter(ppl.values()))) if ppl else float("nan")
-
-
-def _print_summary(r: Dict[str, Any]) -> None:
-    ppl = ", ".join(f"{k} {v:.3f}" for k, v in r.get("ppl", {}).items())
-    b = r["bits"]
-    bits = f"{b['total']:.3f} bits/weight" if b.get("total") is not None else "unquantized"
-    qa = (r.get("qa") or {}).get("mean") or {}
+def _print_summary(r: RunRecord) -> None:
+    ppl = ", ".join(f"{k} {v:.3f}" for k, v in r.ppl.items())
+    kl = ", ".join(f"{k} {v['mean']:.4f}" for k, v in r.kld.items())
+    bits = f"{r.bits.total:.3f} bits/weight" if r.bits.total is not None else "unquantized"
+    qa = (r.qa or {}).get("mean") or {}
     qa = f" | QA mean acc {qa['acc']:.3f}" if "acc" in qa else ""
-    print(f"[{r['model']} {r['method']} {bits}] ppl: {ppl}{qa} | quantize {r['time']['quantize_s']:.1f} s")
+    print(f"[{r.model} {r.method} {bits}] ppl: {ppl}{f' | KL to fp: {kl}' if kl else ''}{qa} | "
+          f"quantize {r.time.quantize_s:.1f} s")
 
 
 def _module_name(model, layer_name: str) -> str:
@@ -220,13 +210,49 @@ def _audit(cfg: DictConfig, method, calib, device, codes) -> Dict[str, Any]:
     return rec
 
 
-def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker, key: str) -> Dict[str, Any]:
-    from runners.data import calibration_windows, check_data, eval_windows
-    from runners.driver import quantize_model, quantized_shapes
-    from runners.models import load_model
-    from runners.ppl import perplexity
-    from vptq.methods import BudgetError, build_method
+# ------------------------------------------------------------------------------------ the pipeline
+@dataclass
+class Job:
+    """One job's state as its steps fill it in (the config is read here, once; below it, plain values)."""
 
+    cfg: DictConfig
+    job_dir: str
+    key: str
+    tracker: Any
+    rec: RunRecord
+    device: Optional[torch.device] = None
+    method: Any = None
+    ppl_sets: List[Tuple[str, str, Optional[str], int]] = field(default_factory=list)
+    qa_args: Dict[str, Any] = field(default_factory=dict)
+    model: Any = None
+    tok: Any = None
+    plan: Any = None
+    windows: Dict[str, torch.Tensor] = field(default_factory=dict)
+    qa_suite: Any = None
+    calib: Optional[torch.Tensor] = None
+    refs: Dict[str, Any] = field(default_factory=dict)  # dataset -> runners.kld.FloatReference
+    stats: Any = None
+    codes: Optional[Dict[str, Any]] = None
+
+
+def _pipeline(job: Job) -> None:
+    """check -> load -> float references -> quantize -> evaluate -> extras; each step fills `job.rec`."""
+    _check(job)
+    _load_model_and_data(job)
+    _float_references(job)
+    _quantize(job)
+    _evaluate(job)
+    _extras(job)
+
+
+def _check(job: Job) -> None:
+    """Every cheap check, before anything is loaded: bits, device, kernel, data, parallel, QA, method."""
+    from runners.data import check_data
+    from runners.parallel import check_parallel
+    from runners.qa import check_qa_args
+    from vptq.methods import build_method
+
+    cfg = job.cfg
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg.seed)
     bits = float(cfg.bits)
@@ -234,7 +260,7 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
         raise UserError(f"bits={cfg.bits} must be a positive number of bits per weight")
     if bits > 16:
         raise UserError(f"bits={cfg.bits} is above 16: nothing to quantize; valid: 0 < bits <= 16")
-    device = resolve_device(cfg.device)
+    job.device = resolve_device(cfg.device)
     if cfg.kernel.name in ("triton", "cpu"):
         import vptq.kernels  # noqa: F401  (registers "triton" and "cpu" in vptq.qlinear.KERNELS)
     from vptq.qlinear import KERNELS
@@ -242,126 +268,183 @@ def _pipeline(cfg: DictConfig, container: Dict[str, Any], job_dir: str, tracker,
     if cfg.kernel.name != "torch" and cfg.kernel.name not in KERNELS:
         raise UserError(f"kernel={cfg.kernel.name!r} is not registered; valid choices: torch, triton, cpu")
     check_data(cfg.data.name, cfg.data.path)
-    ppl_sets = ppl_datasets(cfg)
-    from runners.parallel import check_parallel
-
+    job.ppl_sets = ppl_datasets(cfg)
     check_parallel(cfg)
-    from runners.qa import check_qa_args, prepare_qa
-
     qa_data = {t: p for t, p in (cfg.eval.qa_data or {}).items() if p}
-    qa_args = dict(limit=cfg.eval.qa_limit, batch_size=cfg.eval.qa_batch_size, data=qa_data)
-    check_qa_args(list(cfg.eval.qa_tasks), **qa_args)
-    method_cfg = OmegaConf.to_object(cfg.method)
-    method = build_method(cfg.method.name, method_cfg, bits=bits, seed=cfg.seed)
+    job.qa_args = dict(limit=cfg.eval.qa_limit, batch_size=cfg.eval.qa_batch_size, data=qa_data)
+    check_qa_args(list(cfg.eval.qa_tasks), **job.qa_args)
+    if cfg.eval.kld_topk is not None and int(cfg.eval.kld_topk) < 1:
+        raise UserError(f"eval.kld_topk={cfg.eval.kld_topk} must be >= 1 (or null: the whole vocabulary)")
+    job.method = build_method(cfg.method.name, OmegaConf.to_object(cfg.method), bits=bits, seed=cfg.seed)
     if cfg.save.quantized:
         from runners.save import check_exportable
 
-        check_exportable(method)
+        check_exportable(job.method)
 
-    rss_scope = "job" if M.reset_peak_rss() else "process"  # sweeps run their jobs in one process
-    base_rss = M.current_rss_gb()  # interpreter + libraries, before the model is loaded
+
+def _load_model_and_data(job: Job) -> None:
+    """The model and its plan, then every dataset: a missing one fails before hours of quantization."""
+    from runners.data import calibration_windows, eval_windows
+    from runners.driver import quantized_shapes
+    from runners.models import load_model
+    from runners.qa import prepare_qa
+    from vptq.methods import BudgetError
+
+    cfg, rec, method = job.cfg, job.rec, job.method
+    rec.memory.peak_rss_scope = "job" if M.reset_peak_rss() else "process"  # sweeps run jobs in one process
+    rec.memory.base_rss_gb = M.current_rss_gb()  # interpreter + libraries, before the model is loaded
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model)
-    load_s = time.perf_counter() - t0
-    plan = None
+    job.model, job.tok = load_model(cfg.model)
+    rec.time.load_s = time.perf_counter() - t0
     if method.quantizes:
         try:
-            plan = method.plan(quantized_shapes(model))
+            job.plan = method.plan(quantized_shapes(job.model))
         except BudgetError as e:
             raise UserError(str(e)) from None
-
-    # evaluation data first: a missing dataset or QA task fails before hours of quantization
-    windows = {ds: eval_windows(kind, path, tok, seqlen, cfg.eval.max_windows) for ds, kind, path, seqlen in ppl_sets}
-    qa_suite = prepare_qa(list(cfg.eval.qa_tasks), **qa_args)
-    calib = None
+    job.windows = {ds: eval_windows(kind, path, job.tok, seqlen, cfg.eval.max_windows)
+                   for ds, kind, path, seqlen in job.ppl_sets}
+    job.qa_suite = prepare_qa(list(cfg.eval.qa_tasks), **job.qa_args)
     if method.quantizes and method.needs_hessian:
-        calib = calibration_windows(cfg.data.name, cfg.data.path, tok, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed)
+        job.calib = calibration_windows(cfg.data.name, cfg.data.path, job.tok, cfg.calib.nsamples,
+                                        cfg.calib.seqlen, cfg.seed)
 
+
+def _float_references(job: Job) -> None:
+    """The float model's distributions on every evaluation set (eval.kld): from the cache, or computed
+    now, while the model is still float."""
+    cfg = job.cfg
+    if not cfg.eval.kld:
+        return
+    from runners.fingerprint import weights_fingerprint
+    from runners.kld import float_reference
+    from runners.models import cache_root
+
+    t0 = time.perf_counter()
+    weights = weights_fingerprint(job.model)
+    folder = cfg.eval.kld_cache or os.path.join(cache_root(), "float_reference")
+    topk = int(cfg.eval.kld_topk) if cfg.eval.kld_topk is not None else 1 << 30  # null: the whole vocabulary
+    job.model.to(job.device)
+    for ds, w in job.windows.items():
+        job.refs[ds], info = float_reference(job.model, w, job.device, weights=weights, folder=folder,
+                                             topk=topk, name=ds)
+        job.rec.kld[ds] = {"reference": info}
+    if job.device.type != "cpu":
+        job.model.to("cpu")  # the driver moves one block at a time to the device
+        torch.cuda.empty_cache()
+    job.rec.time.reference_s = time.perf_counter() - t0
+
+
+def _quantize(job: Job) -> None:
+    """Every block, serially or as block jobs; then the codes' hashes, layers.json, the audit."""
+    from runners.driver import quantize_model
+
+    cfg, rec, method, model, device = job.cfg, job.rec, job.method, job.model, job.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stats = None
-    parallel_info = None
-    hdir = cfg.hessian.cache_dir
     if method.quantizes:
-        def on_block(rec):
-            tracker.log({f"quant/{k}": v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None})
+        def on_block(b):
+            job.tracker.log({f"quant/{k}": v for k, v in b.items() if isinstance(v, (int, float)) and v is not None})
 
-        ckpt = os.path.join(cfg.results_root, "checkpoints", key) if cfg.quantize.checkpoint else None
+        ckpt = os.path.join(cfg.results_root, "checkpoints", job.key)
         if cfg.quantize.parallel:  # blocks quantized by separate jobs, assembled here
             from runners.parallel import quantize_parallel
 
-            stats, parallel_info = quantize_parallel(cfg, model, method, calib=calib, device=device,
-                                                     checkpoint_dir=ckpt or os.path.join(cfg.results_root,
-                                                                                         "checkpoints", key))
-            for rec in stats.blocks:
-                on_block(rec)
+            job.stats, rec.parallel = quantize_parallel(cfg, model, method, calib=job.calib, device=device,
+                                                        checkpoint_dir=ckpt)
+            for b in job.stats.blocks:
+                on_block(b)
         else:
-            stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name,
-                                   protocol=cfg.hessian.protocol, hessian_dir=hdir, checkpoint_dir=ckpt,
-                                   on_block=on_block)
-    quant_peak_rss = M.peak_rss_gb()  # the process's peak up to the end of quantization (evaluation excluded)
-    codes = M.codes_digest(model) if method.quantizes else None
+            job.stats = quantize_model(model, method, calib=job.calib, device=device, kernel=cfg.kernel.name,
+                                       protocol=cfg.hessian.protocol, hessian_dir=cfg.hessian.cache_dir,
+                                       checkpoint_dir=ckpt if cfg.quantize.checkpoint else None, on_block=on_block)
+    rec.memory.quantize_peak_rss_gb = M.peak_rss_gb()  # up to the end of quantization (evaluation excluded)
+    stats = job.stats
     if stats is not None:
-        for rec in stats.layers:  # per-layer hashes: where two runs' codes first diverge
-            rec["sha256"] = codes["layers"].get(_module_name(model, rec["name"]))
-        M.write_json_atomic(os.path.join(job_dir, "layers.json"), {"layers": stats.layers, "blocks": stats.blocks})
-    audit = _audit(cfg, method, calib, device, codes) if (cfg.audit and method.quantizes) else None
+        job.codes = M.codes_digest(model)
+        rec.codes_sha256 = job.codes["sha256"]
+        for lay in stats.layers:  # per-layer hashes: where two runs' codes first diverge
+            lay["sha256"] = job.codes["layers"].get(_module_name(model, lay["name"]))
+        M.write_json_atomic(os.path.join(job.job_dir, "layers.json"), {"layers": stats.layers, "blocks": stats.blocks})
+        rec.bits.index, rec.bits.total = (stats.storage.per_weight()[k] for k in ("index", "total"))
+        rec.bits.components = {k: v / stats.storage.numel for k, v in stats.storage.bits.items()}
+        rec.bits.quantized_params = stats.storage.numel
+        rec.time.quantize_s = stats.quantize_s
+        rec.time.per_block_s = [b["time_s"] for b in stats.blocks]
+        if cfg.audit:
+            rec.audit = _audit(cfg, method, job.calib, device, job.codes)
+            rec.time.audit_s = rec.audit["time_s"]
+    else:
+        rec.bits.index = rec.bits.total = 16.0
 
+
+def _evaluate(job: Job) -> None:
+    """Perplexity with its interval, the distribution metrics against the float reference, QA."""
+    from runners.ppl import kld_summary, ppl_interval, score
+
+    from vptq.qlinear import dense_weights
+
+    cfg, rec, model, device = job.cfg, job.rec, job.model, job.device
     t1 = time.perf_counter()
     model.to(device)
-    ppl = {ds: perplexity(model, w, device) for ds, w in windows.items()}
-    ppl_s = time.perf_counter() - t1
-    qa, qa_info = ({}, None)
-    if qa_suite is not None:
-        from runners.qa import evaluate_qa
+    qa_info = None
+    # on CPU every quantized layer is dequantized once for the whole evaluation (freed after), not on
+    # every forward: evaluating costs what evaluating the float model does; kernel=triton keeps its kernels
+    with dense_weights(model, enabled=device.type == "cpu", kernels=("torch", "cpu")):
+        for ds, w in job.windows.items():
+            s = score(model, w, device, reference=job.refs.get(ds))
+            rec.ppl[ds] = s.ppl
+            rec.ppl_ci[ds] = ppl_interval(s)
+            if ds in job.refs:
+                rec.kld[ds] = {**kld_summary(s), **rec.kld[ds]}
+                job.tracker.histogram(f"kld/{ds}/per_token", s.kl)
+        rec.time.ppl_s = time.perf_counter() - t1
+        if job.qa_suite is not None:
+            from runners.qa import evaluate_qa
 
-        qa, qa_info = evaluate_qa(qa_suite, model, tok)
-    eval_s = time.perf_counter() - t1
+            rec.qa, qa_info = evaluate_qa(job.qa_suite, model, job.tok)
+            rec.time.qa_s = qa_info["time_s"]
+    rec.time.eval_s = time.perf_counter() - t1
+    rec.eval = {"seqlen": int(cfg.eval.seqlen), "seqlens": {ds: sl for ds, _, _, sl in job.ppl_sets},
+                "windows": {ds: int(w.shape[0]) for ds, w in job.windows.items()},
+                "tokens": {ds: int(w.shape[0]) * (int(w.shape[1]) - 1) for ds, w in job.windows.items()},
+                "paths": {ds: os.path.abspath(p) for ds, _, p, _ in job.ppl_sets if p}, "qa": qa_info}
 
-    bits_rec: Dict[str, Any] = {"index": None, "total": None}
-    if stats is not None:
-        bits_rec.update(stats.storage.per_weight())
-        bits_rec["components"] = {k: v / stats.storage.numel for k, v in stats.storage.bits.items()}
-        bits_rec["quantized_params"] = stats.storage.numel
-    else:
-        bits_rec.update({"index": 16.0, "total": 16.0})
-    res = {
-        "bits": bits_rec,
-        "settings": method.settings(plan),
-        "ppl": ppl,
-        "eval": {"seqlen": int(cfg.eval.seqlen), "seqlens": {ds: sl for ds, _, _, sl in ppl_sets},
-                 "windows": {ds: int(w.shape[0]) for ds, w in windows.items()},
-                 "paths": {ds: os.path.abspath(p) for ds, _, p, _ in ppl_sets if p}, "qa": qa_info},
-        "calib": {"data": cfg.data.name, "nsamples": int(cfg.calib.nsamples), "seqlen": int(cfg.calib.seqlen)}
-        if calib is not None else None,
-        "hessian_protocol": cfg.hessian.protocol if calib is not None else None,
-        "qa": qa,
-        "time": {"quantize_s": stats.quantize_s if stats else 0.0, "eval_s": eval_s, "load_s": load_s,
-                 "ppl_s": ppl_s, "qa_s": qa_info["time_s"] if qa_info else 0.0,
-                 "per_block_s": [b["time_s"] for b in stats.blocks] if stats else []},
-        "memory": {"peak_rss_gb": M.peak_rss_gb(), "quantize_peak_rss_gb": quant_peak_rss, "base_rss_gb": base_rss,
-                   "peak_rss_scope": rss_scope,
-                   "peak_gpu_gb": (torch.cuda.max_memory_allocated(device) / 1024**3) if device.type == "cuda" else None},
-        "kernel": {"name": cfg.kernel.name},
-        "env": {**M.env_info(device), "quantize_threads": stats.threads if stats is not None else None},
-        "codes_sha256": codes["sha256"] if codes else None,
-        "seed": int(cfg.seed),
-    }
-    if audit is not None:
-        res["audit"] = audit
-    if parallel_info is not None:  # the block jobs' own cost: memory is the largest over jobs and this one
-        res["parallel"] = parallel_info
+
+def _extras(job: Job) -> None:
+    """What is left of the record (settings, comparison fields, memory, environment), then throughput
+    and the export."""
+    cfg, rec, method, device, stats = job.cfg, job.rec, job.method, job.device, job.stats
+    rec.settings = method.settings(job.plan)
+    if job.calib is not None:
+        rec.calib = {"data": cfg.data.name, "nsamples": int(cfg.calib.nsamples), "seqlen": int(cfg.calib.seqlen)}
+        rec.hessian_protocol = cfg.hessian.protocol
+    rec.comparison = Comparison(
+        calibration={"data": cfg.data.name, "windows": int(job.calib.shape[0]), "seqlen": int(job.calib.shape[1]),
+                     "tokens": int(job.calib.numel())} if job.calib is not None else None,
+        hessian_protocol=rec.hessian_protocol, finetune=_finetune_mode(method),
+        variant=rec.settings.get("variant"), iters=rec.settings.get("iters"),
+        eval={ds: {"windows": int(w.shape[0]), "seqlen": int(w.shape[1]), "tokens": int(w.shape[0]) * (int(w.shape[1]) - 1)}
+              for ds, w in job.windows.items()})
+    rec.memory.peak_rss_gb = M.peak_rss_gb()
+    rec.memory.peak_gpu_gb = (torch.cuda.max_memory_allocated(device) / 1024**3) if device.type == "cuda" else None
+    rec.kernel = {"name": cfg.kernel.name}
+    rec.env = {**M.env_info(device), "quantize_threads": stats.threads if stats is not None else None}
+    if rec.parallel is not None:  # the block jobs' own cost: memory is the largest over jobs and this one
         for k in ("peak_rss_gb", "peak_gpu_gb"):
-            vals = [v for v in [res["memory"][k]] + [j.get(k) for j in parallel_info["jobs"]] if v is not None]
-            res["memory"][k] = max(vals) if vals else None
+            vals = [v for v in [getattr(rec.memory, k)] + [j.get(k) for j in rec.parallel["jobs"]] if v is not None]
+            setattr(rec.memory, k, max(vals) if vals else None)
     if cfg.kernel.throughput or (cfg.kernel.throughput is None and device.type == "cuda"):
         from runners.throughput import measure
 
-        res["kernel"].update(measure(model, device, prompt_tokens=int(cfg.kernel.prompt_tokens),
-                                     decode_tokens=int(cfg.kernel.decode_tokens),
-                                     warmup_tokens=int(cfg.kernel.warmup_tokens), seed=int(cfg.seed)))
+        rec.kernel.update(measure(job.model, device, prompt_tokens=int(cfg.kernel.prompt_tokens),
+                                  decode_tokens=int(cfg.kernel.decode_tokens),
+                                  warmup_tokens=int(cfg.kernel.warmup_tokens), seed=int(cfg.seed)))
     if cfg.save.quantized:
         from runners.save import save_quantized
 
-        save_quantized(model, tok, cfg, res, cfg.save.dir or os.path.join(job_dir, "quantized_model"))
-    return res
+        save_quantized(job.model, job.tok, cfg, rec.to_dict(), cfg.save.dir or os.path.join(job.job_dir, "quantized_model"))
+
+
+def _finetune_mode(method) -> str:
+    """none | layer (block-wise finetuning during quantization: it reads the float block's outputs)."""
+    return "layer" if method.quantizes and method.uses_float_outputs else "none"

@@ -114,7 +114,7 @@ def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoin
     cfg = OmegaConf.create(config)
     torch.manual_seed(cfg.seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if cfg.kernel.name == "triton":
+    if cfg.kernel.name in ("triton", "cpu"):
         import vptq.kernels  # noqa: F401  (registers the kernel)
     cls = method_class(cfg.method.name)
     method_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Config), cfg.method))

@@ -92,11 +92,16 @@ class EvalConfig:
     qa_limit: Optional[int] = None  # first N questions per task (CPU runs); null = all
     qa_batch_size: int = 16
     qa_data: "QADataConfig" = field(default_factory=lambda: QADataConfig())
+    # distribution metrics against the float model (runners/kld.py, runners/ppl.py): KL(fp||q), top-1
+    # agreement, Δp of the correct token, PPL ratio; the float model's top-k log-probs are cached once
+    kld: bool = True
+    kld_topk: Optional[int] = 64  # float tokens kept per position; null = the whole vocabulary (exact KL)
+    kld_cache: Optional[str] = None  # folder of the float references; null = <VQB_CACHE>/float_reference
 
 
 @dataclass
 class KernelConfig:
-    name: str = "torch"  # torch | triton
+    name: str = "torch"  # torch | triton | cpu
     # decode tok/s + per-layer GEMV timing into metrics.json "kernel" (runners/throughput.py);
     # null = on for a CUDA device, off on CPU (keeps CPU runs fast)
     throughput: Optional[bool] = None

@@ -27,6 +27,9 @@ class Tracker:
     def summary(self, data: Dict[str, Any]) -> None:
         pass
 
+    def histogram(self, name: str, values) -> None:
+        """A distribution (e.g. the per-token KL of an evaluation set)."""
+
     def finish(self, failed: bool = False) -> None:
         pass
 
@@ -53,6 +56,12 @@ class WandbTracker(Tracker):
     def summary(self, data):
         for k, v in _flatten(data).items():
             self.run.summary[k] = v
+
+    def histogram(self, name, values):
+        import numpy as np
+
+        v = np.asarray(values.cpu() if hasattr(values, "cpu") else values, dtype=np.float64)
+        self.run.log({name: self.wandb.Histogram(np_histogram=np.histogram(v, bins=64))})
 
     def finish(self, failed=False):
         self.run.finish(exit_code=1 if failed else 0)

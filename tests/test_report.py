@@ -95,3 +95,55 @@ def test_seeds_averaged_with_spread_and_only_within_one_configuration(tmp_path):
     assert "sample standard deviation" in md
     paper = (tmp_path / "results_paper.tex").read_text()
     assert r"72.00\,{\scriptsize$\pm$2.00}" in paper
+
+
+def test_noise_decides_bold_or_tied(tmp_path):
+    """Seeds: 70 ± 1 vs 75 ± 1 -> the gap (5) beats the combined spread (2): bold. 70 ± 3 vs 73 ± 3 -> within the
+    noise: both marked tied, nothing bold. Without seeds the 95% interval over windows decides."""
+    for i, p in enumerate([69.0, 70.0, 71.0]):
+        _run(tmp_path, f"a{i}", "vptq", 2.0, 2.05, p, seed=i, config_key="A")
+    for i, p in enumerate([74.0, 75.0, 76.0]):
+        _run(tmp_path, f"b{i}", "gptvq", 2.0, 2.08, p, seed=i, config_key="B")
+    for i, p in enumerate([67.0, 70.0, 73.0]):
+        _run(tmp_path, f"c{i}", "vptq", 3.0, 3.05, p, model="m2", seed=i, config_key="C")
+    for i, p in enumerate([70.0, 73.0, 76.0]):
+        _run(tmp_path, f"d{i}", "gptvq", 3.0, 3.08, p, model="m2", seed=i, config_key="D")
+    ci = lambda lo, hi: {"wikitext2": {"low": lo, "high": hi, "level": 0.95}}  # noqa: E731
+    _run(tmp_path, "e", "vptq", 4.0, 4.05, 10.0, model="m3", ppl_ci=ci(9.0, 11.0), config_key="E")
+    _run(tmp_path, "f", "gptvq", 4.0, 4.08, 10.5, model="m3", ppl_ci=ci(9.6, 11.4), config_key="F")
+    _run(tmp_path, "g", "rtn", 4.0, 4.03, 20.0, model="m3", ppl_ci=ci(18.0, 22.0), config_key="G")
+    write_report(str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    cols = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    ppl = cols.index("PPL wikitext2 @2048 ↓")
+    assert _cells(md, "vptq", "2")[ppl] == "**70.00 ± 1.00**" and _cells(md, "gptvq", "2")[ppl] == "<u>75.00 ± 1.00</u>"
+    assert _cells(md, "vptq", "3", "m2")[ppl] == "70.00 ± 3.00 ≈" and _cells(md, "gptvq", "3", "m2")[ppl] == "73.00 ± 3.00 ≈"
+    assert _cells(md, "vptq", "4", "m3")[ppl] == "10.00 ≈" and _cells(md, "gptvq", "4", "m3")[ppl] == "10.50 ≈"
+    assert _cells(md, "rtn", "4", "m3")[ppl] == "20.00"  # outside the best's noise: not tied, not ranked second
+    assert "marked ≈ (tied)" in md
+    assert r"$^{\approx}$" in (tmp_path / "results.tex").read_text()
+
+
+def test_variants_labelled_and_published_numbers_beside_matching_rows(tmp_path):
+    """A non-reference variant is labelled in the method column and never matched to a paper; a row matching a
+    paper's (model, method, bits, dataset, seqlen, finetuning) shows the published value and the difference."""
+    papers = tmp_path / "papers.csv"
+    papers.write_text(
+        "model,method,bits,dataset,seqlen,finetuned,value,metric,paper,arxiv,table,note\n"
+        "m,vptq,2.02,wikitext2,2048,none,7.00,ppl,Hand (2026),0000.00000,Table 1,hand-made for the test\n"
+        "m,vptq,2.02,wikitext2,2048,e2e,6.00,ppl,Hand (2026),0000.00000,Table 2,finetuned: must not match\n"
+        "m,gptvq,2.25,wikitext2,2048,none,9.00,ppl,Hand (2026),0000.00000,Table 1,2.25 b: too far from 2\n")
+    cmp = {"finetune": "none"}
+    _run(tmp_path, "a", "vptq", 2.0, 2.05, 7.5, settings={"variant": "reference"}, comparison={**cmp, "variant": "reference"},
+         format_version=2)
+    _run(tmp_path, "b", "vptq", 2.0, 2.05, 7.2, settings={"variant": "scaled"}, comparison={**cmp, "variant": "scaled"},
+         format_version=2)
+    _run(tmp_path, "c", "gptvq", 2.0, 2.08, 8.0, comparison=cmp, format_version=2)
+    write_report(str(tmp_path), papers=str(papers))
+    md = (tmp_path / "results.md").read_text()
+    cols = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    paper, delta = cols.index("paper PPL wikitext2 @2048"), cols.index("Δ vs paper")
+    ref, ours, gv = _cells(md, "vptq", "2"), _cells(md, "vptq (scaled)", "2"), _cells(md, "gptvq", "2")
+    assert ref[paper] == "7.00" and ref[delta] == "+0.50"
+    assert ours[paper] == "—" and gv[paper] == "—"
+    assert "Hand (2026), Table 1 (2.02 b)" in md and "NOT the published algorithm" in md
