@@ -162,6 +162,7 @@ def quantize_model(
     checkpoint_dir: Optional[str] = None,
     only_blocks: Optional[Sequence[int]] = None,
     on_block: Optional[Callable[[Dict], None]] = None,
+    block_finetune: Optional[Callable[[nn.Module, BlockContext], Dict]] = None,
 ) -> QuantStats:
     """Quantize every linear inside the model's decoder blocks, in place.
 
@@ -171,6 +172,9 @@ def quantize_model(
         loaded instead of quantized again (a rerun resumes at the first unfinished block).
     only_blocks: quantize only these blocks (the others stay float); needs protocol="float" so
         that every block's inputs are those of the float model (layer-parallel quantization).
+    block_finetune: an optional step after each block's linears are quantized (and after the
+        method's own `finetune_block`), e.g. `finetune=layer`: (block, BlockContext) -> stats; it
+        may read ctx.float_outputs.
     """
     if protocol not in ("quantized", "float"):
         raise ValueError(f"hessian.protocol={protocol!r}; valid choices: float, quantized")
@@ -186,7 +190,7 @@ def quantize_model(
     # the float block's outputs are kept only where something reads them: the next block's inputs
     # (protocol float) or block finetuning; otherwise the quantized block's outputs overwrite its
     # inputs in place. Either way one activation tensor of the calibration set less.
-    keep_float = protocol == "float" or method.uses_float_outputs
+    keep_float = protocol == "float" or method.uses_float_outputs or block_finetune is not None
     inputs = kwargs = None
     if needs_calib:
         if calib is None or calib.numel() == 0:
@@ -277,6 +281,8 @@ def quantize_model(
         if needs_calib:
             ctx = BlockContext(inputs, float_out, kwargs, device, i)
             ft = method.finetune_block(block, ctx) or {}
+            if block_finetune is not None:
+                ft.update(block_finetune(block, ctx) or {})
             del ctx
             if protocol == "quantized":
                 inputs = run_block(block, inputs, kwargs, out=inputs)  # in place: inputs are not read again
