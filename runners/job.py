@@ -101,9 +101,9 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
         failed = True
         if isinstance(e, KeyboardInterrupt):
             raise
-        from vptq.methods import BudgetError
+        from vptq.methods import MethodError
 
-        user = isinstance(e, USER_ERRORS + (BudgetError,))
+        user = isinstance(e, USER_ERRORS + (MethodError,))  # MethodError: a bad method setting, BudgetError
         msg = str(e) if user else f"{type(e).__name__}: {e}"
         rec.status, rec.error = "failed", msg
         if not user:

@@ -23,5 +23,11 @@ def check_exportable(method) -> None:
 
 
 def save_quantized(model, tokenizer, cfg, result, out_dir: str) -> None:
-    module, fn = EXPORTERS[cfg.method.name].split(":")
-    getattr(importlib.import_module(module), fn)(model, tokenizer, cfg, result, out_dir)
+    """Call the method's exporter with the run config as plain data (resolved): nothing below the
+    runner reads a Hydra config. Exporter signature: fn(model, tokenizer, run_config: dict, result: dict,
+    out_dir)."""
+    from omegaconf import OmegaConf
+
+    run_config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    module, fn = EXPORTERS[run_config["method"]["name"]].split(":")
+    getattr(importlib.import_module(module), fn)(model, tokenizer, run_config, result, out_dir)

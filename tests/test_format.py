@@ -321,17 +321,18 @@ def test_only_methods_with_an_exporter_may_save():
 
 
 def test_export_run_writes_self_description(tmp_path):
-    """export_run (what save.quantized=true calls) on a hand-built model and a composed run config."""
+    """save_quantized -> export_run (what save.quantized=true calls) on a hand-built model and a composed
+    run config: the runner resolves the config once and hands the exporter plain data."""
     from omegaconf import OmegaConf
 
-    from vptq.format import export_run
+    from runners.save import save_quantized
 
     model, tok = vq_tiny_llama(seed=3)
     cfg = OmegaConf.create({"method": {"name": "vptq", "vector_len": 6}, "bits": 2.0, "seed": 0,
                             "model": {"name": "tiny_llama"}, "run_dir": "${model.name}-${bits}"})
     result = {"settings": {"v": 6}, "bits": {"index": 2.1, "total": 2.5}, "ppl": {"pydoc": 300.0}}
     out = str(tmp_path / "quantized_model")
-    export_run(model, tok, cfg, result, out)
+    save_quantized(model, tok, cfg, result, out)
     me = read_quantization_config(out)["vq_bench"]
     assert me["method"] == {"name": "vptq", "settings": {"v": 6}}
     assert me["run_config"]["run_dir"] == "tiny_llama-2.0"  # resolved
@@ -429,3 +430,26 @@ def test_harness_save_quantized_reloads_to_same_ppl(tmp_path):
     ds = next(iter(met["ppl"]))
     w = eval_windows(ds, None, tok2, 64, 4)
     assert perplexity(m2, w, torch.device("cpu")) == pytest.approx(met["ppl"][ds], rel=1e-6)
+
+
+def test_library_packages_import_nothing_from_the_runner():
+    """vptq/ and baselines/ are the library: they import neither runners/ nor OmegaConf (the runner converts
+    its Hydra config once, at the entry, and passes plain values down; STYLE.md)."""
+    import ast
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bad = []
+    for pkg in ("vptq", "baselines"):
+        for root, _, files in os.walk(os.path.join(repo, pkg)):
+            for fn in files:
+                if not fn.endswith(".py"):
+                    continue
+                path = os.path.join(root, fn)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read(), path)
+                for node in ast.walk(tree):
+                    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                    bad += [f"{os.path.relpath(path, repo)}:{node.lineno} imports {n}" for n in names
+                            if n.split(".")[0] in ("runners", "omegaconf", "hydra")]
+    assert not bad, bad

@@ -359,6 +359,12 @@ def export_vptq(model: nn.Module, tokenizer, out_dir: str, *, method: Optional[D
     return out_dir
 
 
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path `name` (e.g. "model.layers.0.mlp.up_proj") by `new`."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
 def _read_tensors(folder: str) -> Dict[str, torch.Tensor]:
     import safetensors.torch
 
@@ -395,8 +401,6 @@ def load_vptq(folder: str, device="cpu", kernel: str = "torch") -> Tuple[nn.Modu
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from runners.arch import set_module
-
     qc = read_quantization_config(folder)
     layers = dict(qc.get("config_for_layers") or {})
     shared = qc.get("shared_layer_config") or {}
@@ -416,7 +420,7 @@ def load_vptq(folder: str, device="cpu", kernel: str = "torch") -> Tuple[nn.Modu
     for name, lc in layers.items():
         q, bias = vqweight_from_tensors(lc, tensors, prefix=name + ".", true_sizes=sizes.get(name))
         used.update(k for k in tensors if k.startswith(name + "."))
-        set_module(model, name, QuantLinear(q, bias=bias, kernel=kernel))
+        _set_module(model, name, QuantLinear(q, bias=bias, kernel=kernel))
     rest = {k: t for k, t in tensors.items() if k not in used}
     res = model.load_state_dict(rest, strict=False, assign=True)
     if res.unexpected_keys:
@@ -438,13 +442,11 @@ def load_vptq(folder: str, device="cpu", kernel: str = "torch") -> Tuple[nn.Modu
     return model, tok
 
 
-def export_run(model, tokenizer, cfg, result, out_dir: str) -> None:
-    """`save.quantized=true` for method=vptq (runners/save.py EXPORTERS)."""
-    from omegaconf import OmegaConf
-
-    container = OmegaConf.to_container(cfg, resolve=True)
+def export_run(model, tokenizer, run_config: Dict[str, Any], result: Dict[str, Any], out_dir: str) -> None:
+    """`save.quantized=true` for method=vptq (runners/save.py EXPORTERS). `run_config`: the run's resolved
+    configuration as plain data (the runner converts its Hydra config once); `result`: the run record."""
     export_vptq(model, tokenizer, out_dir, overwrite=True,
-                method={"name": cfg.method.name, "settings": result.get("settings", {})},
-                run_config=container,
+                method={"name": (run_config.get("method") or {}).get("name"), "settings": result.get("settings", {})},
+                run_config=run_config,
                 extra={"run": {k: result.get(k) for k in ("bits", "ppl", "eval", "calib", "seed", "env")
                                if k in result}})

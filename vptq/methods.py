@@ -32,7 +32,13 @@ METHODS: Dict[str, str] = {
 Plan = Dict[Tuple[int, int], Any]  # (out, in) -> a method's layer plan
 
 
-class BudgetError(ValueError):
+class MethodError(ValueError):
+    """A bad method name or setting: one line that names the bad value and the valid choices.
+    Defined here so that `vptq/` and `baselines/` need nothing from `runners/`; the runner reports it
+    as a user error (no traceback)."""
+
+
+class BudgetError(MethodError):
     """No configuration of the method meets the requested bits budget."""
 
 
@@ -40,17 +46,15 @@ ITERS_PRESETS = ("cpu", "paper")  # `iters=`: CPU-sized counts | the reference's
 
 
 def check_choice(field: str, value: Any, valid: Iterable[Any]) -> None:
-    """One-line ValueError naming the bad value and the valid choices (e.g. method.variant)."""
+    """One-line MethodError naming the bad value and the valid choices (e.g. method.variant)."""
     valid = tuple(valid)
     if value not in valid:
-        raise ValueError(f"method.{field}={value!r}; valid: {', '.join(map(str, valid))}")
+        raise MethodError(f"method.{field}={value!r}; valid: {', '.join(map(str, valid))}")
 
 
 def method_class(name: str):
     if name not in METHODS:
-        from runners.errors import choices_error
-
-        raise choices_error("method", name, METHODS)
+        raise MethodError(f"unknown method {name!r}; valid choices: {', '.join(sorted(METHODS))}")
     module, cls = METHODS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
