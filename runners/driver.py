@@ -18,16 +18,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from runners.arch import Arch, arch_of, blocks_of, get_attr, hessian_groups, linears_of, set_module
 from runners.checkpoint import block_status, load_block, save_block
-from runners.files import BadFile, check_safetensors
 from runners.memory import release_block
-from vptq.hessian import HessianAccumulator, load_hessians, relative_proxy_loss, save_hessians
+from vptq.hessian import HessianAccumulator, relative_proxy_loss
 from vptq.methods import BlockContext, Method
 from vptq.qlinear import QuantLinear, dense_weights
 from vptq.qweight import Storage
@@ -67,6 +66,9 @@ class QuantStats:
     blocks: List[Dict] = field(default_factory=list)  # per block: index, time, mean rel proxy loss
     quantize_s: float = 0.0
     threads: Dict = field(default_factory=dict)  # vptq.threads.thread_policy of the run
+    # what the run cost: block_forwards (passes of one block over the calibration set), hessian_bytes_
+    # written/read (the Hessian cache), and per-stage wall times where stages apply
+    cost: Dict = field(default_factory=dict)
 
 
 def _block_out(out):
@@ -150,6 +152,26 @@ def collect_hessians(block: nn.Module, inputs: torch.Tensor, kwargs, hkeys: Dict
     return {k: a.finalize() for k, a in accs.items()}, outputs
 
 
+@dataclass
+class _Run:
+    """What one `quantize_model` call holds while it walks the blocks."""
+
+    method: Method
+    plan: Dict
+    device: object
+    kernel: str
+    protocol: str
+    arch: Arch
+    stats: QuantStats
+    keep_float: bool
+    checkpoint_dir: Optional[str]
+    hessian_dir: Optional[str]
+    cache_key: object  # runners.capture.CaptureKey for hessian_dir, or None
+    block_finetune: Optional[Callable]
+    on_block: Optional[Callable]
+    n_blocks: int = 0
+
+
 def quantize_model(
     model: nn.Module,
     method: Method,
@@ -167,145 +189,204 @@ def quantize_model(
     """Quantize every linear inside the model's decoder blocks, in place.
 
     calib: (N, L) calibration token windows (required when the method needs Hessians).
-    hessian_dir: if set, per-block Hessians are read from / written to this folder.
+    hessian_dir: with protocol="float", per-block Hessians are read from / written to this folder
+        (`runners.capture` files, keyed by the float weights and the calibration tokens).
     checkpoint_dir: if set, each finished block is saved there, and blocks already saved there are
         loaded instead of quantized again (a rerun resumes at the first unfinished block).
     only_blocks: quantize only these blocks (the others stay float); needs protocol="float" so
-        that every block's inputs are those of the float model (layer-parallel quantization).
+        that every block's inputs are those of the float model.
     block_finetune: an optional step after each block's linears are quantized (and after the
         method's own `finetune_block`), e.g. `finetune=layer`: (block, BlockContext) -> stats; it
         may read ctx.float_outputs.
+    Steps per block: `_pass_float` (not selected), `_resume_block` (checkpoint), `_quantize_block`.
     """
     if protocol not in ("quantized", "float"):
         raise ValueError(f"hessian.protocol={protocol!r}; valid choices: float, quantized")
     if only_blocks is not None and protocol != "float":
         raise ValueError("quantizing a subset of blocks needs hessian.protocol=float")
+    t_start = time.perf_counter()
     arch = arch_of(model)
     blocks = blocks_of(model, arch)
     selected = set(range(len(blocks))) if only_blocks is None else set(only_blocks)
-    plan = method.plan(quantized_shapes(model))  # every layer's settings, decided once (pure)
-    stats = QuantStats(threads=thread_policy(device))
-    t_start = time.perf_counter()
-    needs_calib = method.needs_hessian
-    # the float block's outputs are kept only where something reads them: the next block's inputs
-    # (protocol float) or block finetuning; otherwise the quantized block's outputs overwrite its
-    # inputs in place. Either way one activation tensor of the calibration set less.
-    keep_float = protocol == "float" or method.uses_float_outputs or block_finetune is not None
+    run = _Run(method=method, plan=method.plan(quantized_shapes(model)), device=device, kernel=kernel,
+               protocol=protocol, arch=arch, stats=QuantStats(threads=thread_policy(device)),
+               # the float block's outputs are kept only where something reads them: the next block's
+               # inputs (protocol float) or block finetuning; otherwise the quantized block's outputs
+               # overwrite its inputs in place: one activation tensor of the calibration set less
+               keep_float=protocol == "float" or method.uses_float_outputs or block_finetune is not None,
+               checkpoint_dir=checkpoint_dir, hessian_dir=hessian_dir if protocol == "float" else None,
+               cache_key=None, block_finetune=block_finetune, on_block=on_block, n_blocks=len(blocks))
+    if hessian_dir and protocol != "float":
+        log.info("hessian.cache_dir is read only with hessian.protocol=float (quantized-protocol Hessians "
+                 "depend on the quantized blocks before): not used")
     inputs = kwargs = None
-    if needs_calib:
-        if calib is None or calib.numel() == 0:
-            raise ValueError("this method needs calibration data, and the calibration set is empty")
-        inputs, kwargs = capture_block0_inputs(model, calib, device, arch)
-        if str(device) == "cpu":  # embeddings and LM head: not read again until evaluation, never written;
-            # their file pages fault back in from the unchanged file then
-            emb = [model.get_input_embeddings(), model.get_output_embeddings()]
-            release_block([m.weight.data for m in emb if m is not None and getattr(m, "weight", None) is not None])
+    if method.needs_hessian:
+        inputs, kwargs = _calibration_inputs(model, calib, device, arch)
+        if run.hessian_dir:
+            from runners.capture import make_key
+
+            run.cache_key = make_key(model, calib, protocol)
     for i, block in enumerate(blocks):
-        t0 = time.perf_counter()
-        # on an accelerator, the CPU (file-backed) float weights this block leaves behind
-        host_weights = [l.weight.data for l in linears_of(block).values()] if str(device) != "cpu" else []
-        block.to(device)
-        if i not in selected:  # stays float; its float outputs feed the next block
-            if needs_calib:
-                inputs = run_block(block, inputs, kwargs)
-            if str(device) != "cpu":
-                block.to("cpu")
+        if i not in selected:
+            inputs = _pass_float(run, block, inputs, kwargs)
             continue
         why = block_status(checkpoint_dir, i) if checkpoint_dir else "missing"
-        done = why is None
         if why not in (None, "missing"):
             log.warning("block %d: %s; quantizing it again", i + 1, why)
-        if done:
-            float_out = run_block(block, inputs, kwargs) if (needs_calib and protocol == "float") else None
-            loaded, saved = load_block(checkpoint_dir, i, block, kernel=kernel, device=device)
-            for q in loaded.values():
-                stats.storage = stats.storage + q.storage()
-            stats.layers.extend(saved.get("layers", []))
-            brec = {**saved.get("block", {"block": i}), "resumed": True}
-            stats.blocks.append(brec)
-            if needs_calib:
-                inputs = float_out if protocol == "float" else run_block(block, inputs, kwargs)
-            if str(device) != "cpu":
-                block.to("cpu")
+        if why is None:
+            inputs = _resume_block(run, i, block, inputs, kwargs)
             log.info("block %d/%d loaded from checkpoint %s", i + 1, len(blocks), checkpoint_dir)
-            continue
-        nlayers_before = len(stats.layers)
-        linears = linears_of(block)
-        hkeys = hessian_groups(linears, arch)
-        hessians: Dict[str, torch.Tensor] = {}
-        float_out = None
-        if needs_calib:
-            path = os.path.join(hessian_dir, f"block{i:03d}.safetensors") if hessian_dir else None
-            cached = bool(path and os.path.isfile(path) and protocol == "float")
-            if cached:
-                try:
-                    check_safetensors(path)
-                except BadFile as e:
-                    log.warning("%s; computing the Hessians again", e)
-                    cached = False
-            if cached:
-                hessians = load_hessians(path, device)
-                float_out = run_block(block, inputs, kwargs)
-            else:
-                hessians, float_out = collect_hessians(block, inputs, kwargs, hkeys, linears, keep_outputs=keep_float)
-                if path:
-                    save_hessians(path, hessians, {"block": str(i), "protocol": protocol})
-        losses = []
-        old_weights = []
-        for name, lin in linears.items():
-            tl = time.perf_counter()
-            W = lin.weight.data.to(device=device, dtype=torch.float32)
-            H = hessians.get(hkeys[name]) if needs_calib else None
-            qname = f"{i}.{name}"
-            lp = plan.get(tuple(W.shape))  # None: a method without per-layer settings, called as before
-            with single_thread(device):  # small ops: one thread on CPU (vptq.threads)
-                q = method.quantize_layer(W, H, name=qname, **({} if lp is None else {"plan": lp}))
-            What = q.dequantize(torch.float32)
-            if What.shape != W.shape or not torch.isfinite(What).all():
-                raise RuntimeError(f"{method.name} produced an invalid weight for {qname}")
-            rec = {"name": qname, "shape": list(W.shape), "time_s": time.perf_counter() - tl,
-                   "rel_weight_err": float(((W - What).norm() / W.norm().clamp_min(1e-30)) ** 2)}
-            if H is not None:
-                rec["rel_proxy_loss"] = relative_proxy_loss(W, What, H)
-                losses.append(rec["rel_proxy_loss"])
-            rec.update({k: v for k, v in q.settings().items()})
-            st = q.storage()
-            rec["bits_total"] = st.total_bits / st.numel
-            stats.storage = stats.storage + st
-            stats.layers.append(rec)
-            qlin = QuantLinear(q, lin.bias, kernel=kernel).to(device)
-            set_module(block, name, qlin)
-            old_weights.append(lin.weight.data)
-            del W, What
-        ft = {}
-        if needs_calib:
-            ctx = BlockContext(inputs, float_out, kwargs, device, i)
-            ft = method.finetune_block(block, ctx) or {}
-            if block_finetune is not None:
-                ft.update(block_finetune(block, ctx) or {})
-            del ctx
-            if protocol == "quantized":
-                inputs = run_block(block, inputs, kwargs, out=inputs)  # in place: inputs are not read again
-            else:
-                inputs = float_out
-        del hessians, float_out
-        release_block(old_weights + host_weights)  # the float weights' file pages and freed heap to the system
-        del old_weights, host_weights
-        if str(device) != "cpu":
-            block.to("cpu")
-        brec = {"block": i, "time_s": time.perf_counter() - t0,
-                "mean_rel_proxy_loss": (sum(losses) / len(losses)) if losses else None, **ft}
-        stats.blocks.append(brec)
-        if checkpoint_dir:
-            save_block(checkpoint_dir, i, block, {"block": brec, "layers": stats.layers[nlayers_before:]})
-        log.info("block %d/%d quantized in %.1f s%s", i + 1, len(blocks), brec["time_s"],
-                 f", mean rel. proxy loss {brec['mean_rel_proxy_loss']:.4g}" if losses else "")
-        if on_block:
-            on_block(brec)
+        else:
+            inputs = _quantize_block(run, i, block, inputs, kwargs)
     if str(device) != "cpu":
         torch.cuda.empty_cache()
-    stats.quantize_s = time.perf_counter() - t_start
-    return stats
+    run.stats.quantize_s = time.perf_counter() - t_start
+    return run.stats
+
+
+def _calibration_inputs(model, calib, device, arch):
+    """Block 0's inputs on the calibration windows; then the embeddings' file pages are dropped."""
+    if calib is None or calib.numel() == 0:
+        raise ValueError("this method needs calibration data, and the calibration set is empty")
+    inputs, kwargs = capture_block0_inputs(model, calib, device, arch)
+    if str(device) == "cpu":  # embeddings and LM head: not read again until evaluation, never written;
+        # their file pages fault back in from the unchanged file then
+        emb = [model.get_input_embeddings(), model.get_output_embeddings()]
+        release_block([m.weight.data for m in emb if m is not None and getattr(m, "weight", None) is not None])
+    return inputs, kwargs
+
+
+def _forward(run: _Run, block, inputs, kwargs, **kw):
+    """run_block, counted (QuantStats.cost["block_forwards"]: passes of a block over the calibration set)."""
+    run.stats.cost["block_forwards"] = run.stats.cost.get("block_forwards", 0) + 1
+    return run_block(block, inputs, kwargs, **kw)
+
+
+def _pass_float(run: _Run, block, inputs, kwargs):
+    """A block that stays float: its float outputs feed the next block."""
+    block.to(run.device)
+    if inputs is not None:
+        inputs = _forward(run, block, inputs, kwargs)
+    if str(run.device) != "cpu":
+        block.to("cpu")
+    return inputs
+
+
+def _resume_block(run: _Run, i: int, block, inputs, kwargs):
+    """Install block i from its checkpoint; -> the next block's inputs."""
+    block.to(run.device)
+    float_out = _forward(run, block, inputs, kwargs) if (inputs is not None and run.protocol == "float") else None
+    loaded, saved = load_block(run.checkpoint_dir, i, block, kernel=run.kernel, device=run.device)
+    for q in loaded.values():
+        run.stats.storage = run.stats.storage + q.storage()
+    run.stats.layers.extend(saved.get("layers", []))
+    run.stats.blocks.append({**saved.get("block", {"block": i}), "resumed": True})
+    if inputs is not None:
+        inputs = float_out if run.protocol == "float" else _forward(run, block, inputs, kwargs)
+    if str(run.device) != "cpu":
+        block.to("cpu")
+    return inputs
+
+
+def _block_hessians(run: _Run, i: int, block, inputs, kwargs, hkeys, linears):
+    """-> ({hessian key: H}, the float block's outputs or None): from the Hessian cache (float
+    protocol) or one float pass, written to the cache when there is one."""
+    from runners.capture import CacheCost, read_block, write_block
+
+    cost = CacheCost()
+    cached = read_block(run.hessian_dir, i, run.cache_key, run.device, cost) if run.hessian_dir else None
+    if cached is not None:
+        float_out = _forward(run, block, inputs, kwargs)
+        hessians = cached["H"]
+    else:
+        run.stats.cost["block_forwards"] = run.stats.cost.get("block_forwards", 0) + 1
+        hessians, float_out = collect_hessians(block, inputs, kwargs, hkeys, linears, keep_outputs=run.keep_float)
+        if run.hessian_dir:
+            write_block(run.hessian_dir, i, run.cache_key, hessians, cost)
+    for k in ("bytes_written", "bytes_read"):
+        run.stats.cost[f"hessian_{k}"] = run.stats.cost.get(f"hessian_{k}", 0) + getattr(cost, k)
+    return hessians, float_out
+
+
+def quantize_linears(block, i: int, method: Method, plan: Dict, hessians: Dict[str, torch.Tensor],
+                     hkeys: Dict[str, str], device, kernel: str, stats: QuantStats) -> Tuple[List[float], List]:
+    """Quantize every linear of block i with its Hessian (None for methods without calibration) and
+    put QuantLinears in their place; per-layer records into `stats`. -> (relative proxy losses, the
+    float weights replaced). Shared by the serial driver and the block jobs (runners/parallel.py)."""
+    losses, old_weights = [], []
+    for name, lin in linears_of(block).items():
+        tl = time.perf_counter()
+        W = lin.weight.data.to(device=device, dtype=torch.float32)
+        H = hessians.get(hkeys[name]) if hessians else None
+        qname = f"{i}.{name}"
+        lp = plan.get(tuple(W.shape))  # None: a method without per-layer settings, called as before
+        with single_thread(device):  # small ops: one thread on CPU (vptq.threads)
+            q = method.quantize_layer(W, H, name=qname, **({} if lp is None else {"plan": lp}))
+        What = q.dequantize(torch.float32)
+        if What.shape != W.shape or not torch.isfinite(What).all():
+            raise RuntimeError(f"{method.name} produced an invalid weight for {qname}")
+        rec = {"name": qname, "shape": list(W.shape), "time_s": time.perf_counter() - tl,
+               "rel_weight_err": float(((W - What).norm() / W.norm().clamp_min(1e-30)) ** 2)}
+        if H is not None:
+            rec["rel_proxy_loss"] = relative_proxy_loss(W, What, H)
+            losses.append(rec["rel_proxy_loss"])
+        rec.update({k: v for k, v in q.settings().items()})
+        st = q.storage()
+        rec["bits_total"] = st.total_bits / st.numel
+        stats.storage = stats.storage + st
+        stats.layers.append(rec)
+        set_module(block, name, QuantLinear(q, lin.bias, kernel=kernel).to(device))
+        old_weights.append(lin.weight.data)
+        del W, What
+    return losses, old_weights
+
+
+def finetune_block(block, ctx: BlockContext, method: Method, block_finetune: Optional[Callable]) -> Dict:
+    """The method's own block finetuning, then the configured one (finetune=layer)."""
+    ft = method.finetune_block(block, ctx) or {}
+    if block_finetune is not None:
+        ft.update(block_finetune(block, ctx) or {})
+    return ft
+
+
+def _quantize_block(run: _Run, i: int, block, inputs, kwargs):
+    """Hessians, every linear, block finetuning, checkpoint; -> the next block's inputs."""
+    t0 = time.perf_counter()
+    stats = run.stats
+    # on an accelerator, the CPU (file-backed) float weights this block leaves behind
+    host_weights = [l.weight.data for l in linears_of(block).values()] if str(run.device) != "cpu" else []
+    block.to(run.device)
+    nlayers_before = len(stats.layers)
+    linears = linears_of(block)
+    hkeys = hessian_groups(linears, run.arch)
+    hessians, float_out = ({}, None)
+    if inputs is not None:
+        hessians, float_out = _block_hessians(run, i, block, inputs, kwargs, hkeys, linears)
+    losses, old_weights = quantize_linears(block, i, run.method, run.plan, hessians, hkeys, run.device,
+                                           run.kernel, stats)
+    ft = {}
+    if inputs is not None:
+        ft = finetune_block(block, BlockContext(inputs, float_out, kwargs, run.device, i), run.method,
+                            run.block_finetune)
+        if run.protocol == "quantized":
+            inputs = _forward(run, block, inputs, kwargs, out=inputs)  # in place: inputs are not read again
+        else:
+            inputs = float_out
+    del hessians, float_out
+    release_block(old_weights + host_weights)  # the float weights' file pages and freed heap to the system
+    del old_weights, host_weights
+    if str(run.device) != "cpu":
+        block.to("cpu")
+    brec = {"block": i, "time_s": time.perf_counter() - t0,
+            "mean_rel_proxy_loss": (sum(losses) / len(losses)) if losses else None, **ft}
+    stats.blocks.append(brec)
+    if run.checkpoint_dir:
+        save_block(run.checkpoint_dir, i, block, {"block": brec, "layers": stats.layers[nlayers_before:]})
+    log.info("block %d/%d quantized in %.1f s%s", i + 1, run.n_blocks, brec["time_s"],
+             f", mean rel. proxy loss {brec['mean_rel_proxy_loss']:.4g}" if losses else "")
+    if run.on_block:
+        run.on_block(brec)
+    return inputs
 
 
 def quantized_shapes(model: nn.Module):

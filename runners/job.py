@@ -23,20 +23,11 @@ from runners import metrics as M
 from runners.errors import UserError
 from runners.files import read_json
 from runners.record import Bits, Comparison, RunRecord
+from runners.setup import build_method, register_kernel, resolve_device
 
 log = logging.getLogger("vq-bench")
 
 USER_ERRORS = (UserError,)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but no CUDA device is available; valid here: auto, cpu")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise UserError(f"unknown device {name!r}; valid choices: auto, cpu, cuda, cuda:N")
-    return torch.device(name)
 
 
 def _hydra_info():
@@ -250,7 +241,6 @@ def _check(job: Job) -> None:
     from runners.data import check_data
     from runners.parallel import check_parallel
     from runners.qa import check_qa_args
-    from vptq.methods import build_method
 
     cfg = job.cfg
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -261,12 +251,7 @@ def _check(job: Job) -> None:
     if bits > 16:
         raise UserError(f"bits={cfg.bits} is above 16: nothing to quantize; valid: 0 < bits <= 16")
     job.device = resolve_device(cfg.device)
-    if cfg.kernel.name in ("triton", "cpu"):
-        import vptq.kernels  # noqa: F401  (registers "triton" and "cpu" in vptq.qlinear.KERNELS)
-    from vptq.qlinear import KERNELS
-
-    if cfg.kernel.name != "torch" and cfg.kernel.name not in KERNELS:
-        raise UserError(f"kernel={cfg.kernel.name!r} is not registered; valid choices: torch, triton, cpu")
+    register_kernel(cfg.kernel.name)
     check_data(cfg.data.name, cfg.data.path)
     job.ppl_sets = ppl_datasets(cfg)
     check_parallel(cfg)
@@ -275,7 +260,7 @@ def _check(job: Job) -> None:
     check_qa_args(list(cfg.eval.qa_tasks), **job.qa_args)
     if cfg.eval.kld_topk is not None and int(cfg.eval.kld_topk) < 1:
         raise UserError(f"eval.kld_topk={cfg.eval.kld_topk} must be >= 1 (or null: the whole vocabulary)")
-    job.method = build_method(cfg.method.name, OmegaConf.to_object(cfg.method), bits=bits, seed=cfg.seed)
+    job.method = build_method(cfg.method, bits, cfg.seed)
     if cfg.save.quantized:
         from runners.save import check_exportable
 
@@ -370,6 +355,8 @@ def _quantize(job: Job) -> None:
         rec.bits.quantized_params = stats.storage.numel
         rec.time.quantize_s = stats.quantize_s
         rec.time.per_block_s = [b["time_s"] for b in stats.blocks]
+        rec.cost = dict(stats.cost)
+        rec.cost.setdefault("stages_s", {"quantize": stats.quantize_s})
         if cfg.audit:
             rec.audit = _audit(cfg, method, job.calib, device, job.codes)
             rec.time.audit_s = rec.audit["time_s"]
@@ -404,6 +391,8 @@ def _evaluate(job: Job) -> None:
             rec.qa, qa_info = evaluate_qa(job.qa_suite, model, job.tok)
             rec.time.qa_s = qa_info["time_s"]
     rec.time.eval_s = time.perf_counter() - t1
+    if rec.cost is not None:
+        rec.cost.setdefault("stages_s", {})["evaluate"] = rec.time.eval_s
     rec.eval = {"seqlen": int(cfg.eval.seqlen), "seqlens": {ds: sl for ds, _, _, sl in job.ppl_sets},
                 "windows": {ds: int(w.shape[0]) for ds, w in job.windows.items()},
                 "tokens": {ds: int(w.shape[0]) * (int(w.shape[1]) - 1) for ds, w in job.windows.items()},

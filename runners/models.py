@@ -177,3 +177,67 @@ def load_model(cfg) -> Tuple[torch.nn.Module, object]:
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tok
+
+
+def weights_folder(cfg):
+    """The folder of safetensors files a model config loads from, or None (tiny models: built in code)."""
+    if cfg.source == "smollm2_gguf":
+        return smollm2_folder()
+    if cfg.source == "pretrained":
+        if cfg.path and os.path.isdir(cfg.path):
+            return cfg.path
+        return _cached_snapshot(cfg.path, cfg.revision) if cfg.path else None
+    return None
+
+
+def load_blocks(cfg, indices):
+    """Only the decoder blocks `indices` of a model, with their float weights read from the model's
+    safetensors files (the tensors under "<blocks path>.<i>."; nothing else is read): what a block job
+    needs, instead of a whole model per job. -> ({i: block module (eval, no grad)}, arch).
+    Tiny models (no files) are built whole and their blocks taken."""
+    from runners.arch import arch_of, blocks_of
+
+    folder = weights_folder(cfg)
+    if folder is None:
+        model, _ = load_model(cfg)
+        arch = arch_of(model)
+        blocks = blocks_of(model, arch)
+        return {i: blocks[i] for i in indices}, arch
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_folder(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=getattr(cfg, "trust_remote_code", False))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
+    arch = arch_of(skeleton)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            where = json.load(f)["weight_map"]
+    else:
+        with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+            where = {k: "model.safetensors" for k in f.keys()}
+    out = {}
+    for i in indices:
+        block = blocks_of(skeleton, arch)[i]
+        prefix = f"{arch.blocks}.{i}."
+        names = [k for k in where if k.startswith(prefix)]
+        state = {}
+        for shard in sorted({where[k] for k in names}):
+            with safe_open(os.path.join(folder, shard), framework="pt", device="cpu") as f:
+                for k in names:
+                    if where[k] == shard:
+                        state[k[len(prefix):]] = f.get_tensor(k).to(DTYPES[cfg.dtype])
+        block.to_empty(device="cpu")
+        missing = set(dict(block.named_parameters()) | dict(block.named_buffers())) - set(state)
+        if missing:
+            raise ValueError(f"{folder}: block {i} lacks {sorted(missing)[:3]} in its safetensors files")
+        block.load_state_dict(state, strict=True)
+        block.eval()
+        for p in block.parameters():
+            p.requires_grad_(False)
+        out[i] = block
+    return out, arch

@@ -1,21 +1,38 @@
-"""Layer-parallel quantization: a model's decoder blocks quantized by separate jobs.
+"""Layer-parallel quantization: capture once, then a model's decoder blocks quantized by separate jobs.
 
 With Hessians of the float model (`hessian.protocol=float`, as in VPTQ and QuIP#) block i's
 calibration inputs are the FLOAT outputs of blocks 0..i-1, so every block is independent:
 
-    main job:  groups of `quantize.blocks_per_job` blocks that have no checkpoint yet
-               -> one submitit job each (a Slurm job array under hydra/launcher=slurm|submitit_slurm,
-                  local processes otherwise), all writing into the run's checkpoint folder
-    each job:  load the model, run the float blocks up to its own, quantize only its blocks
-               (`runners.driver.quantize_model(only_blocks=..., checkpoint_dir=...)`)
-    main job:  `quantize_model(checkpoint_dir=...)` again: every block is loaded from its
-               checkpoint instead of quantized -> one assembled model, bit-identical to a
-               single-process run with the same config (same inputs, same seeds per layer name)
+    main job:   capture (runners/capture.py): ONE pass of the float model over the calibration
+                windows writes every block's Hessians (and its float inputs/outputs where block
+                finetuning reads them) to the capture cache: L block forwards (L jobs that each
+                rebuilt their own inputs needed L(L+1)/2); resumable block by block
+    block jobs: groups of `quantize.blocks_per_job` blocks that have no checkpoint yet, one submitit
+                job each (a Slurm job array under hydra/launcher=slurm|submitit_slurm, local processes
+                otherwise); each reads only its blocks' float weights from the safetensors shards
+                (`runners.models.load_blocks`: no model per job) and their cache entries, quantizes
+                them exactly as the serial driver does (`runners.driver.quantize_linears`,
+                `finetune_block`) and writes a block checkpoint
+    main job:   assemble: every block installed from its checkpoint (no forwards) -> one model,
+                bit-identical to the single-process float-protocol run (same Hessians, same weights,
+                the same per-layer seeds)
 
-A rerun submits only the groups whose checkpoints are missing (an interrupted array resumes).
+A rerun submits only the groups whose checkpoints are missing (an interrupted array resumes); a
+killed capture resumes at its first missing block. The capture cache lives in `hessian.cache_dir`
+(shared storage on a cluster) or under `<results_root>/capture/<key>`.
+
+Why the sequential protocol (`hessian.protocol=quantized`) is not parallelised: block i's
+Hessians depend on the quantized blocks before it, so blocks cannot start before their
+predecessors finish; only the 4-7 linears inside one block are independent. On CPU each of them
+is quantized on one thread while the block passes use every core; measured on the bundled model
+(docs/LOG.md) per-layer quantization is ~60-90% of a block's time for VQ methods, so two
+processes on two cores could at best approach 2x there, at the cost of shipping each layer's
+weight and Hessian to a worker process and of a second copy of the per-layer working set; on one
+GPU, the linears of a block already run back to back on the device. We leave it serial.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -25,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runners.checkpoint import block_done
 from runners.errors import UserError, choices_error
+from runners.setup import build_method, model_config, plain, register_kernel, resolve_device
 
 log = logging.getLogger(__name__)
 EXECUTORS = ("auto", "local", "slurm", "debug")  # debug: in this process (submitit.DebugExecutor)
@@ -95,42 +113,61 @@ def make_executor(kind: str, folder: str, *, launcher: Optional[Dict[str, Any]] 
     raise choices_error("quantize.executor", kind, EXECUTORS)
 
 
-def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoint_dir: str, calib) -> Dict[str, Any]:
-    """One block job (runs in its own process): quantize `blocks` of the configured model into
-    `checkpoint_dir`. config: the job's resolved config (a plain dict).
-    -> {"blocks": [...], "time_s", "peak_rss_gb", "peak_gpu_gb"} of this job."""
+def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoint_dir: str, cache_dir: str,
+                        key_json: str) -> Dict[str, Any]:
+    """One block job (its own process): quantize `blocks` of the configured model from the capture
+    cache into `checkpoint_dir`. config: the run's resolved config as plain data.
+    -> {"blocks", "time_s", "peak_rss_gb", "peak_gpu_gb", "bytes_read"} of this job."""
     import torch
 
-    from runners.driver import quantize_model
-    from runners.job import resolve_device
-    from runners.models import load_model
-    from vptq.methods import build_method, method_class
+    from runners.arch import hessian_groups, linears_of
+    from runners.capture import CacheCost, CaptureKey, load_kwargs, read_block
+    from runners.checkpoint import save_block
+    from runners.driver import QuantStats, finetune_block, quantize_linears
+    from runners.memory import release_block
+    from runners.metrics import peak_rss_gb
+    from runners.models import load_blocks
+    from vptq.methods import BlockContext
+    from vptq.threads import thread_policy
 
     if not logging.getLogger().handlers:  # a fresh process: block progress into the job's log
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from runners.metrics import peak_rss_gb
-
     t0 = time.perf_counter()
-    cfg = OmegaConf.create(config)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(int(config["seed"]))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if cfg.kernel.name in ("triton", "cpu"):
-        import vptq.kernels  # noqa: F401  (registers the kernel)
-    cls = method_class(cfg.method.name)
-    method_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Config), cfg.method))
-    method = build_method(cfg.method.name, method_cfg, bits=float(cfg.bits), seed=int(cfg.seed))
-    model, _ = load_model(cfg.model)
-    from runners.driver import quantized_shapes
-
-    method.plan(quantized_shapes(model))  # a BudgetError before any work (the driver plans again: pure)
-    device = resolve_device(cfg.device)
+    kernel = config["kernel"]["name"]
+    register_kernel(kernel)
+    method = build_method(config["method"], config["bits"], config["seed"])
+    device = resolve_device(config["device"])
+    k = json.loads(key_json)
+    key = CaptureKey(**{**k, "calib_shape": tuple(k["calib_shape"])})
+    mods, arch = load_blocks(model_config(config["model"]), list(blocks))
+    plan = method.plan([tuple(l.weight.shape) for b in mods.values() for l in linears_of(b).values()])
+    keep = method.uses_float_outputs
+    need = ("H", "X", "Y") if keep else ("H",)
+    kwargs = load_kwargs(cache_dir, key, device) if keep else None
+    cost = CacheCost()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name,
-                           protocol="float", hessian_dir=cfg.hessian.cache_dir, checkpoint_dir=checkpoint_dir,
-                           only_blocks=list(blocks))
+    for i in blocks:
+        tb = time.perf_counter()
+        data = read_block(cache_dir, i, key, device, cost, need=need)
+        if data is None or (keep and kwargs is None):
+            raise RuntimeError(f"block {i}: no capture for this run in {cache_dir} (the main job captures first)")
+        block = mods[i].to(device)
+        stats = QuantStats(threads=thread_policy(device))
+        hkeys = hessian_groups(linears_of(block), arch)
+        losses, old = quantize_linears(block, i, method, plan, data["H"], hkeys, device, kernel, stats)
+        ft = finetune_block(block, BlockContext(data["X"], data["Y"], kwargs, device, i), method, None) if keep else {}
+        release_block(old)
+        brec = {"block": i, "time_s": time.perf_counter() - tb,
+                "mean_rel_proxy_loss": (sum(losses) / len(losses)) if losses else None, **ft}
+        save_block(checkpoint_dir, i, block.to("cpu"), {"block": brec, "layers": stats.layers})
+        log.info("block %d quantized in %.1f s (job)", i + 1, brec["time_s"])
+        del data, block
     return {"blocks": list(blocks), "time_s": time.perf_counter() - t0, "peak_rss_gb": peak_rss_gb(),
-            "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None}
+            "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None,
+            "bytes_read": cost.bytes_read}
 
 
 def _wait(jobs, groups, folder: str) -> List[Dict[str, Any]]:
@@ -146,47 +183,77 @@ def _wait(jobs, groups, folder: str) -> List[Dict[str, Any]]:
     return out
 
 
-def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoint_dir: str,
-                      executor=None):
-    """Quantize `model` in place through block jobs, then assemble it from their checkpoints.
-    -> (QuantStats, info). QuantStats.quantize_s: wall time from the first submission to the
-    assembled model; per-block times are the jobs' own. info: {"executor", "groups", "jobs": [{"blocks",
-    "job_id", "time_s", "peak_rss_gb", "peak_gpu_gb"}, ...]} of the jobs this call ran."""
+def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoint_dir: str, executor=None):
+    """Capture once, quantize the blocks in jobs, assemble `model` in place from their checkpoints.
+    -> (QuantStats, info). QuantStats.quantize_s: wall time from the capture's start to the assembled
+    model; QuantStats.cost: block forwards, cache bytes, and the stages' wall times. info: {"executor",
+    "groups", "submitted", "cache", "jobs": [{"blocks", "job_id", "time_s", "peak_rss_gb", ...}]}."""
     from runners.arch import arch_of, blocks_of
-    from runners.driver import quantize_model
+    from runners.capture import capture, capture_dir, make_key
 
     check_parallel(cfg)
+    if not method.needs_hessian:
+        raise UserError(f"quantize.parallel=true is for methods that calibrate; method={method.name} needs no "
+                        f"calibration pass (run it without quantize.parallel)")
     t0 = time.perf_counter()
+    key = make_key(model, calib, "float")
+    cache = cfg.hessian.cache_dir or capture_dir(os.path.join(cfg.results_root, "capture"), key)
+    cap = capture(model, calib, device, cache, key, keep_activations=method.uses_float_outputs)
+    t_cap = time.perf_counter()
     n = len(blocks_of(model, arch_of(model)))
     groups = block_groups(n, int(cfg.quantize.blocks_per_job))
     todo = [g for g in groups if not all(block_done(checkpoint_dir, i) for i in g)]
     os.makedirs(checkpoint_dir, exist_ok=True)
     folder = os.path.join(checkpoint_dir, "jobs")
-    info: Dict[str, Any] = {"executor": None, "groups": len(groups), "submitted": len(todo), "jobs": []}
+    info: Dict[str, Any] = {"executor": None, "groups": len(groups), "submitted": len(todo), "cache": cache,
+                            "jobs": []}
     if todo:
         launcher = _launcher_config()
         kind = resolve_executor(cfg.quantize.executor, launcher)
         info["executor"] = kind
         ex = executor or make_executor(kind, folder, launcher=launcher, gpus=1 if str(device).startswith("cuda") else 0)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        calib_cpu = calib.cpu() if calib is not None else None
+        args = (plain(cfg), checkpoint_dir, cache, key.to_json())
         log.info("layer-parallel: %d of %d block groups to quantize as %s jobs (logs in %s)",
                  len(todo), len(groups), kind, folder)
-        if kind == "local" and executor is None:  # waves: each local job holds a model copy
+        if kind == "local" and executor is None:  # waves of LOCAL_PARALLEL processes
             for i in range(0, len(todo), LOCAL_PARALLEL):
                 wave = todo[i:i + LOCAL_PARALLEL]
-                info["jobs"] += _wait([ex.submit(quantize_blocks_job, config, g, checkpoint_dir, calib_cpu)
-                                       for g in wave], wave, folder)
+                info["jobs"] += _wait([ex.submit(quantize_blocks_job, args[0], g, *args[1:]) for g in wave],
+                                      wave, folder)
         else:
             with ex.batch():  # one job array on Slurm
-                jobs = [ex.submit(quantize_blocks_job, config, g, checkpoint_dir, calib_cpu) for g in todo]
+                jobs = [ex.submit(quantize_blocks_job, args[0], g, *args[1:]) for g in todo]
             info["jobs"] += _wait(jobs, todo, folder)
     else:
         log.info("layer-parallel: every block already has a checkpoint in %s", checkpoint_dir)
-    stats = quantize_model(model, method, calib=calib, device=device, kernel=cfg.kernel.name, protocol="float",
-                           hessian_dir=cfg.hessian.cache_dir, checkpoint_dir=checkpoint_dir)
-    missing = [b["block"] for b in stats.blocks if not b.get("resumed")]
-    if missing:  # cannot happen unless a job wrote nothing: the main job quantized them itself
-        log.warning("layer-parallel: blocks %s had no checkpoint after the jobs; quantized here", missing)
-    stats.quantize_s = time.perf_counter() - t0
+    t_q = time.perf_counter()
+    stats = assemble(model, checkpoint_dir, kernel=cfg.kernel.name, device=device)
+    t_a = time.perf_counter()
+    stats.quantize_s = t_a - t0
+    stats.cost = {"block_forwards": cap.cost.block_forwards, "hessian_bytes_written": cap.cost.bytes_written,
+                  "hessian_bytes_read": cap.cost.bytes_read + sum(j.get("bytes_read", 0) for j in info["jobs"]),
+                  "blocks_captured": cap.cost.blocks_captured, "blocks_cached": cap.cost.blocks_cached,
+                  "stages_s": {"capture": t_cap - t0, "quantize": t_q - t_cap, "assemble": t_a - t_q}}
     return stats, info
+
+
+def assemble(model, checkpoint_dir: str, *, kernel: str, device):
+    """Install every block of `model` from its checkpoint (no forward pass). -> QuantStats."""
+    from runners.arch import arch_of, blocks_of
+    from runners.checkpoint import block_status, load_block
+    from runners.driver import QuantStats
+    from vptq.threads import thread_policy
+
+    stats = QuantStats(threads=thread_policy(device))
+    blocks = blocks_of(model, arch_of(model))
+    missing = [i for i in range(len(blocks)) if block_status(checkpoint_dir, i) is not None]
+    if missing:
+        raise RuntimeError(f"blocks {missing} have no usable checkpoint in {checkpoint_dir} after the block jobs "
+                           f"(first: {block_status(checkpoint_dir, missing[0])})")
+    for i, block in enumerate(blocks):
+        loaded, saved = load_block(checkpoint_dir, i, block, kernel=kernel, device="cpu")
+        for q in loaded.values():
+            stats.storage = stats.storage + q.storage()
+        stats.layers.extend(saved.get("layers", []))
+        stats.blocks.append({**saved.get("block", {"block": i}), "resumed": True})
+    return stats

@@ -85,6 +85,9 @@ class RunRecord:
     codes_sha256: Optional[str] = None
     audit: Optional[Dict[str, Any]] = None
     parallel: Optional[Dict[str, Any]] = None
+    # what quantization cost: block_forwards (passes of a block over the calibration set), hessian_bytes_
+    # written/read (capture cache), stages_s {capture, quantize, assemble, evaluate} where they apply
+    cost: Optional[Dict[str, Any]] = None
     finetune: Optional[Dict[str, Any]] = None  # end-to-end finetuning record, when it ran
     error: Optional[str] = None
     traceback: Optional[str] = None

@@ -140,6 +140,12 @@ def test_cli_parallel_equals_serial(tmp_path):
         out[mode] = (json.loads((d / "metrics.json").read_text()), json.loads((d / "layers.json").read_text()))
     (ms, ls), (mp, lp) = out["serial"], out["parallel"]
     assert ms["ppl"] == mp["ppl"] and ms["bits"] == mp["bits"]
+    # L = 3 block forwards either way: the serial float pass, and the parallel run's one capture
+    assert ms["cost"]["block_forwards"] == mp["cost"]["block_forwards"] == 3
+    assert mp["cost"]["blocks_captured"] == 3 and mp["cost"]["hessian_bytes_written"] > 0
+    # the jobs read exactly their blocks' Hessians: q/k/v, o, gate/up (64x64) and down (160x160), fp32, 3 blocks
+    assert mp["cost"]["hessian_bytes_read"] == 3 * (3 * 64 * 64 + 160 * 160) * 4 < mp["cost"]["hessian_bytes_written"]
+    assert set(mp["cost"]["stages_s"]) == {"capture", "quantize", "assemble", "evaluate"}
     par = mp["parallel"]
     assert "parallel" not in ms and par["executor"] == "local" and par["submitted"] == 2
     assert sorted(j["blocks"] for j in par["jobs"]) == [[0, 1], [2]]
@@ -153,3 +159,97 @@ def test_cli_parallel_equals_serial(tmp_path):
         a = load_file(str(tmp_path / "serial" / "checkpoints" / ms["run_key"] / f"block{i:03d}.safetensors"))
         b = load_file(str(tmp_path / "parallel" / "checkpoints" / mp["run_key"] / f"block{i:03d}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------ the capture cache
+def _capture_setup(tmp_path, seed=0, init_seed=0):
+    from runners.capture import make_key
+    from runners.data import calibration_windows
+    from runners.models import tiny_model
+    from runners.schema import ModelConfig, TinyModelConfig
+
+    model, tok = tiny_model(ModelConfig(name="t", source="tiny", tiny=TinyModelConfig(num_hidden_layers=3,
+                                                                                      init_seed=init_seed)))
+    calib = calibration_windows("pydoc", None, tok, 4, 32, seed)
+    return model.eval(), calib, make_key(model, calib)
+
+
+def test_capture_is_keyed_and_misses_for_other_seed_model_or_format(tmp_path, caplog, monkeypatch):
+    import logging
+
+    import runners.capture as C
+
+    model, calib, key = _capture_setup(tmp_path)
+    d = str(tmp_path / "cache")
+    first = C.capture(model, calib, "cpu", d, key)
+    assert first.cost.block_forwards == 3 and first.cost.blocks_captured == 3
+    again = C.capture(model, calib, "cpu", d, key)
+    assert again.cost.block_forwards == 0 and again.cost.blocks_cached == 3  # all there: nothing runs
+    for other in (_capture_setup(tmp_path, seed=1), _capture_setup(tmp_path, init_seed=1)):
+        m2, c2, k2 = other
+        assert k2 != key
+        with caplog.at_level(logging.WARNING):
+            res = C.capture(m2, c2, "cpu", d, k2)
+        assert res.cost.blocks_captured == 3 and "was written for another" in caplog.text
+        caplog.clear()
+    monkeypatch.setattr(C, "FORMAT", C.FORMAT + 1)  # a new cache format: old files are not read
+    k3 = C.make_key(model, calib)
+    with caplog.at_level(logging.WARNING):
+        assert C.read_block(d, 0, k3) is None
+    assert "another format" in caplog.text or "another" in caplog.text
+
+
+def test_killed_capture_resumes_at_its_first_missing_block(tmp_path, monkeypatch):
+    import os
+
+    import runners.capture as C
+
+    model, calib, key = _capture_setup(tmp_path)
+    d = str(tmp_path / "cache")
+    real = C.write_block
+    calls = []
+
+    def die_at_block_2(cache_dir, i, *a, **k):
+        if i == 2:
+            raise KeyboardInterrupt
+        calls.append(i)
+        return real(cache_dir, i, *a, **k)
+
+    monkeypatch.setattr(C, "write_block", die_at_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        C.capture(model, calib, "cpu", d, key, keep_activations=True)
+    monkeypatch.setattr(C, "write_block", real)
+    assert calls == [0, 1] and os.path.isfile(os.path.join(d, "frontier.safetensors"))
+    mt = {i: os.path.getmtime(C.block_file(d, i)) for i in (0, 1)}
+    res = C.capture(model, calib, "cpu", d, key, keep_activations=True)
+    assert res.cost.block_forwards == 1 and res.cost.blocks_captured == 1  # only block 2, from the frontier
+    assert {i: os.path.getmtime(C.block_file(d, i)) for i in (0, 1)} == mt
+    assert not os.path.isfile(os.path.join(d, "frontier.safetensors"))
+    # the resumed cache equals an uninterrupted one, tensor for tensor
+    full = str(tmp_path / "full")
+    C.capture(model, calib, "cpu", full, key, keep_activations=True)
+    for i in range(3):
+        a, b = C.read_block(d, i, key, need=("H", "X", "Y")), C.read_block(full, i, key, need=("H", "X", "Y"))
+        assert all(torch.equal(a["H"][k], b["H"][k]) for k in a["H"]) and torch.equal(a["X"], b["X"])
+        assert torch.equal(a["Y"], b["Y"])
+
+
+@pytest.mark.slow
+def test_block_finetuning_in_jobs_equals_serial(tmp_path):
+    """A method whose block finetuning reads the float block's inputs and outputs (VPTQ, method.finetune=true):
+    the block jobs read them from the capture and end bit-identical to the serial float-protocol run."""
+    import submitit
+
+    from runners.driver import quantize_model
+    from runners.parallel import quantize_parallel
+
+    cfg = _cfg("method=vptq", "bits=3", "method.finetune=true", "method.finetune_epochs=1", "quantize.blocks_per_job=2")
+    model, calib, method = _setup(cfg)
+    assert method.uses_float_outputs
+    ref = copy.deepcopy(model)
+    quantize_model(ref, method, calib=calib, device="cpu", protocol="float")
+    par = copy.deepcopy(model)
+    ck = str(tmp_path / "ck")
+    quantize_parallel(cfg, par, method, calib=calib, device="cpu", checkpoint_dir=ck,
+                      executor=submitit.DebugExecutor(folder=os.path.join(ck, "jobs")))
+    _assert_identical(ref, par)

@@ -3,12 +3,9 @@
 The layer-wise proxy loss every second-order method minimises is
     tr((W - Ŵ) H (W - Ŵ)ᵀ)     (GPTQ eq. 1, VPTQ eq. 2)
 with H the (in_features, in_features) second moment of the layer's inputs. `HessianAccumulator`
-is fed by forward hooks in the layer-by-layer driver; `save`/`load` let runs reuse Hessians.
+is fed by forward hooks in the layer-by-layer driver (runners/capture.py caches Hessians on disk).
 """
 from __future__ import annotations
-
-import os
-from typing import Dict, Optional
 
 import torch
 
@@ -54,19 +51,3 @@ def relative_proxy_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) ->
     """Proxy loss divided by tr(W H Wᵀ): the fraction of the layer's output energy lost."""
     den = float(torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double()))
     return proxy_loss(W, What, H) / max(den, 1e-30)
-
-
-def save_hessians(path: str, hessians: Dict[str, torch.Tensor], meta: Optional[Dict[str, str]] = None) -> None:
-    """Atomically write {linear name: H} as safetensors."""
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous().cpu() for k, v in hessians.items()}, tmp, metadata=meta or {})
-    os.replace(tmp, path)
-
-
-def load_hessians(path: str, device="cpu") -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path, device=str(device))
