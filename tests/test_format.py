@@ -46,9 +46,11 @@ def random_vqweight(out_features, in_features, *, v=6, k=12, groups=2, k_res=5, 
     return VQWeight(**kw)
 
 
-def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, **vq):
-    """A tiny random Llama (the shapes of model=tiny_llama) whose decoder linears are random VQWeights.
-    rope: None (default, theta 10000) | a 5.x rope_parameters dict. bias: q/k/v/o biases (random)."""
+def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, quantize=None, **vq):
+    """A tiny random Llama (the shapes of model=tiny_llama) whose decoder linears are random VQWeights, or,
+    given `quantize` (a vptq.budget.LayerConfig), the linears' own random weights quantized by our
+    quantizer under a correlated random Hessian. rope: None (default, theta 10000) | a 5.x
+    rope_parameters dict. bias: q/k/v/o biases (random)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from runners.arch import linears_of, set_module
@@ -69,7 +71,14 @@ def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, **vq):
         for bi, block in enumerate(model.model.layers):
             for j, (name, lin) in enumerate(linears_of(block).items()):
                 b = torch.randn(lin.out_features) * 0.02 if lin.bias is not None else None
-                q = random_vqweight(lin.out_features, lin.in_features, seed=seed * 1000 + bi * 10 + j, **vq)
+                if quantize is not None:
+                    from conftest import correlated_hessian
+                    from vptq.quantizer import quantize_weight
+
+                    H = correlated_hessian(lin.in_features, tokens=512, seed=seed * 1000 + bi * 10 + j)
+                    q, _ = quantize_weight(lin.weight.detach(), H, quantize, seed=seed * 1000 + bi * 10 + j)
+                else:
+                    q = random_vqweight(lin.out_features, lin.in_features, seed=seed * 1000 + bi * 10 + j, **vq)
                 set_module(block, name, QuantLinear(q, bias=b))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -453,3 +462,57 @@ def test_library_packages_import_nothing_from_the_runner():
                     bad += [f"{os.path.relpath(path, repo)}:{node.lineno} imports {n}" for n in names
                             if n.split(".")[0] in ("runners", "omegaconf", "hydra")]
     assert not bad, bad
+
+
+# the paper's Table 8 shape, scaled to the tiny model: outlier columns with their own codebook (v_o=4)
+# beside a residual pair on the other columns (v=6: padding rows on 32/64/160 rows), 2 groups
+TABLE8_TINY = dict(vector_len=6, num_centroids=32, num_res_centroids=16, group_num=2, outlier_size=4,
+                   outlier_vector_len=4, outlier_num_centroids=32)
+
+
+def test_table8_style_config_quantizes_exports_and_reloads_exactly(tmp_path):
+    """Outliers + residual (Table 8 style) through the whole path: our quantizer, the official-format
+    export (each layer's VQuantLinear kwargs as Microsoft's package reads them), our loader (bit-exact),
+    and the realized bits counted from what is stored (== the budget's count, == the file's bytes)."""
+    from vptq.budget import LayerConfig, storage_bits
+
+    cfg = LayerConfig(**TABLE8_TINY)
+    model, tok = vq_tiny_llama(quantize=cfg, seed=4)
+    ids = input_ids(seed=4)
+    out = export_vptq(model, tok, str(tmp_path / "m"))
+    m2, _ = load_vptq(out)
+    assert torch.equal(logits(m2, ids), logits(model, ids))
+    qc = read_quantization_config(out)
+    total, numel = 0, 0
+    for name, lc in qc["config_for_layers"].items():
+        q = model.get_submodule(name).qweight
+        same_vqweight(q, m2.get_submodule(name).qweight)
+        # what microsoft/VPTQ's VQuantLinear(**lc) reads: [outlier, main] pairs; a residual only on the main
+        # part (num_res_centroids[0] must be -1, its one refusal); outliers enabled by v_o > 1 and k_o > 0
+        assert lc["vector_lens"] == [4, 6] and lc["num_centroids"] == [32, 32]
+        assert lc["num_res_centroids"] == [-1, 16] and lc["outlier_size"] == 4 and lc["group_num"] == 2
+        assert lc["group_size"] == (lc["in_features"] - 4) // 2 and lc["enable_perm"] is True
+        assert q.storage().bits == storage_bits(q.out_features, q.in_features, cfg)
+        stored = sum(t.numel() * t.element_size() * 8 for t in layer_tensors(q).values())
+        assert stored == q.storage().total_bits  # counted from the stored tensors
+        total += q.storage().total_bits
+        numel += q.storage().numel
+    realized = qc["vq_bench"]["bits"]["total"]
+    assert realized == total / numel
+    print(f"Table 8-style {cfg.short()} on the tiny Llama: {realized:.4f} total bits/weight "
+          f"(index {qc['vq_bench']['bits']['index']:.4f})")
+
+
+def test_absorbed_act_order_exports_without_a_permutation(tmp_path):
+    """One group, no outliers: the export carries no perm (enable_perm false) and reloads bit-exactly."""
+    from vptq.budget import LayerConfig
+
+    model, tok = vq_tiny_llama(quantize=LayerConfig(vector_len=4, num_centroids=16, num_res_centroids=4), seed=5)
+    out = export_vptq(model, tok, str(tmp_path / "m"))
+    qc = read_quantization_config(out)
+    assert all(lc["enable_perm"] is False for lc in qc["config_for_layers"].values())
+    import safetensors.torch
+
+    assert not [k for k in safetensors.torch.load_file(os.path.join(out, "model.safetensors")) if k.endswith(".perm")]
+    m2, _ = load_vptq(out)
+    assert torch.equal(logits(m2, input_ids()), logits(model, input_ids()))

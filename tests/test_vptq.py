@@ -110,6 +110,9 @@ def test_error_feedback_beats_plain_assignment():
 
 CONFIGS = [
     LayerConfig(vector_len=4, num_centroids=64),
+    # the paper's Table 8 shape (outliers with their own codebook + a residual pair on the rest), scaled down
+    LayerConfig(vector_len=6, num_centroids=32, num_res_centroids=16, outlier_size=4, outlier_vector_len=4,
+                outlier_num_centroids=32),
     LayerConfig(vector_len=3, num_centroids=32, num_res_centroids=8, perm=False),
     LayerConfig(vector_len=4, num_centroids=32, group_num=2, norm=True),
     LayerConfig(vector_len=4, num_centroids=32, outlier_size=6, outlier_vector_len=2, outlier_num_centroids=64),
@@ -156,7 +159,8 @@ def test_same_seed_same_codes_different_seed_different_codes():
     b = build_method("vptq", cfg, bits=2.0, seed=0).quantize_layer(W, H, name="0.q")
     c = build_method("vptq", cfg, bits=2.0, seed=1).quantize_layer(W, H, name="0.q")
     d = build_method("vptq", cfg, bits=2.0, seed=0).quantize_layer(W, H, name="1.q")
-    for name in ("centroids", "indices", "res_centroids", "res_indices", "perm"):
+    assert a.perm is None and b.perm is None  # one group, no outliers: the act order is absorbed
+    for name in ("centroids", "indices", "res_centroids", "res_indices"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert not torch.equal(a.centroids, c.centroids)
     assert not torch.equal(a.indices, c.indices)
@@ -258,15 +262,14 @@ def test_dead_hessian_columns_are_handled():
     dead = torch.tensor([0, 7, 33])
     H[dead, :] = 0
     H[:, dead] = 0
-    m = build_method("vptq", VPTQ.Config(vector_len=4, num_centroids=16), bits=2.0)
-    q = m.quantize_layer(W, H, name="x")
+    q, info = quantize_weight(W, H, LayerConfig(vector_len=4, num_centroids=16), seed=0)
     Wq = q.dequantize()
     assert torch.isfinite(Wq).all()
     live = torch.ones(64, dtype=torch.bool)
     live[dead] = False
     assert relative_proxy_loss(W[:, live], Wq[:, live], H[live][:, live]) < 0.15
-    # dead columns come last in act order
-    assert set(q.perm[-3:].tolist()) == set(dead.tolist())
+    # dead columns come last in act order (absorbed into the index order: one group, no outliers)
+    assert q.perm is None and set(info["order"][-3:].tolist()) == set(dead.tolist())
 
 
 def test_massive_activation_column():
@@ -312,3 +315,47 @@ def test_vqweight_holds_indices_narrow_and_rejects_out_of_range():
         assert torch.equal(q.dequantize(torch.float32), ref)
         with _pytest.raises(ValueError, match=r"indices values outside \[0, %d\)" % k):
             VQWeight(**{**kw, "indices": idx + k})
+
+
+ABSORB = [
+    LayerConfig(vector_len=4, num_centroids=64),
+    LayerConfig(vector_len=3, num_centroids=32, num_res_centroids=8, norm=True),
+]
+
+
+@pytest.mark.parametrize("cfg", ABSORB, ids=lambda c: c.short())
+@pytest.mark.parametrize("out_f", [48, 50])  # 50: padding rows
+def test_act_order_is_absorbed_with_one_group(cfg, out_f, monkeypatch):
+    """One group, no outliers: the same quantization with the permutation stored (absorption switched
+    off) and with it absorbed into the index order dequantizes bitwise identically; the absorbed one
+    stores no perm and costs exactly 16 bits per input column less, as the budget counts."""
+    import vptq.quantizer as Q
+    from vptq.budget import stores_perm
+
+    in_f = 64
+    W, H = _layer(out_f, in_f, seed=11), correlated_hessian(in_f, seed=11)
+    q, info = quantize_weight(W, H, cfg, seed=3)
+    monkeypatch.setattr(Q, "stores_perm", lambda c: True)
+    qp, _ = quantize_weight(W, H, cfg, seed=3)
+    monkeypatch.undo()
+    assert q.perm is None and qp.perm is not None and torch.equal(qp.perm, info["order"])
+    assert not torch.equal(info["order"], torch.arange(in_f))  # a real permutation was absorbed
+    assert torch.equal(q.dequantize(), qp.dequantize())
+    assert torch.equal(q.indices, qp.indices[:, :, torch.argsort(qp.perm)])
+    assert not stores_perm(cfg) and "perm" not in q.storage().bits
+    assert qp.storage().total_bits - q.storage().total_bits == 16 * in_f
+    assert q.storage().bits == storage_bits(out_f, in_f, cfg)
+
+
+def test_groups_and_outliers_keep_their_stored_order():
+    """Several groups, or outlier columns: a column's codebook follows from its stored position, so the
+    order stays stored (and counted)."""
+    W, H = _layer(48, 64, seed=12), correlated_hessian(64, seed=12)
+    for cfg in (LayerConfig(vector_len=4, num_centroids=16, group_num=2),
+                LayerConfig(vector_len=4, num_centroids=16, perm=False, outlier_size=4, outlier_vector_len=2,
+                            outlier_num_centroids=16)):
+        q, info = quantize_weight(W, H, cfg, seed=0)
+        assert q.perm is not None and torch.equal(q.perm, info["order"])
+        assert q.storage().bits["perm"] == 16 * 64 == storage_bits(48, 64, cfg)["perm"]
+    q, info = quantize_weight(W, H, LayerConfig(vector_len=4, num_centroids=16, group_num=2, perm=False), seed=0)
+    assert q.perm is None and info["order"] is None  # groups in the original order: nothing to store

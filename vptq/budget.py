@@ -5,18 +5,26 @@ linear shape: vector length v, codebook size k, residual codebook size k_r, perm
 Storage is counted exactly as `VQWeight.storage()` counts what is stored (`storage_bits`):
 indices packed per (group, vector row) into int32 words of log2(k)+log2(k_r) bits each,
 padding rows included; float16 codebooks; int16 outlier indices (one per outlier vector);
-int16 permutation; float16 norms (scale and bias per input column).
+int16 permutation only where it is stored (`stores_perm`: with one group and no outliers every
+column has the same codebook, so the act order is absorbed into the stored order of the index
+columns and costs nothing); float16 norms (scale and bias per input column).
 
 The rule (per layer shape, so every layer stays within `bits + tolerance`):
   1. Enumerate the configurations the official format allows: v in 1..16 (v <= out),
      k = 2..65536 and k_r in {0} ∪ {2..k} powers of two with log2 k + log2 k_r <= 32,
      permutation on/off; one group, no outliers, no norm unless the Config fixes them.
-     Explicit Config fields restrict the enumeration to their values.
+     Explicit Config fields restrict the enumeration to their values. Outlier columns combine
+     with a residual codebook on the main columns (the paper's Table 8 configurations: e.g. 1%
+     outliers v=4 k=8192 beside v=12 k1=k2=4096); Microsoft's format forbids only a residual
+     on the outlier codebook itself, which this harness never builds.
   2. Keep those whose exact total bits/weight is <= bits + tolerance.
   3. Pick the one with the lowest predicted relative proxy loss
          log2 L = -2 R + log2 phi(v_eff) + [perm] log2 0.83 + [norm] log2 1.15
-     R = packed index bits per weight of the main part (the classic 2^{-2R} high-rate law:
-     one more index bit quarters the loss), phi(v) = the measured gain of longer vectors at
+     R = index bits per weight of the main part, (log2 k + log2 k_r) / v (the classic 2^{-2R}
+     high-rate law: one more index bit quarters the loss; the padding rows and the int32 word
+     rounding are stored, hence in the total bits, but carry no information: counted as rate,
+     they made v=12 k1=k2=4096 (2.004 "index bits") look better than the paper's v=6 k=4096 on
+     4096x4096 layers), phi(v) = the measured gain of longer vectors at
      equal R (1.25, 1, .85, .77, .71, .66, .62, .59 for v = 1..8, then x0.96 per step),
      v_eff = v for one codebook and v/2 for a residual pair (measured: a greedy two-stage
      code of length v performs like one codebook of about half that length at equal R).
@@ -28,7 +36,7 @@ The rule (per layer shape, so every layer stays within `bits + tolerance`):
      on the index rate, so the rule does not add them on its own. Columns that carry most
      of the Hessian (massive activations: up to 89% of diag H in one column of a down_proj)
      are served by the Hessian-weighted k-means itself, see `vptq.kmeans._subsample`).
-On 4096x4096 layers at bits=2 this picks the paper's v=6, k=4096 (2.02 bits + perm); on
+On 4096x4096 layers at bits=2 this picks the paper's v=6, k=4096 (2.02 bits, act order free); on
 SmolLM2's 576-wide layers, where a 4096x6 codebook alone costs 1.2 bits/weight, it picks
 v=4, k=256 (2.03-2.08 bits) and v=2..3 for the 192x576 k/v projections.
 
@@ -56,7 +64,7 @@ class LayerConfig:
     outlier_size: int = 0  # input columns with their own codebook
     outlier_vector_len: int = 0
     outlier_num_centroids: int = 0
-    perm: bool = True  # store the act-order permutation
+    perm: bool = True  # act order (stored, 16 bits per input column, only where `stores_perm`)
     norm: bool = False  # per-input-column weight_scale / weight_bias
 
     def short(self) -> str:
@@ -77,6 +85,16 @@ class LayerConfig:
 _log2 = ceil_log2  # bits of one index into k entries (0 for k <= 1)
 
 
+def stores_perm(c: LayerConfig) -> bool:
+    """Whether the column order must be stored as a permutation. Outlier columns come first in the
+    stored order whatever their position, so their order is always stored (as the official format
+    does, perm or not); with one group and no outliers every column shares one codebook, so a
+    column's indices can sit at the column's own position and the act order costs nothing
+    (`vptq.quantizer` stores them so); with several groups a column's codebook follows from its
+    position in the permuted order, which must be stored."""
+    return bool(c.outlier_size) or (c.perm and c.group_num > 1)
+
+
 def storage_bits(out_f: int, in_f: int, c: LayerConfig) -> Dict[str, int]:
     """Bits by component, exactly as `VQWeight.storage()` counts them for this configuration."""
     v, k, kr, G = c.vector_len, c.num_centroids, c.num_res_centroids, c.group_num
@@ -91,7 +109,7 @@ def storage_bits(out_f: int, in_f: int, c: LayerConfig) -> Dict[str, int]:
         no = math.ceil(out_f / c.outlier_vector_len)
         bits["outlier_indices"] = no * c.outlier_size * 16
         bits["outlier_codebooks"] = c.outlier_num_centroids * c.outlier_vector_len * 16
-    if c.perm or c.outlier_size:
+    if stores_perm(c):
         bits["perm"] = in_f * 16
     if c.norm:
         bits["norms"] = 2 * in_f * 16
@@ -158,8 +176,7 @@ def phi(v: float) -> float:
 
 def predicted_log2_loss(out_f: int, in_f: int, c: LayerConfig) -> float:
     """log2 of the predicted relative proxy loss (see the module docstring)."""
-    bits = storage_bits(out_f, in_f, c)
-    R = bits["indices"] / (out_f * (in_f - c.outlier_size))
+    R = (_log2(c.num_centroids) + (_log2(c.num_res_centroids) if c.num_res_centroids else 0)) / c.vector_len
     v_eff = c.vector_len / 2 if c.num_res_centroids else c.vector_len
     s = -2.0 * R + math.log2(phi(v_eff))
     if c.perm or c.outlier_size:
@@ -179,8 +196,6 @@ def _candidates(out_f: int, in_f: int, over: Dict[str, object]):
         for k in ks:
             if "num_res_centroids" in over:
                 krs = [over["num_res_centroids"]]
-            elif base.get("outlier_size"):
-                krs = [0]
             else:
                 lk = _log2(k)
                 krs = [0] + [1 << b for b in range(1, min(lk, 32 - lk) + 1)]
@@ -203,9 +218,6 @@ def choose_config(out_f: int, in_f: int, bits: Optional[float], tolerance: float
         if "outlier_vector_len" not in over or "outlier_num_centroids" not in over:
             raise BudgetError(f"outlier_size={over['outlier_size']} needs outlier_vector_len and "
                               f"outlier_num_centroids as well (e.g. 4 and 256)")
-        if over.get("num_res_centroids"):
-            raise BudgetError("outliers with a residual stage are not supported by the VPTQ format; "
-                              "valid: num_res_centroids=0 with outliers")
     if "outlier_size" in over and not over["outlier_size"]:
         over = {k: v for k, v in over.items() if k not in ("outlier_vector_len", "outlier_num_centroids")}
     explicit = "vector_len" in over and "num_centroids" in over

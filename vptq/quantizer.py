@@ -15,8 +15,12 @@ One linear W (out, in) with its Hessian H = E[x xᵀ] (in, in) becomes a `VQWeig
  4. Column order: the `outlier_size` columns with the largest Hessian diagonal (of the
     Hessian the weight is quantized under) come first, with their own codebook; the other
     columns follow in act order (descending diagonal, as the reference's `enable_perm`) or
-    in their original order. The order is stored as `VQWeight.perm` whenever it is not the
-    identity by construction (perm or outliers on).
+    in their original order. With one group and no outliers every column has the same codebook,
+    so the act order is absorbed: the solver works in act order and the index columns are then
+    stored at their original positions (`VQWeight.perm` None, nothing stored; the dequantized
+    weight is bitwise the same, as each column's entries are looked up on their own). Otherwise
+    (groups in act order, outlier columns first) the order is stored as `VQWeight.perm`
+    (`vptq.budget.stores_perm`).
  5. Codebook initialisation, paper §3.3 ("Hessian-weighted k-means", eq. 9): vectors of
     length v run along the OUTPUT dimension within one input column (so the whole vector
     shares the Hessian weight H_cc of its column); each region (outlier columns, each of
@@ -59,7 +63,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from vptq.budget import LayerConfig, choose_config, check_format
+from vptq.budget import LayerConfig, choose_config, check_format, stores_perm
 from vptq.kmeans import kmeans
 from vptq.methods import ITERS_PRESETS, Method, check_choice
 from vptq.numerics import round_fp16
@@ -323,6 +327,12 @@ def _quantize_weight(W, H, cfg, *, seed, opts, name):
     rbooks = [_Codebook(R, last) for R in rcents] if kr else None
     res = run(make_quantize_cols(rbooks))
 
+    perm = order
+    if order is not None and not stores_perm(cfg):  # one group, no outliers: absorb the act order
+        inv = torch.argsort(order)  # stored (act-order) column of each original column
+        idx = idx[:, :, inv]  # (1, n, in): column c's indices at position c
+        ridx = ridx[:, :, inv] if kr else None
+        perm = None
     qw = VQWeight(
         out_features=out_f, in_features=in_f, vector_len=v, num_centroids=k, group_num=G, group_size=gs,
         centroids=torch.stack(cents).half(), indices=idx,
@@ -330,10 +340,11 @@ def _quantize_weight(W, H, cfg, *, seed, opts, name):
         outlier_size=o, outlier_vector_len=cfg.outlier_vector_len if o else 0,
         outlier_num_centroids=cfg.outlier_num_centroids if o else 0,
         outlier_centroids=out_book.C[None].half() if o else None, outlier_indices=out_idx if o else None,
-        perm=order, weight_scale=scale16, weight_bias=bias16,
+        perm=perm, weight_scale=scale16, weight_bias=bias16,
     )
-    # Q: the solver's dequantized weight (original column order, normalised space if norm)
-    info = {"config": cfg.short(), "solver_loss": res.loss, "Q": res.Q}
+    # Q: the solver's dequantized weight (original column order, normalised space if norm);
+    # order: the column order the solver used (None = original), stored or absorbed
+    info = {"config": cfg.short(), "solver_loss": res.loss, "Q": res.Q, "order": order}
     return qw, info
 
 
@@ -355,7 +366,7 @@ class VPTQ(Method):
         outlier_size: Optional[int] = None  # input columns with their own codebook (0 = none)
         outlier_vector_len: Optional[int] = None
         outlier_num_centroids: Optional[int] = None
-        enable_perm: Optional[bool] = None  # act-order permutation (stored, 16 bits per column)
+        enable_perm: Optional[bool] = None  # act order (free with one group and no outliers, else 16 bits per column)
         enable_norm: Optional[bool] = None  # per-input-column weight_scale / weight_bias
         # algorithm knobs: null = from `variant` / `iters` (VARIANTS, ITERS above); other
         # defaults defined once, in QuantOptions

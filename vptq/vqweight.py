@@ -13,6 +13,9 @@ Stored tensors (G = group_num, v = vector_len, k = num_centroids, n = ceil(out/v
     outlier_centroids(1, k_o, v_o)       float16   | None        outlier columns' codebook
     outlier_indices  (1, n_o, outlier_size) in [0, k_o), n_o = ceil(out/v_o); stored int16 (unpacked)
     perm             (in,)               int64     | None        stored column j = column perm[j]
+                                         (None also where an act order was absorbed: with one
+                                         group and no outliers the quantizer stores each column's
+                                         indices at the column's own position)
     weight_scale     (in,)               float16   | None        per-input-column norm
     weight_bias      (in,)               float16   | None
 Column layout before un-permuting: [outlier_size outlier columns | G groups of group_size],
