@@ -2,7 +2,7 @@
 variant, proxy-loss orderings against GPTQ and RTN at equal total bits, the reference variant's
 init / search order / optimiser, the weighted variant's monotone iterations, beam search
 optimality, variants and iteration presets in the config, determinism, bad input, block
-finetuning (both variants), and the tiny model through Hydra. Fidelity to the authors' code:
+finetuning (both variants). End to end through Hydra: tests/test_methods_e2e.py. Fidelity to the authors' code:
 tests/test_fidelity_aqlm.py."""
 from __future__ import annotations
 
@@ -330,17 +330,3 @@ def test_reference_finetune_trains_every_float_parameter_of_the_block():
     assert q[0].codebooks.dtype == torch.float16 and not q[0].codebooks.requires_grad
     _, q2, n2 = run(3)
     assert torch.equal(q[0].codebooks, q2[0].codebooks) and torch.equal(n, n2)  # same seed, same result
-
-
-@pytest.mark.slow
-def test_tiny_model_through_hydra(tmp_path):
-    from tests.helpers import metrics_under, run_cli
-
-    r = run_cli(["model=tiny_llama", "method=aqlm", "bits=2", "logger=none", "eval.seqlen=64", "eval.max_windows=4",
-                 "calib.nsamples=4", "calib.seqlen=64", f"hydra.run.dir={tmp_path / 'run'}"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    (m,) = metrics_under(tmp_path)
-    assert m["status"] == "ok" and m["method"] == "aqlm" and math.isfinite(m["ppl"]["pydoc"])
-    assert 1.5 < m["bits"]["total"] <= 2.1 and set(m["bits"]["components"]) == {"codes", "codebooks", "scales"}
-    assert m["settings"]["max_iterations"] == 4 and "chosen" in m["settings"]
-    assert m["settings"]["variant"] == "reference" and m["settings"]["iters"] == "cpu"

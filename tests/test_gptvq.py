@@ -1,13 +1,11 @@
 """GPTVQ: beats GPTQ at 2 bits (equal total); stored tensors (packed indices, int8 or fp16
 codebooks, SVD factors, normalisation codes) say exactly what dequantize uses and (variant exact)
 what the error feedback used; bits counted from them; the budget rule stays within bits +
-tolerance; bad schemes fail naming the nearest valid choices; Hydra end to end. (Fidelity to
+tolerance; bad schemes fail naming the nearest valid choices (end to end through Hydra: tests/test_methods_e2e.py). (Fidelity to
 Qualcomm-AI-research/gptvq itself: tests/test_fidelity.py.)"""
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -178,8 +176,15 @@ def test_codebook_update_and_assignment_pieces():
     X = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(0))
     Wt = torch.rand(50, 4, generator=torch.Generator().manual_seed(1)) + 0.1
     Cb = torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(2))
-    brute = ((X[:, :, None] - Cb[:, None]) ** 2 * Wt[None, :, None]).sum(-1).argmin(-1)
-    assert torch.equal(weighted_assign(X, Wt, Cb), brute)
+    dist = ((X[:, :, None].double() - Cb[:, None].double()) ** 2 * Wt[None, :, None].double()).sum(-1)  # (3, 50, 16)
+    got = weighted_assign(X, Wt, Cb)
+    # the expanded one-matmul form sums in another order than the brute-force difference form: a near-tie may
+    # resolve the other way on another CPU/BLAS, so the chosen centroid's distance must be the minimum up to fp32
+    # rounding, not the same index
+    chosen = dist.gather(2, got[..., None])[..., 0]
+    best = dist.min(-1).values
+    assert bool((chosen <= best + 1e-5 * (1 + best)).all())
+    assert (got == dist.argmin(-1)).float().mean() > 0.95  # and almost always the very same index
     # the reference's lookups (expanded form) against their difference form: other arithmetic,
     # so equal but for near ties (none among these 150 random points)
     from baselines.gptvq import assign_by_difference, assign_reference
@@ -233,18 +238,3 @@ def test_nan_weights_name_the_layer():
     W[1, 2] = float("-inf")
     with pytest.raises(ValueError, match=r"3\.mlp\.up_proj: weight contains NaN or Inf"):
         GPTVQ(GPTVQ.Config(), bits=4).quantize_layer(W, H, name="3.mlp.up_proj")
-
-
-@pytest.mark.slow
-def test_gptvq_end_to_end_tiny(tmp_path):
-    from tests.helpers import run_cli
-
-    r = run_cli(["model=tiny_llama", "method=gptvq", "bits=2", "logger=none", f"hydra.run.dir={tmp_path}",
-                 f"results_root={tmp_path}/results", "eval.max_windows=4", "calib.nsamples=8", "calib.seqlen=128"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    with open(os.path.join(tmp_path, "metrics.json")) as f:
-        m = json.load(f)
-    assert m["status"] == "ok" and m["method"] == "gptvq"
-    assert 1.9 <= m["bits"]["total"] <= 2.1 and m["bits"]["index"] == 2.0
-    assert m["bits"]["components"]["codebooks"] > 0
-    assert all(math.isfinite(v) for v in m["ppl"].values())
