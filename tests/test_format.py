@@ -46,11 +46,12 @@ def random_vqweight(out_features, in_features, *, v=6, k=12, groups=2, k_res=5, 
     return VQWeight(**kw)
 
 
-def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, quantize=None, **vq):
+def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, quantize=None, tokenizer=None, **vq):
     """A tiny random Llama (the shapes of model=tiny_llama) whose decoder linears are random VQWeights, or,
     given `quantize` (a vptq.budget.LayerConfig), the linears' own random weights quantized by our
     quantizer under a correlated random Hessian. rope: None (default, theta 10000) | a 5.x
-    rope_parameters dict. bias: q/k/v/o biases (random)."""
+    rope_parameters dict. bias: q/k/v/o biases (random). tokenizer: the model's (default: the byte
+    tokenizer of model=tiny_llama); the vocabulary follows it."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from runners.arch import linears_of, set_module
@@ -58,7 +59,7 @@ def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, quantize=None, *
     from runners.schema import TinyModelConfig
 
     t = TinyModelConfig()
-    tok = byte_tokenizer()
+    tok = tokenizer if tokenizer is not None else byte_tokenizer()
     conf = LlamaConfig(vocab_size=len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                        num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
@@ -196,6 +197,10 @@ def test_model_save_load_bit_exact(tmp_path, tied, bias):
     if tied:
         assert m2.lm_head.weight is m2.model.embed_tokens.weight
     assert tok2.encode("vq-bench") == tok.encode("vq-bench")
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    # transformers 5 saves "TokenizersBackend", a class 4.x (the official package's environment) lacks
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast" and "local_files_only" not in tc
 
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)

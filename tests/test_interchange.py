@@ -1,6 +1,9 @@
 """Interchange with Microsoft's `vptq` 0.0.5.post1: our exported folders load in the official
 package (its own loader and transformers' VptqConfig path) with the logits of our model, and our
-packer writes the same words as theirs.
+packer writes the same words as theirs. The folder loads whole there: its tokenizer (written by
+transformers 5) loads in their transformers 4.57, gives our token ids, and their model scores the
+windows it tokenized with our perplexity. Layers from our quantizer are among the exports: outliers
+beside a residual codebook (the paper's Table 8 shape) and an act order absorbed into the index order.
 
 Their package shares our import name, so it runs in a separate venv (scripts/interchange_env.py:
 transformers 4.57 + vptq 0.0.5.post1 --no-deps + a stub sentence_transformers, CPU torch), in a
@@ -20,22 +23,29 @@ import torch
 from vptq.format import export_vptq, load_vptq
 from vptq.pack import pack_indices, to_uint16_view, unpack_indices
 from vptq.qlinear import QuantLinear
-from tests.test_format import input_ids, logits, vq_tiny_llama
+from tests.test_format import TABLE8_TINY, input_ids, logits, vq_tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "interchange_env.py")
 ATOL = 1e-5  # logits are O(1); measured max abs diff is 0.0 on this machine
+# perplexity of the windows their tokenizer cut, scored by their model (float64 sum of float32 token NLLs
+# of the whole window's logits), against ours (runners.ppl: the LM head per chunk of 128 tokens, another
+# matmul shape, so other last bits; transformers 4.57 and 5.24 may also sum attention in another order):
+# measured relative differences 9e-8 to 3e-7 here (the issue measured 7e-8 on SmolLM2), bound 1e-5
+PPL_RTOL = 1e-5
+SEQLEN, WINDOWS = 64, 4
 
 # runs in the OTHER venv (their `vptq`); reads and writes safetensors only
 WORKER = r'''
-import json, sys, torch
+import json, math, sys, torch
+import torch.nn.functional as F
 import safetensors.torch as st
 import transformers, vptq
 from vptq.utils.pack import pack_index, unpack_index_tensor
 
 job = json.load(open(sys.argv[1]))
 out, info = {}, {"vptq": vptq.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-                 "vptq_file": vptq.__file__, "layers": {}}
+                 "vptq_file": vptq.__file__, "layers": {}, "tokenizers": {}, "ppl": {}}
 cases = st.load_file(job["pack_file"])
 for i, (ib, rb, gs) in enumerate(job["pack_cases"]):
     idx, res = cases[f"idx{i}"], (cases[f"res{i}"] if rb else None)
@@ -46,6 +56,13 @@ for i, (ib, rb, gs) in enumerate(job["pack_cases"]):
         out[f"unpacked_res{i}"] = b
 ids = st.load_file(job["ids_file"])["ids"]
 for name, folder in job["folders"].items():
+    ids_tok = None
+    if name in job["scored"]:  # the folder's own tokenizer, loaded by transformers 4.57
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        info["tokenizers"][name] = type(tok).__name__
+        text = open(job["text_file"], encoding="utf-8").read()
+        ids_tok = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        out[f"{name}/token_ids"] = ids_tok
     loaders = {
         "vptq": lambda: vptq.AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"}, dtype=torch.float32),
         "hf": lambda: transformers.AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"}),
@@ -58,6 +75,15 @@ for name, folder in job["folders"].items():
             out[f"{name}/{lname}/logits"] = m(ids).logits.float().contiguous()
             for n, l in vq.items():  # dense weight (+ bias) through the official layer
                 out[f"{name}/{lname}/{n}"] = l(torch.eye(l.in_features)).contiguous()
+            if ids_tok is not None:  # the pinned protocol: non-overlapping windows, exp(mean token NLL)
+                L = job["seqlen"]
+                w = ids_tok[: job["windows"] * L].view(-1, L)
+                nll, count = torch.zeros((), dtype=torch.float64), 0
+                for i in range(w.shape[0]):
+                    lg = m(w[i:i + 1]).logits[0, :-1].float()
+                    nll += F.cross_entropy(lg, w[i, 1:], reduction="sum").double()
+                    count += L - 1
+                info["ppl"][f"{name}/{lname}"] = math.exp(float(nll) / count)
 st.save_file(out, job["out_file"])
 json.dump(info, open(job["info_file"], "w"))
 '''
@@ -74,6 +100,48 @@ MODELS = {
                                           "original_max_position_embeddings": 64},
                         seed=6, v=4, k=256, k_res=16, groups=4, outliers=16, v_out=4, k_out=16),
 }
+
+
+# text the tokenizers cut: English prose (CPython's pydoc topics, always installed) and a few non-ASCII
+# characters, so byte-level pieces and merges are exercised
+def _text() -> str:
+    from runners.data import pydoc_parts
+
+    return pydoc_parts()[1][:12000] + "\n\nnaïve café — 東京 😀\n"
+
+
+TEXT = _text()
+
+
+def _smollm2_tokenizer():
+    """SmolLM2's own tokenizer (the issue's case: transformers 5 saves it as TokenizersBackend), from the
+    bundled model's converted folder; None where the bundled model is not installed."""
+    from runners.errors import UserError
+    from runners.models import smollm2_folder
+
+    try:
+        folder = smollm2_folder()
+    except UserError:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def scored_models():
+    """Models exported WITH a tokenizer and scored in their environment: name -> (vq_tiny_llama kwargs,
+    tokenizer factory). Two are quantized by our quantizer (not random codes)."""
+    from runners.models import byte_tokenizer
+    from vptq.budget import LayerConfig
+
+    return {
+        # outliers (v_o=4) beside a residual pair, 2 groups: the paper's Table 8 shape (perm stored)
+        "table8": (dict(quantize=LayerConfig(**TABLE8_TINY), seed=4), byte_tokenizer),
+        # one group, no outliers: the act order absorbed into the index order (no perm in the folder)
+        "absorbed": (dict(quantize=LayerConfig(vector_len=4, num_centroids=16, num_res_centroids=4), seed=5),
+                     byte_tokenizer),
+        "smollm2_tokenizer": (dict(seed=8, k=16, k_res=4, groups=1, outliers=0, v=4), _smollm2_tokenizer),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +176,23 @@ def test_official_vptq_loads_our_export(tmp_path, their_python):
         ours[i] = (idx, res, ours[i])
     st.save_file(cases, str(tmp_path / "pack.safetensors"))
 
-    models, folders = {}, {}
+    models, folders, scored = {}, {}, []
     for name, opts in MODELS.items():
         models[name] = vq_tiny_llama(**opts)[0]
         folders[name] = export_vptq(models[name], None, str(tmp_path / name))
+    for name, (opts, make_tok) in scored_models().items():  # exported with their tokenizer
+        tok = make_tok()
+        if tok is None:
+            continue
+        models[name], tok = vq_tiny_llama(tokenizer=tok, **opts)
+        folders[name] = export_vptq(models[name], tok, str(tmp_path / name))
+        scored.append(name)
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT, encoding="utf-8")
     job = {"pack_file": str(tmp_path / "pack.safetensors"), "pack_cases": PACK_CASES,
            "ids_file": str(tmp_path / "ids.safetensors"), "folders": folders,
-           "out_file": str(tmp_path / "out.safetensors"), "info_file": str(tmp_path / "info.json")}
+           "out_file": str(tmp_path / "out.safetensors"), "info_file": str(tmp_path / "info.json"),
+           "scored": scored, "text_file": str(text_file), "seqlen": SEQLEN, "windows": WINDOWS}
     (tmp_path / "job.json").write_text(json.dumps(job))
     (tmp_path / "worker.py").write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -155,3 +233,23 @@ def test_official_vptq_loads_our_export(tmp_path, their_python):
             report[f"{name}/{lname}"] = diff
             assert diff <= ATOL, (name, lname, diff)
     print("max abs logit diff, official loaders vs ours:", report)
+
+    # the whole folder in their environment: tokenizer (4.57) -> our ids -> their model -> our perplexity
+    from runners.data import tokenize
+    from runners.ppl import perplexity
+
+    assert scored, "no model was exported with a tokenizer"
+    ppl_report = {}
+    for name in scored:
+        m2, tok2 = load_vptq(folders[name])
+        ours = tokenize(tok2, TEXT)
+        assert info["tokenizers"][name] == "PreTrainedTokenizerFast"
+        assert torch.equal(got[f"{name}/token_ids"], ours), name  # their tokenizer == ours, id for id
+        windows = ours[: WINDOWS * SEQLEN].view(-1, SEQLEN)
+        assert windows.shape[0] == WINDOWS
+        mine = perplexity(m2, windows, torch.device("cpu"))
+        for lname in ("vptq", "hf"):
+            theirs = info["ppl"][f"{name}/{lname}"]
+            ppl_report[f"{name}/{lname}"] = (theirs, mine)
+            assert theirs == pytest.approx(mine, rel=PPL_RTOL), (name, lname, theirs, mine)
+    print("perplexity, their tokenizer + their loaders vs ours:", ppl_report)

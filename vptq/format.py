@@ -10,7 +10,8 @@ A model folder (written to a temp dir, then renamed: never half-written):
          "vq_bench": {"format": "vq-bench/vptq", "format_version": 1, "layers": {...true codebook
                       sizes, storage bits...}, "method": {...}, "run_config": {...}, ...}}
     model.safetensors        (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
-    tokenizer files          when a tokenizer is given
+    tokenizer files          when a tokenizer is given, loadable by transformers 4.x and 5.x
+                             (`_legacy_tokenizer_class`)
 
 Tensors of one quantized linear `<p>` (G = group_num, k = num_centroids, v = vector_len,
 n = ceil(out/v), W = ceil(group_size * (log2 k + log2 k_res) / 32), see `vptq.pack`):
@@ -258,6 +259,34 @@ def _add_legacy_keys(path: str) -> None:
         f.write("\n")
 
 
+# tokenizer classes transformers 5.x writes that 4.x (the official vptq package's environment) lacks, and the
+# 4.x class that reads the same tokenizer.json verbatim (5.x reads that name too: an alias of the same class)
+LEGACY_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")  # how the source was loaded, not what it is
+
+
+def _legacy_tokenizer_class(folder: str) -> None:
+    """Make a saved tokenizer loadable by transformers 4.x too: 5.x writes `tokenizer_class:
+    TokenizersBackend` (4.57: "Tokenizer class TokenizersBackend does not exist"); with a tokenizer.json
+    beside it, `PreTrainedTokenizerFast` reads that file verbatim in both versions (measured on SmolLM2's
+    and the byte tokenizer: the same ids, special tokens and chat template in 4.57.6 and 5.24). The keys
+    that record how the source was loaded (`local_files_only`, `is_local`) are dropped. Other classes
+    (model-specific names both versions know) are left as written."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        d = json.load(f)
+    cls = d.get("tokenizer_class")
+    if cls in LEGACY_TOKENIZER_CLASSES and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        d["tokenizer_class"] = LEGACY_TOKENIZER_CLASSES[cls]
+    for k in LOAD_TIME_TOKENIZER_KEYS:
+        d.pop(k, None)
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
 def _shards(tensors: Dict[str, torch.Tensor], max_bytes: int) -> List[Dict[str, torch.Tensor]]:
     shards: List[Dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -345,6 +374,7 @@ def export_vptq(model: nn.Module, tokenizer, out_dir: str, *, method: Optional[D
                 json.dump(index, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            _legacy_tokenizer_class(tmp)
         old = None
         if os.path.exists(out_dir):
             old = f"{out_dir}.old-{os.getpid()}"
