@@ -156,3 +156,43 @@ def test_outliers_with_a_residual_codebook():
         c = choose_config(*shape, 2.5, 0.1, **out)
         assert c.outlier_size == 6 and total_bits_per_weight(*shape, c) <= 2.6
         check_format(*shape, c)
+
+
+def test_community_spec_is_a_shorthand_for_explicit_settings():
+    """method.spec=v8-k65536-256 (VPTQ-community naming) == the three explicit fields; -woft accepted."""
+    from vptq.budget import parse_spec
+
+    assert parse_spec("v8-k65536-256") == {"vector_len": 8, "num_centroids": 65536, "num_res_centroids": 256}
+    assert parse_spec("v8-k65536-0-woft") == {"vector_len": 8, "num_centroids": 65536, "num_res_centroids": 0,
+                                              "finetune": False}
+    a = build_method("vptq", VPTQ.Config(spec="v8-k65536-256"), bits=3.0)
+    b = build_method("vptq", VPTQ.Config(vector_len=8, num_centroids=65536, num_res_centroids=256), bits=3.0)
+    for shape in [(4096, 4096), (576, 576)]:
+        assert a.layer_plan(*shape) == b.layer_plan(*shape)
+        c = a.layer_plan(*shape)
+        assert (c.vector_len, c.num_centroids, c.num_res_centroids) == (8, 65536, 256)
+    assert a.settings()["spec"] == "v8-k65536-256"
+    # the same value given twice is fine; a different one is a one-line conflict
+    build_method("vptq", VPTQ.Config(spec="v8-k65536-256-woft", vector_len=8), bits=3.0)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(spec="v8-k65536-256", vector_len=6), "method.spec=v8-k65536-256 sets vector_len=8 but method.vector_len=6"),
+    (dict(spec="v8-k65536-256", num_res_centroids=0), "sets num_res_centroids=256 but method.num_res_centroids=0"),
+    (dict(spec="v8-k65536-256-woft", finetune=True), "sets finetune=False but method.finetune=True"),
+    (dict(spec="v8-k65536-256-ft"), "unknown suffix '-ft'; valid: -woft"),
+    (dict(spec="Meta-Llama-3.1-8B-Instruct-v8-k65536-256-woft"), "is not of the form v<vector_len>-k"),
+    (dict(spec="v8k65536"), "e.g. v8-k65536-256"),
+])
+def test_community_spec_errors_are_one_line(kw, needle):
+    from vptq.methods import MethodError
+
+    with pytest.raises(MethodError) as e:
+        build_method("vptq", VPTQ.Config(**kw), bits=2.0)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_community_spec_with_invalid_sizes_fails_in_the_format_check():
+    m = build_method("vptq", VPTQ.Config(spec="v8-k65536-131072"), bits=3.0)
+    with pytest.raises(BudgetError, match="num_res_centroids=131072"):
+        m.layer_plan(4096, 4096)

@@ -47,8 +47,9 @@ as given (explicit parameters override the budget). Otherwise an impossible budg
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from vptq.numerics import ceil_log2
 
@@ -152,6 +153,32 @@ def check_format(out_f: int, in_f: int, c: LayerConfig) -> None:
         raise BudgetError(f"group_num={c.group_num} does not divide the {rest} non-outlier columns; "
                           f"valid: {', '.join(map(str, divs))}")
 
+
+
+# ---------------------------------------------------------------------------- the community's names
+SPEC_SUFFIXES = {"woft": "without finetuning"}  # VPTQ-community's suffixes -> meaning
+_SPEC = re.compile(r"v(\d+)-k(\d+)-(\d+)((?:-[A-Za-z0-9]+)*)")
+
+
+def parse_spec(spec: str) -> Dict[str, Any]:
+    """The VPTQ-community naming as a shorthand: "v8-k65536-256" -> vector_len 8, num_centroids 65536,
+    num_res_centroids 256 (0 = no residual stage), e.g. the tail of Meta-Llama-3.1-8B-Instruct-
+    v8-k65536-256-woft. Suffix "-woft" (without finetuning) is returned as {"finetune": False}; any
+    other suffix, or another form, raises a one-line MethodError."""
+    from vptq.methods import MethodError
+
+    m = _SPEC.fullmatch(str(spec).strip())
+    if not m:
+        raise MethodError(f"method.spec={spec!r} is not of the form v<vector_len>-k<num_centroids>-<num_res_centroids>"
+                          f"[-woft], e.g. v8-k65536-256 or v8-k65536-0-woft")
+    out: Dict[str, Any] = {"vector_len": int(m.group(1)), "num_centroids": int(m.group(2)),
+                           "num_res_centroids": int(m.group(3))}
+    for suffix in filter(None, m.group(4).split("-")):
+        if suffix not in SPEC_SUFFIXES:
+            raise MethodError(f"method.spec={spec!r}: unknown suffix '-{suffix}'; valid: "
+                              + ", ".join(f"-{k} ({v})" for k, v in SPEC_SUFFIXES.items()))
+        out["finetune"] = False
+    return out
 
 
 # ---------------------------------------------------------------------------- the rule

@@ -63,9 +63,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from vptq.budget import LayerConfig, choose_config, check_format, stores_perm
+from vptq.budget import LayerConfig, choose_config, check_format, parse_spec, stores_perm
 from vptq.kmeans import kmeans
-from vptq.methods import ITERS_PRESETS, Method, check_choice
+from vptq.methods import ITERS_PRESETS, Method, MethodError, check_choice
 from vptq.numerics import round_fp16
 from vptq.solver import error_feedback, prepare_hessian
 from vptq.vqweight import VQWeight
@@ -358,6 +358,9 @@ class VPTQ(Method):
     class Config:
         name: str = "vptq"
         tolerance: float = 0.1  # realized total bits may exceed the target by at most this
+        # the VPTQ-community naming as a shorthand for vector_len/num_centroids/num_res_centroids, e.g.
+        # v8-k65536-256 (suffix -woft: without finetuning); vptq.budget.parse_spec
+        spec: Optional[str] = None
         # explicit parameters override the bits budget (null = the budget decides)
         vector_len: Optional[int] = None
         num_centroids: Optional[int] = None
@@ -398,6 +401,21 @@ class VPTQ(Method):
         self.opts = QuantOptions(**{k: preset[k] if (v is None and k in preset and k != "kmeans_max_train") else v
                                     for k, v in given.items()})
         _check_options(self.opts)
+        self.spec = self._resolve_spec(config)
+
+    @staticmethod
+    def _resolve_spec(config) -> Dict[str, Any]:
+        """method.spec -> the explicit fields it stands for; a different explicit value is a conflict."""
+        if not config.spec:
+            return {}
+        spec = parse_spec(config.spec)
+        for field, value in spec.items():
+            given = getattr(config, field, None)
+            if given is not None and given != value:
+                raise MethodError(f"method.spec={config.spec} sets {field}={value} but method.{field}={given}; "
+                                  f"give one of them (or the same value)")
+        spec.pop("finetune", None)
+        return spec
 
     def _overrides(self) -> Dict[str, Any]:
         c = self.config
@@ -405,7 +423,7 @@ class VPTQ(Method):
                 "num_res_centroids": c.num_res_centroids, "group_num": c.group_num,
                 "outlier_size": c.outlier_size, "outlier_vector_len": c.outlier_vector_len,
                 "outlier_num_centroids": c.outlier_num_centroids, "perm": c.enable_perm, "norm": c.enable_norm}
-        return {k: v for k, v in keys.items() if v is not None}
+        return {**self.spec, **{k: v for k, v in keys.items() if v is not None}}
 
     def layer_plan(self, out_f: int, in_f: int) -> LayerConfig:
         return choose_config(int(out_f), int(in_f), self.bits, self.config.tolerance, **self._overrides())
@@ -416,6 +434,8 @@ class VPTQ(Method):
         s: Dict[str, Any] = {f"{o}x{i}": c.short() for (o, i), c in sorted((plan or {}).items())}
         o = self.opts
         s = {"variant": self.config.variant, "iters": self.config.iters, **s}
+        if self.config.spec:
+            s["spec"] = self.config.spec
         s.update(finetune=self.config.finetune, norm_hessian=o.norm_hessian, residual_init=o.residual_init,
                  kmeans_init=o.kmeans_init, kmeans_iters=o.kmeans_iters, kmeans_tol=o.kmeans_tol,
                  kmeans_max_train=o.kmeans_max_train if o.kmeans_max_train is not None else "all")
