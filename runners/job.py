@@ -279,7 +279,13 @@ def _load_model_and_data(job: Job) -> None:
     rec.memory.peak_rss_scope = "job" if M.reset_peak_rss() else "process"  # sweeps run jobs in one process
     rec.memory.base_rss_gb = M.current_rss_gb()  # interpreter + libraries, before the model is loaded
     t0 = time.perf_counter()
-    job.model, job.tok = load_model(cfg.model)
+    if method.loads_quantized:  # method=released: the quantized model is read from model.path as it is
+        from runners.models import load_released
+
+        job.model, job.tok = load_released(cfg.model, method, kernel=cfg.kernel.name)
+        job.plan = method.plan_of(job.model)
+    else:
+        job.model, job.tok = load_model(cfg.model)
     rec.time.load_s = time.perf_counter() - t0
     if method.quantizes:
         try:
@@ -305,18 +311,39 @@ def _float_references(job: Job) -> None:
     from runners.models import cache_root
 
     t0 = time.perf_counter()
-    weights = weights_fingerprint(job.model)
+    model = job.model
+    if job.method.loads_quantized:  # method=released: the float model only if given (method.float_model)
+        model = _released_reference_model(job)
+        if model is None:
+            return
+    weights = weights_fingerprint(model)
     folder = cfg.eval.kld_cache or os.path.join(cache_root(), "float_reference")
     topk = int(cfg.eval.kld_topk) if cfg.eval.kld_topk is not None else 1 << 30  # null: the whole vocabulary
-    job.model.to(job.device)
+    model.to(job.device)
     for ds, w in job.windows.items():
-        job.refs[ds], info = float_reference(job.model, w, job.device, weights=weights, folder=folder,
+        job.refs[ds], info = float_reference(model, w, job.device, weights=weights, folder=folder,
                                              topk=topk, name=ds)
         job.rec.kld[ds] = {"reference": info}
     if job.device.type != "cpu":
-        job.model.to("cpu")  # the driver moves one block at a time to the device
+        model.to("cpu")  # the driver moves one block at a time to the device
         torch.cuda.empty_cache()
     job.rec.time.reference_s = time.perf_counter() - t0
+
+
+def _released_reference_model(job: Job):
+    """method=released: the float model named by method.float_model (same vocabulary), or None (no KL)."""
+    path = job.method.config.float_model
+    if not path:
+        log.info("method=released without method.float_model: no float reference, so no KL metrics")
+        return None
+    from runners.models import load_float_model
+
+    model, _ = load_float_model(job.cfg.model, path)
+    vocab, ours = model.get_input_embeddings().num_embeddings, job.model.get_input_embeddings().num_embeddings
+    if vocab != ours:
+        raise UserError(f"method.float_model={path} has a vocabulary of {vocab} tokens, the released model "
+                        f"{ours}: not the float model it was quantized from")
+    return model
 
 
 def _quantize(job: Job) -> None:
@@ -360,6 +387,13 @@ def _quantize(job: Job) -> None:
         if cfg.audit:
             rec.audit = _audit(cfg, method, job.calib, device, job.codes)
             rec.time.audit_s = rec.audit["time_s"]
+    elif method.loads_quantized:  # method=released: bits counted from the loaded layers' stored tensors
+        st = method.storage(model)
+        rec.bits.index, rec.bits.total = (st.per_weight()[k] for k in ("index", "total"))
+        rec.bits.components = {k: v / st.numel for k, v in st.bits.items()}
+        rec.bits.quantized_params = st.numel
+        job.codes = M.codes_digest(model)
+        rec.codes_sha256 = job.codes["sha256"]
     else:
         rec.bits.index = rec.bits.total = 16.0
 

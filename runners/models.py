@@ -241,3 +241,50 @@ def load_blocks(cfg, indices):
             p.requires_grad_(False)
         out[i] = block
     return out, arch
+
+
+def _released_folder(cfg) -> str:
+    """model.path of method=released as a local folder: a folder as given, or a hub id's snapshot (the local
+    Hugging Face cache first, then the hub if it can be reached; safetensors, json and tokenizer files)."""
+    path = cfg.path
+    if not path:
+        raise UserError("method=released needs model.path=FOLDER: a model in the official VPTQ format "
+                        "(e.g. a VPTQ-community download, or a save.quantized=true folder)")
+    if os.path.isdir(path):
+        return path
+    if path.startswith((".", "/", "~")):
+        raise UserError(f"model.path={path!r} is not a folder")
+    cached = _cached_snapshot(path, cfg.revision)
+    if cached:
+        return cached
+    if not hub_reachable():
+        raise UserError(f"model.path={path!r} is not in the local Hugging Face cache and the hub cannot be "
+                        f"reached; download it elsewhere and pass model.path=/local/folder")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, revision=cfg.revision, allow_patterns=["*.safetensors", "*.json", "*.jinja"])
+
+
+def load_released(cfg, method, kernel: str = "torch") -> Tuple[torch.nn.Module, object]:
+    """method=released: the quantized model at model.path, read by the method (vptq.format.load_vptq:
+    safetensors only), float parameters in model.dtype. -> (model in eval mode on the CPU, tokenizer)."""
+    from vptq.methods import MethodError
+
+    if cfg.dtype not in DTYPES:
+        raise choices_error("model.dtype", cfg.dtype, DTYPES)
+    folder = _released_folder(cfg)
+    check_model_folder(folder)
+    try:
+        return method.load(folder, dtype=DTYPES[cfg.dtype], kernel=kernel)
+    except (MethodError, ValueError, FileNotFoundError) as e:
+        raise UserError(f"model.path={cfg.path}: {e}") from None
+
+
+def load_float_model(cfg, path: str) -> Tuple[torch.nn.Module, object]:
+    """The float model at `path` (hub id or folder; method.float_model of method=released), loaded like
+    model=hf with the run's model.dtype: the reference of the KL metrics."""
+    import copy
+
+    c = copy.deepcopy(cfg)
+    c.path, c.source, c.revision = path, "pretrained", None
+    return load_model(c)

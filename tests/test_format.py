@@ -46,12 +46,14 @@ def random_vqweight(out_features, in_features, *, v=6, k=12, groups=2, k_res=5, 
     return VQWeight(**kw)
 
 
-def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, quantize=None, tokenizer=None, **vq):
+def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, quantize=None, tokenizer=None, float_copy=None,
+                  **vq):
     """A tiny random Llama (the shapes of model=tiny_llama) whose decoder linears are random VQWeights, or,
     given `quantize` (a vptq.budget.LayerConfig), the linears' own random weights quantized by our
     quantizer under a correlated random Hessian. rope: None (default, theta 10000) | a 5.x
     rope_parameters dict. bias: q/k/v/o biases (random). tokenizer: the model's (default: the byte
-    tokenizer of model=tiny_llama); the vocabulary follows it."""
+    tokenizer of model=tiny_llama); the vocabulary follows it. float_copy: a list that receives a copy of
+    the float model (before its linears are replaced; without biases)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from runners.arch import linears_of, set_module
@@ -69,6 +71,10 @@ def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, quantize=None, t
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
         model.eval()
+        if float_copy is not None:
+            import copy
+
+            float_copy.append(copy.deepcopy(model))
         for bi, block in enumerate(model.model.layers):
             for j, (name, lin) in enumerate(linears_of(block).items()):
                 b = torch.randn(lin.out_features) * 0.02 if lin.bias is not None else None
@@ -521,3 +527,91 @@ def test_absorbed_act_order_exports_without_a_permutation(tmp_path):
     assert not [k for k in safetensors.torch.load_file(os.path.join(out, "model.safetensors")) if k.endswith(".perm")]
     m2, _ = load_vptq(out)
     assert torch.equal(logits(m2, input_ids()), logits(model, input_ids()))
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from runners.cli import register_resolvers
+    from runners.schema import register_configs
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf"),
+                               version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.slow
+def test_released_model_is_a_row(tmp_path):
+    """method=released model=hf model.path=<official-format folder>: our own export stands in for a
+    VPTQ-community download. The job evaluates it through the same protocol (perplexity == the folder
+    scored directly), counts its bits from the loaded layers' stored tensors (== the export's own count),
+    and gives KL only when the float model it came from is named (method.float_model)."""
+    from runners.data import eval_windows
+    from runners.job import run_job
+    from runners.ppl import perplexity
+    from vptq.budget import LayerConfig
+
+    floats = []
+    model, tok = vq_tiny_llama(quantize=LayerConfig(vector_len=4, num_centroids=16, num_res_centroids=4), seed=9,
+                               float_copy=floats)
+    release = export_vptq(model, tok, str(tmp_path / "tiny-v4-k16-4-woft"))
+    floats[0].save_pretrained(str(tmp_path / "float"))
+    tok.save_pretrained(str(tmp_path / "float"))
+    me = read_quantization_config(release)["vq_bench"]
+
+    base = ["model=hf", f"model.path={release}", "model.name=tiny_release", "model.dtype=float32", "method=released",
+            "eval.seqlen=64", "eval.max_windows=2", "logger=none", f"results_root={tmp_path}", "resume=false",
+            "device=cpu"]
+    run_job(_compose(base), job_dir=str(tmp_path / "job"))
+    with open(tmp_path / "job" / "metrics.json") as f:
+        met = json.load(f)
+    assert met["status"] == "ok" and met["method"] == "released", met.get("error")
+    assert met["bits"]["total"] == pytest.approx(me["bits"]["total"], rel=1e-12)
+    assert met["bits"]["index"] == pytest.approx(me["bits"]["index"], rel=1e-12)
+    assert met["bits"]["target"] is None and set(met["bits"]["components"]) == {"indices", "codebooks", "res_codebooks"}
+    assert met["settings"]["64x64"] == "v4k16r4" and met["settings"]["float_model"] is None
+    assert met["kld"] == {}  # no float model named: no KL
+    m2, tok2 = load_vptq(release)
+    w = eval_windows("pydoc", None, tok2, 64, 2)
+    assert met["ppl"]["pydoc"] == perplexity(m2, w, torch.device("cpu"))
+
+    run_job(_compose(base + [f"method.float_model={tmp_path / 'float'}", f"eval.kld_cache={tmp_path / 'refs'}"]),
+            job_dir=str(tmp_path / "job_kl"))
+    with open(tmp_path / "job_kl" / "metrics.json") as f:
+        met2 = json.load(f)
+    assert met2["status"] == "ok", met2.get("error")
+    assert met2["ppl"] == met["ppl"] and met2["bits"] == met["bits"]
+    kl = met2["kld"]["pydoc"]
+    assert 0 < kl["mean"] < 10 and 0 <= kl["top1_agree"] <= 100  # percent
+
+
+def test_released_refusals(tmp_path):
+    """One line each: no model.path, a folder that is not in the VPTQ format, a folder without tokenizer."""
+    from runners.errors import UserError
+    from runners.models import load_released
+    from vptq.methods import build_method
+    from vptq.released import Released
+
+    m = build_method("released", Released.Config(), bits=None)
+    cfg = _compose(["model=hf", "method=released"]).model
+    with pytest.raises(UserError, match="method=released needs model.path=FOLDER"):
+        load_released(cfg, m)
+    model, tok = vq_tiny_llama(seed=1)
+    export_vptq(model, None, str(tmp_path / "notok"))
+    cfg.path = str(tmp_path / "notok")
+    with pytest.raises(UserError, match="has no tokenizer files") as e:
+        load_released(cfg, m)
+    assert "\n" not in str(e.value)
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=1).save_pretrained(tmp_path / "plain")
+    cfg.path = str(tmp_path / "plain")
+    with pytest.raises(UserError, match="quant_method is None; valid: 'vptq'"):
+        load_released(cfg, m)
+    from vptq.methods import MethodError
+
+    with pytest.raises(MethodError, match="method.format='aqlm'; valid: vptq"):
+        build_method("released", Released.Config(format="aqlm"), bits=None)

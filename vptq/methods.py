@@ -26,6 +26,7 @@ METHODS: Dict[str, str] = {
     "gptvq": "baselines.gptvq:GPTVQ",
     "aqlm": "baselines.aqlm:AQLM",
     "vptq": "vptq.quantizer:VPTQ",
+    "released": "vptq.released:Released",  # a model quantized elsewhere (official VPTQ folder), evaluated as is
 }
 
 
@@ -74,6 +75,7 @@ class Method(abc.ABC):
     needs_hessian: ClassVar[bool] = True
     quantizes: ClassVar[bool] = True  # False for the unquantized reference
     uses_bits: ClassVar[bool] = True  # False when `bits` does not change the result
+    loads_quantized: ClassVar[bool] = False  # True: the model is read already quantized (method=released)
 
     def __init__(self, config: Any, *, bits: Optional[float], seed: int = 0):
         self.config = config

@@ -180,6 +180,22 @@ class VQWeight(QuantizedWeight):
                 setattr(self, name, t.to(device))
         return self
 
+    def short(self) -> str:
+        """The stored configuration in `vptq.budget.LayerConfig.short()`'s notation, e.g. "v8k65536r256"
+        ("p": a permutation is stored; an absorbed act order stores none)."""
+        s = f"v{self.vector_len}k{self.num_centroids}"
+        if self.num_res_centroids:
+            s += f"r{self.num_res_centroids}"
+        if self.group_num > 1:
+            s += f"g{self.group_num}"
+        if self.outlier_size:
+            s += f"o{self.outlier_size}v{self.outlier_vector_len}k{self.outlier_num_centroids}"
+        if self.weight_scale is not None:
+            s += "n"
+        if self.perm is not None:
+            s += "p"
+        return s
+
     def settings(self) -> Dict[str, object]:
         s = {"v": self.vector_len, "k": self.num_centroids, "groups": self.group_num}
         if self.num_res_centroids:
