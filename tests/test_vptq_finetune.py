@@ -1,5 +1,6 @@
-"""Layer-wise finetuning (vptq/finetune.py): the differentiable dequantization equals the
-reference, block-output MSE goes down on a tiny block, float16 write-back, determinism."""
+"""Layer-wise finetuning as `VPTQ.finetune_block` runs it (method.finetune=true outside the runner,
+vptq/finetune.py): the VQWeight adapter (vptq/trainable.py) equals the reference and its gradients
+equal plain autograd's, block-output MSE goes down on a tiny block, float16 write-back, determinism."""
 from __future__ import annotations
 
 import pytest
@@ -11,9 +12,10 @@ from runners.driver import quantize_model
 from runners.models import tiny_model
 from runners.schema import ModelConfig, TinyModelConfig
 from vptq.budget import LayerConfig
-from vptq.finetune import DiffDequant, finetune_block
+from vptq.finetune import finetune_block
 from vptq.methods import BlockContext, build_method
 from vptq.quantizer import VPTQ, quantize_weight
+from vptq.trainable import trainable
 
 
 @pytest.mark.parametrize("cfg", [
@@ -25,8 +27,8 @@ def test_differentiable_dequantize_equals_reference(cfg):
     g = torch.Generator().manual_seed(0)
     W = torch.randn(42, 36, generator=g)  # 42 rows: padding for v=4
     q, _ = quantize_weight(W, correlated_hessian(36), cfg, seed=0)
-    dd = DiffDequant(q)
-    Wd = dd()
+    dd = trainable(q)
+    Wd = dd.weight()
     assert torch.equal(Wd.detach(), q.dequantize())
     (Wd * torch.randn(Wd.shape, generator=g)).sum().backward()
     # gradients reach every trainable tensor, and equal plain autograd through indexing

@@ -1,138 +1,46 @@
 """Layer-wise finetuning of a quantized decoder block (VPTQ, arXiv 2409.17066, §4 "layer-wise
-finetuning"; never released upstream, where only end-to-end finetuning was mentioned).
+finetuning", Table 9; never released upstream).
 
-After every linear of a block is quantized (indices fixed), the block's codebooks — main,
-residual and outlier centroids — and its per-column norms (weight_scale, weight_bias) are
-trained with Adam to minimise
+After every linear of a block is quantized (indices and codes fixed), the block's continuous
+parameters are trained with Adam to minimise
 
-    MSE( block_q(X), block_float(X) )      X = the block's calibration inputs (ctx.inputs)
+    MSE( block_q(X), Y )      X = the block's calibration inputs (ctx.inputs),
+                              Y = the float block's outputs on them (ctx.float_outputs)
 
-where block_float(X) is `ctx.float_outputs`. The indices stay frozen; everything else in the
-block (norm layers, biases) is left alone. `VQWeight.dequantize` stays the reference: the
-differentiable dequantization here (`DiffDequant`) recomputes exactly the same weight from
-float32 copies of the trainable tensors. Its codebook lookup has a deterministic backward on
-every device (`_SortedGather`: gradients summed per centroid through a precomputed sort of
-the frozen indices and a float64 cumulative sum; F.embedding's and index_add_'s CUDA
-backward use atomics and are not reproducible, measured on an H200). At the end the trained tensors are rounded to float16
-and written back into the `VQWeight`s, the block-output MSE is measured again with those
-stored values, and if it is not lower than before finetuning the original tensors are
-restored (finetuning never makes a block worse on its calibration data).
+Under `hessian.protocol=float` X is the float model's own activation at this block, so Y is the
+float model's own next activation: the paper's target. Under `protocol=quantized` X comes from
+the quantized blocks before, and Y is the float block's answer to it.
 
-Determinism: the window order of each epoch comes from a CPU generator seeded by `seed`;
-one window per forward (the driver's block kwargs are captured for batch size 1) with
-gradients accumulated over `batch` windows per Adam step.
+What is trained, for every weight type (vptq/trainable.py adapters): codebooks (main, residual,
+outlier), norms and scales; with norms=True also the block's RMSNorm weights (the paper's recipe).
+The forward pass sees exactly the stored (float16 / int8) values (straight-through rounding), and
+at the end the trained tensors are rounded into the weights; the block-output MSE is measured again
+with them, and if it is not lower than before finetuning the original tensors are restored
+(finetuning never leaves a block worse on its calibration data).
+
+Two call shapes:
+  * `finetune=layer` (runners/finetune.py, every method): the paper's recipe, `steps` Adam steps
+    (100) with the learning rate decaying from `lr` (1e-4) to `lr_min` (5e-6) on a cosine,
+    `batch` windows per step, RMSNorm weights trained;
+  * `VPTQ.finetune_block` (method.finetune=true outside the runner, users' scripts): `epochs`
+    passes over the windows at a constant `lr` (the method's finetune_epochs/lr/batch), codebooks
+    and norms only, as before.
+
+Determinism: the window order of each epoch comes from a CPU generator seeded by `seed`; one
+window per forward (the driver's block kwargs are captured for batch size 1) with gradients
+accumulated over `batch` windows per Adam step; codebook lookups have a deterministic backward.
 """
 from __future__ import annotations
 
-import types
-from typing import Dict, List
+import math
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vptq.qlinear import QuantLinear
-from vptq.vqweight import VQWeight
-
-TRAINABLE = ("centroids", "res_centroids", "outlier_centroids", "weight_scale", "weight_bias")
-
-
-class _SortedIndex:
-    """A frozen flat index (M,) into a table of K rows, sorted once for the backward pass."""
-
-    def __init__(self, flat: torch.Tensor, K: int):
-        self.flat = flat
-        self.order = torch.sort(flat, stable=True).indices  # (M,)
-        srt = flat[self.order]
-        ar = torch.arange(K, device=flat.device)
-        self.starts = torch.searchsorted(srt, ar, right=False)  # (K,)
-        self.ends = torch.searchsorted(srt, ar, right=True)
-
-
-class _SortedGather(torch.autograd.Function):
-    """table (K, v)[index] -> (M, v); backward sums the gradients of each row deterministically."""
-
-    @staticmethod
-    def forward(ctx, table, sidx: _SortedIndex):
-        ctx.sidx = sidx
-        ctx.K = table.shape[0]
-        return table[sidx.flat]
-
-    @staticmethod
-    def backward(ctx, grad):
-        s = ctx.sidx
-        cs = grad[s.order].double().cumsum(0)  # (M, v)
-        cs = torch.cat([torch.zeros(1, grad.shape[1], dtype=cs.dtype, device=cs.device), cs])
-        return (cs[s.ends] - cs[s.starts]).to(grad.dtype), None
-
-
-class DiffDequant(nn.Module):
-    """Differentiable twin of `VQWeight.dequantize` for one weight: trainable float32 copies
-    of the codebooks (and norms), frozen indices."""
-
-    def __init__(self, q: VQWeight):
-        super().__init__()
-        self.q = q
-        self.params = nn.ParameterDict()
-        for name in TRAINABLE:
-            t = getattr(q, name)
-            if t is not None:
-                self.params[name] = nn.Parameter(t.detach().float().clone())
-        self._flat = {}
-        for name, cname in (("indices", "centroids"), ("res_indices", "res_centroids"),
-                            ("outlier_indices", "outlier_centroids")):
-            idx = getattr(q, name)
-            if idx is not None and cname in self.params:
-                G, k = self.params[cname].shape[:2]
-                off = (torch.arange(G, device=idx.device) * k)[:, None, None]
-                # (G, n, gs) indices into the flattened (G*k, v) codebook
-                self._flat[cname] = (tuple(idx.shape), _SortedIndex((idx + off).reshape(-1), G * k))
-        self._inv = torch.argsort(q.perm) if q.perm is not None else None
-
-    def _columns(self, cname: str) -> torch.Tensor:
-        C = self.params[cname]  # (G, k, v)
-        (G, n, gs), sidx = self._flat[cname]
-        v = C.shape[-1]
-        vec = _SortedGather.apply(C.reshape(-1, v), sidx).reshape(G, n, gs, v)
-        W = vec.permute(0, 1, 3, 2).reshape(G, n * v, gs).permute(1, 0, 2).reshape(n * v, G * gs)
-        return W[: self.q.out_features]  # (out, G*gs)
-
-    def forward(self) -> torch.Tensor:
-        W = self._columns("centroids")
-        if "res_centroids" in self._flat:
-            W = W + self._columns("res_centroids")
-        if "outlier_centroids" in self._flat:
-            W = torch.cat([self._columns("outlier_centroids"), W], dim=1)
-        if self._inv is not None:
-            W = W[:, self._inv]
-        if "weight_scale" in self.params:
-            W = W * self.params["weight_scale"][None, :] + self.params["weight_bias"][None, :]
-        return W  # (out, in) float32
-
-    @torch.no_grad()
-    def write_back(self) -> Dict[str, torch.Tensor]:
-        """Round the trained tensors to float16 into the VQWeight; return the old ones."""
-        old = {}
-        for name, p in self.params.items():
-            old[name] = getattr(self.q, name)
-            h = p.detach().half()
-            if not torch.isfinite(h).all():
-                raise FloatingPointError(f"finetuned {name} overflows float16")
-            setattr(self.q, name, h)
-        return old
-
-
-def _vq_linears(block: nn.Module) -> Dict[str, QuantLinear]:
-    return {n: m for n, m in block.named_modules()
-            if isinstance(m, QuantLinear) and isinstance(m.qweight, VQWeight)}
-
-
-def _patched_forward(dd: DiffDequant):
-    def forward(self, x):
-        W = dd().to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, W, b)
-    return forward
+from vptq.trainable import Trainables
 
 
 def _out(o):
@@ -149,58 +57,78 @@ def block_mse(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kwa
     return tot / inputs.shape[0]
 
 
-def finetune_block(block: nn.Module, ctx, *, epochs: int, lr: float, batch: int, seed: int) -> Dict[str, float]:
-    """Train the codebooks/norms of the VQ linears of `block` (see the module docstring).
+def cosine_lr(step: int, total: int, lr: float, lr_min: Optional[float]) -> float:
+    """lr at `step` of `total`: constant when lr_min is None, else a cosine from lr to lr_min."""
+    if lr_min is None or total <= 1:
+        return lr
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * step / (total - 1)))
 
-    Returns {"ft_mse_before", "ft_mse_after", "ft_steps", "ft_kept"} for the block's log."""
+
+def window_batches(N: int, batch: int, steps: int, gen: torch.Generator):
+    """`steps` lists of window indices: each epoch a fresh permutation from `gen`, cut into
+    ceil(N / batch) batches (the last one shorter)."""
+    per_epoch = math.ceil(N / batch)
+    order = []
+    for s in range(steps):
+        if s % per_epoch == 0:
+            order = torch.randperm(N, generator=gen).tolist()
+        j = s % per_epoch
+        yield order[j * batch:(j + 1) * batch]
+
+
+def finetune_block(block: nn.Module, ctx, *, lr: float, batch: int, seed: int, steps: Optional[int] = None,
+                   epochs: Optional[int] = None, lr_min: Optional[float] = None,
+                   norms: bool = False) -> Dict[str, float]:
+    """Train the continuous parameters of `block`'s quantized linears (and its RMSNorm weights when
+    norms=True) on the block-output MSE (see the module docstring). Give `steps` (Adam steps) or
+    `epochs` (passes of ceil(N / batch) steps).
+
+    Returns {"ft_mse_before", "ft_mse_after", "ft_steps", "ft_kept", "ft_params"} for the block's log."""
     if ctx.float_outputs is None or ctx.inputs is None or ctx.inputs.shape[0] == 0:
         raise ValueError("layer-wise finetuning needs the block's calibration inputs and float outputs")
-    if epochs < 0 or lr <= 0 or batch < 1:
-        raise ValueError(f"finetune_epochs={epochs}, finetune_lr={lr}, finetune_batch={batch}; "
-                         f"valid: epochs >= 0, lr > 0, batch >= 1")
-    lins = _vq_linears(block)
-    if not lins:
+    if (steps is None) == (epochs is None):
+        raise ValueError("give finetuning steps or epochs (one of them)")
+    n = steps if steps is not None else epochs
+    if n < 0 or lr <= 0 or batch < 1 or (lr_min is not None and not 0 <= lr_min <= lr):
+        raise ValueError(f"finetuning steps/epochs={n}, lr={lr}, lr_min={lr_min}, batch={batch}; "
+                         f"valid: steps >= 0, lr > 0, 0 <= lr_min <= lr, batch >= 1")
+    if not any(isinstance(m, QuantLinear) for m in block.modules()):
         return {}
     X, Y, kw = ctx.inputs, ctx.float_outputs, ctx.block_kwargs
-    before = block_mse(block, X, Y, kw)
-    dds = {n: DiffDequant(m.qweight) for n, m in lins.items()}
-    params: List[nn.Parameter] = [p for dd in dds.values() for p in dd.params.values()]
-    frozen = [(p, p.requires_grad) for p in block.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    for n, m in lins.items():
-        m.forward = types.MethodType(_patched_forward(dds[n]), m)
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(int(seed))
     N = X.shape[0]
-    steps = 0
+    total = steps if steps is not None else epochs * math.ceil(N / batch)
+    tr = Trainables(block, norms=norms)
+    before = block_mse(block, X, Y, kw)
+    old_tensors = {n_: {k: v for k, v in vars(t.q).items() if isinstance(v, torch.Tensor)}
+                   for n_, t in tr.layers.items()}
+    old_norms = {n_: m.weight.detach().clone() for n_, m in tr.norms.items()}
+    opt = torch.optim.Adam(tr.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(int(seed))
     was_training = block.training
     block.train(False)  # no dropout: the objective is deterministic
     try:
-        with torch.enable_grad():
-            for _ in range(epochs):
-                order = torch.randperm(N, generator=gen).tolist()
-                for s in range(0, N, batch):
-                    chunk = order[s:s + batch]
-                    opt.zero_grad(set_to_none=True)
-                    for i in chunk:
-                        y = _out(block(X[i:i + 1], **kw))
-                        loss = F.mse_loss(y.float(), Y[i:i + 1].float()) / len(chunk)
-                        loss.backward()
-                    opt.step()
-                    steps += 1
+        with tr.active(), torch.enable_grad():
+            for s, chunk in enumerate(window_batches(N, batch, total, gen)):
+                for g in opt.param_groups:
+                    g["lr"] = cosine_lr(s, total, lr, lr_min)
+                opt.zero_grad(set_to_none=True)
+                for i in chunk:
+                    y = _out(block(X[i:i + 1], **kw))
+                    loss = F.mse_loss(y.float(), Y[i:i + 1].float()) / len(chunk)
+                    loss.backward()
+                opt.step()
     finally:
-        for m in lins.values():
-            del m.forward  # back to QuantLinear.forward
-        for p, rg in frozen:
-            p.requires_grad_(rg)
         block.train(was_training)
-    olds = {n: dd.write_back() for n, dd in dds.items()}
+    tr.store()
     after = block_mse(block, X, Y, kw)
     kept = after < before
     if not kept:  # never leave a block worse than before
-        for n, old in olds.items():
-            for name, t in old.items():
-                setattr(lins[n].qweight, name, t)
+        for n_, t in tr.layers.items():
+            for k, v in old_tensors[n_].items():
+                setattr(t.q, k, v)
+        with torch.no_grad():
+            for n_, m in tr.norms.items():
+                m.weight.copy_(old_norms[n_])
         after = before
-    return {"ft_mse_before": before, "ft_mse_after": after, "ft_steps": float(steps), "ft_kept": float(kept)}
+    return {"ft_mse_before": before, "ft_mse_after": after, "ft_steps": float(total), "ft_kept": float(kept),
+            "ft_params": float(tr.numel())}
