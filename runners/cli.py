@@ -11,7 +11,7 @@ from typing import List
 from omegaconf import OmegaConf
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-GROUPS = ("model", "method", "kernel", "data", "eval", "logger", "experiment")
+GROUPS = ("model", "method", "kernel", "data", "eval", "logger", "experiment", "finetune")
 
 
 def group_choices(group: str) -> List[str]:

@@ -179,7 +179,7 @@ def _module_name(model, layer_name: str) -> str:
     return f"{arch_of(model).blocks}.{i}.{lin}"
 
 
-def _audit(cfg: DictConfig, method, calib, device, codes) -> Dict[str, Any]:
+def _audit(cfg: DictConfig, method, calib, device, codes, block_finetune=None) -> Dict[str, Any]:
     """Quantize a fresh copy of the model again (no checkpoints, no Hessian cache) and compare every
     stored tensor's hash with the run's: the determinism audit (`audit=true`)."""
     from runners.driver import quantize_model
@@ -188,7 +188,7 @@ def _audit(cfg: DictConfig, method, calib, device, codes) -> Dict[str, Any]:
     t0 = time.perf_counter()
     model2, _ = load_model(cfg.model)
     quantize_model(model2, method, calib=calib, device=device, kernel=cfg.kernel.name,
-                   protocol=cfg.hessian.protocol, hessian_dir=None, checkpoint_dir=None)
+                   protocol=cfg.hessian.protocol, hessian_dir=None, checkpoint_dir=None, block_finetune=block_finetune)
     again = M.codes_digest(model2)
     del model2
     diff = [n for n, d in codes["layers"].items() if again["layers"].get(n) != d]
@@ -224,14 +224,19 @@ class Job:
     refs: Dict[str, Any] = field(default_factory=dict)  # dataset -> runners.kld.FloatReference
     stats: Any = None
     codes: Optional[Dict[str, Any]] = None
+    finetune: Any = None  # runners.finetune.Finetune (the resolved `finetune` group)
+    layer_hook: Any = None  # runners.finetune.LayerHook under finetune=layer
+    calib_ref: Any = None  # the float model's reference on the calibration windows (finetune=e2e)
 
 
 def _pipeline(job: Job) -> None:
-    """check -> load -> float references -> quantize -> evaluate -> extras; each step fills `job.rec`."""
+    """check -> load -> float references -> quantize -> finetune -> evaluate -> extras; each step fills
+    `job.rec`."""
     _check(job)
     _load_model_and_data(job)
     _float_references(job)
     _quantize(job)
+    _finetune(job)
     _evaluate(job)
     _extras(job)
 
@@ -261,6 +266,16 @@ def _check(job: Job) -> None:
     if cfg.eval.kld_topk is not None and int(cfg.eval.kld_topk) < 1:
         raise UserError(f"eval.kld_topk={cfg.eval.kld_topk} must be >= 1 (or null: the whole vocabulary)")
     job.method = build_method(cfg.method, bits, cfg.seed)
+    from runners.finetune import LayerHook, configure
+
+    job.finetune, job.method = configure(cfg.finetune, job.method, seed=int(cfg.seed))
+    if job.finetune.mode == "layer" and job.method.quantizes:
+        if cfg.quantize.parallel:
+            raise UserError("finetune=layer runs inside the serial driver; with quantize.parallel=true use "
+                            "finetune=none or finetune=e2e")
+        job.layer_hook = LayerHook(job.finetune)
+        # the driver captures calibration inputs only for methods that need Hessians; RTN ignores H
+        job.method.needs_hessian = True
     if cfg.save.quantized:
         from runners.save import check_exportable
 
@@ -295,9 +310,17 @@ def _load_model_and_data(job: Job) -> None:
     job.windows = {ds: eval_windows(kind, path, job.tok, seqlen, cfg.eval.max_windows)
                    for ds, kind, path, seqlen in job.ppl_sets}
     job.qa_suite = prepare_qa(list(cfg.eval.qa_tasks), **job.qa_args)
-    if method.quantizes and method.needs_hessian:
+    e2e = method.quantizes and job.finetune.mode == "e2e"
+    if method.quantizes and (method.needs_hessian or e2e):
         job.calib = calibration_windows(cfg.data.name, cfg.data.path, job.tok, cfg.calib.nsamples,
                                         cfg.calib.seqlen, cfg.seed)
+    if e2e:  # the float model's distributions on the calibration windows, while it is float
+        from runners.finetune import calibration_reference, split_windows
+        from runners.models import cache_root
+
+        split_windows(int(job.calib.shape[0]), job.finetune.heldout)  # too few windows: fail before quantizing
+        job.calib_ref, _ = calibration_reference(job.model, job.calib, job.device, topk=job.finetune.topk,
+                                                 folder=cfg.eval.kld_cache or os.path.join(cache_root(), "float_reference"))
 
 
 def _float_references(job: Job) -> None:
@@ -368,7 +391,8 @@ def _quantize(job: Job) -> None:
         else:
             job.stats = quantize_model(model, method, calib=job.calib, device=device, kernel=cfg.kernel.name,
                                        protocol=cfg.hessian.protocol, hessian_dir=cfg.hessian.cache_dir,
-                                       checkpoint_dir=ckpt if cfg.quantize.checkpoint else None, on_block=on_block)
+                                       checkpoint_dir=ckpt if cfg.quantize.checkpoint else None, on_block=on_block,
+                                       block_finetune=job.layer_hook)
     rec.memory.quantize_peak_rss_gb = M.peak_rss_gb()  # up to the end of quantization (evaluation excluded)
     stats = job.stats
     if stats is not None:
@@ -385,7 +409,7 @@ def _quantize(job: Job) -> None:
         rec.cost = dict(stats.cost)
         rec.cost.setdefault("stages_s", {"quantize": stats.quantize_s})
         if cfg.audit:
-            rec.audit = _audit(cfg, method, job.calib, device, job.codes)
+            rec.audit = _audit(cfg, method, job.calib, device, job.codes, block_finetune=job.layer_hook and job.layer_hook.fresh())
             rec.time.audit_s = rec.audit["time_s"]
     elif method.loads_quantized:  # method=released: bits counted from the loaded layers' stored tensors
         st = method.storage(model)
@@ -444,7 +468,7 @@ def _extras(job: Job) -> None:
     rec.comparison = Comparison(
         calibration={"data": cfg.data.name, "windows": int(job.calib.shape[0]), "seqlen": int(job.calib.shape[1]),
                      "tokens": int(job.calib.numel())} if job.calib is not None else None,
-        hessian_protocol=rec.hessian_protocol, finetune=_finetune_mode(method),
+        hessian_protocol=rec.hessian_protocol, finetune=_finetune_mode(job),
         variant=rec.settings.get("variant"), iters=rec.settings.get("iters"),
         eval={ds: {"windows": int(w.shape[0]), "seqlen": int(w.shape[1]), "tokens": int(w.shape[0]) * (int(w.shape[1]) - 1)}
               for ds, w in job.windows.items()})
@@ -468,6 +492,35 @@ def _extras(job: Job) -> None:
         save_quantized(job.model, job.tok, cfg, rec.to_dict(), cfg.save.dir or os.path.join(job.job_dir, "quantized_model"))
 
 
-def _finetune_mode(method) -> str:
-    """none | layer (block-wise finetuning during quantization: it reads the float block's outputs)."""
-    return "layer" if method.quantizes and method.uses_float_outputs else "none"
+def _finetune_mode(job: Job) -> str:
+    """The finetuning that ran: e2e | layer (finetune=layer, its alias method.finetune=true, or the
+    method's own block finetuning, e.g. AQLM's Phase 3) | none."""
+    method = job.method
+    if not method.quantizes:
+        return "none"
+    if job.rec.finetune and job.rec.finetune.get("mode") == "e2e":
+        return "e2e"
+    return "layer" if job.layer_hook is not None or method.uses_float_outputs else "none"
+
+
+def _finetune(job: Job) -> None:
+    """finetune=e2e on the quantized model (runners/finetune.py); the record of finetune=layer. Then
+    the codes' hashes again: codes_sha256 and layers.json cover the finetuned tensors."""
+    from runners.finetune import finetune_e2e
+
+    rec, ft = job.rec, job.finetune
+    if job.layer_hook is not None:
+        rec.finetune = {**ft.settings(), **job.layer_hook.record()}
+        rec.time.finetune_s = job.layer_hook.time_s
+    if ft.mode != "e2e" or job.stats is None:
+        return
+    before = rec.codes_sha256
+    rec.finetune = finetune_e2e(job.model, job.calib, job.calib_ref, ft, job.device,
+                                on_epoch=lambda d: job.tracker.log(d))
+    rec.finetune["codes_sha256_before"] = before
+    rec.time.finetune_s = rec.finetune["time_s"]
+    job.codes = M.codes_digest(job.model)
+    rec.codes_sha256 = job.codes["sha256"]
+    for lay in job.stats.layers:
+        lay["sha256"] = job.codes["layers"].get(_module_name(job.model, lay["name"]))
+    M.write_json_atomic(os.path.join(job.job_dir, "layers.json"), {"layers": job.stats.layers, "blocks": job.stats.blocks})

@@ -49,6 +49,8 @@ def semantic_config(cfg: Dict[str, Any], uses_bits: bool = True) -> Dict[str, An
         "kernel": cfg["kernel"],
         "hessian_protocol": cfg["hessian"]["protocol"],
         "seed": cfg["seed"],
+        # finetuning changes results; absent (not "none") when off, so that earlier run keys still match
+        **({"finetune": cfg["finetune"]} if (cfg.get("finetune") or {}).get("mode", "none") != "none" else {}),
     }
 
 

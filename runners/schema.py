@@ -148,6 +148,25 @@ class SaveConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`finetune=none|layer|e2e` (runners/finetune.py): training the quantized model's continuous
+    parameters (codebooks, norms, scales, RMSNorm weights; indices and codes frozen), every method.
+    A null field takes its mode's preset (runners.finetune.PRESETS; layer: the VPTQ paper's 100
+    steps, lr 1e-4 -> 5e-6)."""
+    mode: str = "none"  # none | layer (each block, during quantization) | e2e (the whole model, after)
+    lr: Optional[float] = None  # Adam learning rate at the start
+    lr_min: Optional[float] = None  # at the end of a cosine decay (null in both: the preset's)
+    steps: Optional[int] = None  # layer: Adam steps per block (the paper's iterations)
+    epochs: Optional[int] = None  # e2e: most passes over the training windows (early stopped)
+    batch: Optional[int] = None  # calibration windows per Adam step (gradients accumulated one at a time)
+    norms: bool = True  # train the RMSNorm weights too
+    patience: int = 1  # e2e: stop after this many epochs without a lower held-out KL
+    heldout: float = 0.125  # e2e: fraction of the calibration windows held out for early stopping (>= 1)
+    topk: Optional[int] = 64  # e2e: float tokens kept per position for the KL; null = the whole vocabulary
+    seed: Optional[int] = None  # window order; null = the run's seed
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     method: Any = MISSING
@@ -159,6 +178,7 @@ class Config:
     hessian: HessianConfig = field(default_factory=HessianConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     bits: float = 2.0  # target average TOTAL bits per weight over the quantized linears
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -180,6 +200,7 @@ def register_configs() -> None:
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
     cs.store(group="kernel", name="kernel_schema", node=KernelConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="finetune", name="finetune_schema", node=FinetuneConfig)
     from vptq.methods import METHODS, method_class
 
     for name in METHODS:
