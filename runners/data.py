@@ -78,9 +78,12 @@ def _hub_dataset(*args, **kwargs):
         try:
             return datasets.load_dataset(*args, **kwargs)
         except Exception:
-            raise UserError(f"dataset {args[0]!r} is not in the local Hugging Face cache and the hub cannot be "
-                            f"reached; use a local copy instead: data=text data.path=FOLDER "
-                            f"(valid.txt + test.txt), e.g. ../shared/data/wikitext-2") from None
+            files = kwargs.get("data_files")
+            what = f"{args[0]!r} ({', '.join(files.values())})" if isinstance(files, dict) else repr(args[0])
+            raise UserError(f"dataset {what} is not in the local Hugging Face cache and the hub cannot be "
+                            f"reached; point at a local copy instead: data=text data.path=DIR (DIR/valid.txt "
+                            f"calibrates, DIR/test.txt evaluates; also after +experiment=paper), "
+                            f"e.g. data.path=../shared/data/wikitext-2") from None
     return datasets.load_dataset(*args, **kwargs)
 
 

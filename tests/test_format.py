@@ -615,3 +615,31 @@ def test_released_refusals(tmp_path):
 
     with pytest.raises(MethodError, match="method.format='aqlm'; valid: vptq"):
         build_method("released", Released.Config(format="aqlm"), bits=None)
+
+
+def test_paper_experiment_composes_and_fails_offline_in_one_line(tmp_path, monkeypatch):
+    """+experiment=paper: C4 calibration, 128 x 2048 tokens, float-model Hessians, the authors' iteration
+    counts; the command line still picks a local copy (data=text data.path=...). Offline, C4 fails at once
+    with one line saying how to point at a local copy."""
+    cfg = _compose(["+experiment=paper", "method=vptq"])
+    assert (cfg.data.name, cfg.calib.nsamples, cfg.calib.seqlen) == ("c4", 128, 2048)
+    assert (cfg.hessian.protocol, cfg.method.iters, cfg.eval.seqlen) == ("float", "paper", 2048)
+    local = _compose(["+experiment=paper", "data=text", "data.path=/some/dir"])
+    assert (local.data.name, local.data.path, local.calib.nsamples) == ("text", "/some/dir", 128)
+
+    from runners import hub
+    from runners.job import run_job
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("runners.data.hub_reachable", lambda *a, **k: False)
+    cfg = _compose(["+experiment=paper", "model=tiny_llama", "method=rtn", "bits=4", "logger=none",
+                    f"results_root={tmp_path}", "resume=false", "device=cpu",
+                    f"hydra.run.dir={tmp_path / 'job'}"])
+    with pytest.raises(SystemExit):
+        run_job(cfg, job_dir=str(tmp_path / "job"))
+    with open(tmp_path / "job" / "metrics.json") as f:
+        met = json.load(f)
+    assert met["status"] == "failed" and "\n" not in met["error"]
+    assert "allenai/c4" in met["error"] and "data=text data.path=DIR" in met["error"]
