@@ -404,7 +404,8 @@ def test_harness_save_quantized_in_process(tmp_path, monkeypatch):
 
     register_configs()
     register_resolvers()
-    monkeypatch.setitem(methods.METHODS, "vptq", "tests.test_format:NearestVQ")
+    # this module as pytest imported it (its NearestVQ.Config is the class the config node holds)
+    monkeypatch.setitem(methods.METHODS, "vptq", f"{__name__}:NearestVQ")
     ov = ["model=tiny_llama", "method=rtn", "bits=4", "logger=none", "save.quantized=true", "eval.seqlen=64",
           "eval.max_windows=2", f"results_root={tmp_path}", "resume=false", "device=cpu"]
     with initialize_config_dir(config_dir=os.path.join(os.path.dirname(os.path.dirname(__file__)), "conf"),
