@@ -20,7 +20,7 @@ n = ceil(out/v), W = ceil(group_size * (log2 k + log2 k_res) / 32), see `vptq.pa
     <p>.res_centroids.weight      (G, k_res*v)      float            (residual only)
     <p>.outlier_centroids.weight  (1, k_o*v_o)      float            (outliers only)
     <p>.outlier_indices           (1, n_o, n_out)   int16 holding uint16 values (unpacked)
-    <p>.perm                      (in,)             int16 holding uint16 values (perm only)
+    <p>.perm                      (in,)             int16 holding uint16 values (a stored permutation only)
     <p>.weight_scale, .weight_bias (in,)            float            (norm only)
     <p>.bias                      (out,)            float            (linear bias only)
 Everything else (embeddings, norms, lm_head) is stored as the model holds it; a tied lm_head is
@@ -78,7 +78,11 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- one layer
 def layer_config(q: VQWeight, has_bias: bool) -> Dict[str, Any]:
-    """The kwargs of the official `VQuantLinear(**kwargs)` for this weight (config_for_layers entry)."""
+    """The kwargs of the official `VQuantLinear(**kwargs)` for this weight (config_for_layers entry).
+    Pairs are [outlier, main] (microsoft/VPTQ vqlinear.py): outliers are on iff vector_lens[0] > 1 and
+    num_centroids[0] > 0; a residual codebook only on the main part (num_res_centroids[0] = -1: the one
+    combination it refuses is a residual on the outliers), so outliers beside a main residual load;
+    enable_perm only where a permutation is stored (an act order absorbed into the index order has none)."""
     k, kr = _pow2(q.num_centroids), (_pow2(q.num_res_centroids) if q.num_res_centroids else -1)
     return {
         "in_features": q.in_features,
