@@ -319,8 +319,9 @@ def _load_model_and_data(job: Job) -> None:
         from runners.models import cache_root
 
         split_windows(int(job.calib.shape[0]), job.finetune.heldout)  # too few windows: fail before quantizing
-        job.calib_ref, _ = calibration_reference(job.model, job.calib, job.device, topk=job.finetune.topk,
-                                                 folder=cfg.eval.kld_cache or os.path.join(cache_root(), "float_reference"))
+        job.calib_ref, info = calibration_reference(job.model, job.calib, job.device, topk=job.finetune.topk,
+                                                    folder=cfg.eval.kld_cache or os.path.join(cache_root(), "float_reference"))
+        job.rec.finetune = {"reference": info}
 
 
 def _float_references(job: Job) -> None:
@@ -514,10 +515,12 @@ def _finetune(job: Job) -> None:
         rec.time.finetune_s = job.layer_hook.time_s
     if ft.mode != "e2e" or job.stats is None:
         return
-    before = rec.codes_sha256
+    before, ref_info = rec.codes_sha256, (rec.finetune or {}).get("reference")
     rec.finetune = finetune_e2e(job.model, job.calib, job.calib_ref, ft, job.device,
                                 on_epoch=lambda d: job.tracker.log(d))
-    rec.finetune["codes_sha256_before"] = before
+    rec.finetune.update(codes_sha256_before=before, reference=ref_info, peak_rss_gb=M.peak_rss_gb(),  # up to here
+                        peak_gpu_gb=torch.cuda.max_memory_allocated(job.device) / 1024**3
+                        if job.device.type == "cuda" else None)
     rec.time.finetune_s = rec.finetune["time_s"]
     job.codes = M.codes_digest(job.model)
     rec.codes_sha256 = job.codes["sha256"]

@@ -254,7 +254,8 @@ def test_runner_e2e_record_and_codes_hash(tmp_path):
     assert m["comparison"]["finetune"] == "e2e" and ft["mode"] == "e2e" and ft["via"] == "finetune=e2e"
     assert ft["epochs"] == 2 and ft["lr"] == 1e-3 and ft["lr_min"] == 1e-5 and ft["batch"] == 2  # presets fill nulls
     assert len(ft["heldout_kl"]) == ft["epochs_run"] + 1 and ft["trained_params"] > 0
-    assert m["time"]["finetune_s"] == ft["time_s"]
+    assert m["time"]["finetune_s"] == ft["time_s"] and ft["peak_rss_gb"] > 0 and ft["peak_gpu_gb"] is None
+    assert ft["reference"]["computed"] and ft["reference"]["topk"] == 64  # the calibration windows' float top-k
     # codes_sha256 covers the finetuned tensors (computed again after the finetuning step)
     assert m["codes_sha256"] != ft["codes_sha256_before"] or ft["best_epoch"] == 0
     layers = json.loads((tmp_path / "run" / "layers.json").read_text())["layers"]
@@ -310,6 +311,20 @@ def test_method_finetune_true_is_finetune_layer():
     assert not m.config.finetune and not m.uses_float_outputs and m.seed == 3  # the hook runs it, once
     ft, m = configure(FinetuneConfig(mode="layer", steps=7), method, seed=3)
     assert ft.mode == "layer" and ft.steps == 7 and not m.config.finetune
+
+
+@pytest.mark.slow
+def test_finetune_bench_runs(capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "finetune_bench.py")
+    spec = importlib.util.spec_from_file_location("finetune_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--", "model=tiny_llama", "eval.seqlen=64", "eval.max_windows=2", "calib.nsamples=8",
+                       "calib.seqlen=64", "finetune.epochs=1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "finetune=none" in out[1] and "finetune=e2e" in out[1] and out[-1].startswith("finetune=e2e: ")
 
 
 def test_finetune_group_composes():

@@ -33,6 +33,11 @@ Determinism: every codebook lookup is a gather whose backward sums the gradients
 row with `vptq.numerics.Segments` (index order on the CPU, a stable sort + float64 cumulative sum
 elsewhere), never atomics; broadcast scales are expanded views (their backward is a sum).
 
+Memory: an adapter keeps only its float32 parameters. What it derives from the frozen codes (flat
+int64 indices, unpacked codes, centred integer codes) is computed inside `weight()` and is
+transient: under per-block activation checkpointing it exists for one layer at a time (int64
+indices would be 8 bytes per vector, 1.3 bytes per weight at v = 6: 9 GB for a 7B model if kept).
+
 `Trainables` gathers the adapters of every QuantLinear under a module (a block or the whole
 model) and, optionally, the RMSNorm weights (float32 masters, cast to the model's dtype in the
 forward pass); `with trainables.active():` routes the forward passes through them.
@@ -62,28 +67,24 @@ REGISTRY: Dict[str, str] = {
 # ----------------------------------------------------------------------------- differentiable pieces
 class _Gather(torch.autograd.Function):
     """table (K, v)[index] -> (M, v); the backward sums each row's gradients with `Segments`
-    (deterministic on every device; F.embedding's and index_add_'s CUDA backwards use atomics)."""
+    (deterministic on every device; F.embedding's and index_add_'s CUDA backwards use atomics).
+    The index is saved as a tensor, so under activation checkpointing it is recomputed, not kept."""
 
     @staticmethod
-    def forward(ctx, table, index: torch.Tensor, seg: Segments):
-        ctx.seg = seg
+    def forward(ctx, table, index: torch.Tensor):
+        ctx.save_for_backward(index)
+        ctx.K = table.shape[0]
         return table[index]
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.seg.sum(grad, grad.dtype), None, None
+        (index,) = ctx.saved_tensors
+        return Segments(index, ctx.K).sum(grad, grad.dtype), None
 
 
-class Lookup:
-    """A frozen flat index (M,) into a table of K rows, with its segment sums prepared once."""
-
-    def __init__(self, index: torch.Tensor, K: int):
-        self.index = index.long().reshape(-1)
-        self.seg = Segments(self.index, K)
-
-    def __call__(self, table: torch.Tensor) -> torch.Tensor:
-        """table (K, v) -> (M, v)."""
-        return _Gather.apply(table, self.index, self.seg)
+def gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table (K, v), index (...) of row numbers -> (index.numel(), v), deterministic backward."""
+    return _Gather.apply(table, index.reshape(-1).long())
 
 
 def fp16_ste(p: torch.Tensor) -> torch.Tensor:
@@ -137,29 +138,24 @@ class VQTrainable(Trainable):
             t = getattr(q, name)
             if t is not None:
                 self.params[name] = _leaf(t)
-        self._lookups = {}
-        for cname, iname in self.LOOKUPS:
-            idx = getattr(q, iname)
-            if idx is not None and cname in self.params:
-                G, k = self.params[cname].shape[:2]
-                off = (torch.arange(G, device=idx.device) * k)[:, None, None]
-                # (G, n, gs) indices into the flattened (G*k, v) codebook
-                self._lookups[cname] = (tuple(idx.shape), Lookup(idx.long() + off, G * k))
+        self._index = {c: i for c, i in self.LOOKUPS if c in self.params and getattr(q, i) is not None}
         self._inv = torch.argsort(q.perm) if q.perm is not None else None
 
     def _columns(self, cname: str) -> torch.Tensor:
         C = fp16_ste(self.params[cname])  # (G, k, v)
-        (G, n, gs), look = self._lookups[cname]
-        v = C.shape[-1]
-        vec = look(C.reshape(-1, v)).reshape(G, n, gs, v)
+        idx = getattr(self.q, self._index[cname])  # (G, n, gs) in [0, k)
+        G, n, gs = idx.shape
+        k, v = C.shape[1:]
+        flat = idx.long() + (torch.arange(G, device=idx.device) * k)[:, None, None]  # into the (G*k, v) table
+        vec = gather(C.reshape(-1, v), flat).reshape(G, n, gs, v)
         W = vec.permute(0, 1, 3, 2).reshape(G, n * v, gs).permute(1, 0, 2).reshape(n * v, G * gs)
         return W[: self.q.out_features]  # (out, G*gs)
 
     def weight(self) -> torch.Tensor:
         W = self._columns("centroids")
-        if "res_centroids" in self._lookups:
+        if "res_centroids" in self._index:
             W = W + self._columns("res_centroids")
-        if "outlier_centroids" in self._lookups:
+        if "outlier_centroids" in self._index:
             W = torch.cat([self._columns("outlier_centroids"), W], dim=1)
         if self._inv is not None:
             W = W[:, self._inv]
@@ -190,14 +186,6 @@ class GPTVQTrainable(Trainable):
             self.params["svd_basis"] = _leaf(q.svd_basis)
         if q.norm_codes is not None:
             self.params["norm_params"] = _leaf(q.norm_params)
-            from vptq.numerics import unpack_bits
-
-            nb = q.in_features // q.norm_blocksize
-            self._norm_codes = unpack_bits(q.norm_codes, q.norm_bits, q.out_features * nb).reshape(
-                q.out_features, nb).float()  # (out, nb)
-        flat = q.codebook_ids() * q.num_centroids + q.indices()  # (out, in/d)
-        n_cb = q.codebooks.shape[0]
-        self._lookup = Lookup(flat, n_cb * q.num_centroids)
 
     def _codebook_values(self) -> torch.Tensor:
         """(n_cb, k, d) float32 as `GPTVQWeight.codebook_values` computes them from the stored tensors."""
@@ -214,10 +202,15 @@ class GPTVQTrainable(Trainable):
     def weight(self) -> torch.Tensor:
         q = self.q
         C = self._codebook_values().reshape(-1, q.vq_dim)  # (n_cb·k, d)
-        W = self._lookup(C).reshape(q.out_features, q.in_features)
+        flat = q.codebook_ids() * q.num_centroids + q.indices()  # (out, in/d) rows of C
+        W = gather(C, flat).reshape(q.out_features, q.in_features)
         if "norm_params" in self.params:
+            from vptq.numerics import unpack_bits
+
             P = self.params["norm_params"]
-            S = torch.pow(10.0, P[:, 1][None, :] * self._norm_codes + P[:, 0][None, :])  # (out, nb)
+            nb = q.in_features // q.norm_blocksize
+            codes = unpack_bits(q.norm_codes, q.norm_bits, q.out_features * nb).reshape(q.out_features, nb).float()
+            S = torch.pow(10.0, P[:, 1][None, :] * codes + P[:, 0][None, :])  # (out, nb)
             b = q.norm_blocksize
             W = W * S[:, :, None].expand(*S.shape, b).reshape(q.out_features, -1)
         return W
@@ -245,18 +238,15 @@ class AQLMTrainable(Trainable):
         super().__init__(q)
         self.params["codebooks"] = _leaf(q.codebooks)
         self.params["scales"] = _leaf(q.scales)
-        codes = q.codes()  # (out, n, M)
-        K = q.codebooks.shape[1]
-        self._lookups = [Lookup(codes[..., m], K) for m in range(codes.shape[-1])]
-        self._shape = codes.shape[:2]
 
     def weight(self) -> torch.Tensor:
         q = self.q
         C = fp16_ste(self.params["codebooks"])  # (M, K, g)
-        U = self._lookups[0](C[0])
+        codes = q.codes()  # (out, n, M)
+        U = gather(C[0], codes[..., 0])
         for m in range(1, C.shape[0]):  # summed in codebook order, as `baselines.aqlm.decode`
-            U = U + self._lookups[m](C[m])
-        U = U.reshape(*self._shape, C.shape[-1])  # (out, n, g)
+            U = U + gather(C[m], codes[..., m])
+        U = U.reshape(*codes.shape[:2], C.shape[-1])  # (out, n, g)
         W = fp16_ste(self.params["scales"])[:, None, None] * U
         return W.reshape(q.out_features, q.in_features)
 
@@ -273,9 +263,6 @@ class ScalarTrainable(Trainable):
     def __init__(self, q):
         super().__init__(q)
         self.params["scale"] = _leaf(q.scale)
-        g, ng = q.group_size, q.scale.shape[1]
-        col_group = torch.arange(q.in_features, device=q.codes.device) // g
-        self._centered = q.codes.float() - q.zero.float()[:, col_group]  # (out, in), frozen
 
     @staticmethod
     def _stored(p: torch.Tensor) -> torch.Tensor:
@@ -288,7 +275,8 @@ class ScalarTrainable(Trainable):
         s = p + (self._stored(p) - p.detach())  # (out, groups), straight through the float16 rounding
         out, ng = s.shape
         s = s[:, :, None].expand(out, ng, q.group_size).reshape(out, ng * q.group_size)[:, :q.in_features]
-        return s * self._centered
+        col_group = torch.arange(q.in_features, device=q.codes.device) // q.group_size
+        return s * (q.codes.float() - q.zero.float()[:, col_group])  # (out, in)
 
     @torch.no_grad()
     def store(self) -> None:
