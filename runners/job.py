@@ -319,8 +319,9 @@ def _load_model_and_data(job: Job) -> None:
         from runners.models import cache_root
 
         split_windows(int(job.calib.shape[0]), job.finetune.heldout)  # too few windows: fail before quantizing
+        folder = cfg.eval.kld_cache or os.path.join(cache_root(), "float_reference")
         job.calib_ref, info = calibration_reference(job.model, job.calib, job.device, topk=job.finetune.topk,
-                                                    folder=cfg.eval.kld_cache or os.path.join(cache_root(), "float_reference"))
+                                                    folder=folder)
         job.rec.finetune = {"reference": info}
 
 
@@ -526,4 +527,5 @@ def _finetune(job: Job) -> None:
     rec.codes_sha256 = job.codes["sha256"]
     for lay in job.stats.layers:
         lay["sha256"] = job.codes["layers"].get(_module_name(job.model, lay["name"]))
-    M.write_json_atomic(os.path.join(job.job_dir, "layers.json"), {"layers": job.stats.layers, "blocks": job.stats.blocks})
+    M.write_json_atomic(os.path.join(job.job_dir, "layers.json"),
+                        {"layers": job.stats.layers, "blocks": job.stats.blocks})

@@ -385,7 +385,9 @@ class VPTQ(Method):
         block_size: int = QuantOptions.block_size
         kmeans_init_sample: int = QuantOptions.kmeans_init_sample
         kmeans_train_per_centroid: int = QuantOptions.kmeans_train_per_centroid
-        finetune: bool = False  # layer-wise finetuning of centroids and norms (paper §4)
+        # layer-wise finetuning of centroids and norms (paper §4); in the runner an alias of finetune=layer
+        # (runners/finetune.py: every method, the paper's recipe); finetune_* below apply outside the runner
+        finetune: bool = False
         finetune_epochs: int = 4
         finetune_lr: float = 1e-3  # measured on SmolLM2 block 11: 1e-4 too slow, 1e-2 diverges
         finetune_batch: int = 4
