@@ -337,11 +337,11 @@ def finetune_e2e(model, windows: torch.Tensor, ref, ft: Finetune, device,
                     if bad >= ft.patience:
                         break
             tr.restore(best[2])
+        tr.store()  # on the device, before the model (and its weights' tensors) moves back
     finally:
         model.train(was_training)
         if torch.device(device).type != "cpu":
             model.to("cpu")
-    tr.store()
     return {**ft.settings(), "train_windows": len(train), "heldout_windows": len(held), "tokens_per_window": n,
             "heldout_kl": history, "train_kl": train_kl, "best_epoch": best[1], "epochs_run": len(train_kl),
             "steps_run": step, "trained_params": tr.numel(), "time_s": time.perf_counter() - t_start}
