@@ -344,7 +344,21 @@ def finetune_e2e(model, windows: torch.Tensor, ref, ft: Finetune, device,
             model.to("cpu")
     return {**ft.settings(), "train_windows": len(train), "heldout_windows": len(held), "tokens_per_window": n,
             "heldout_kl": history, "train_kl": train_kl, "best_epoch": best[1], "epochs_run": len(train_kl),
-            "steps_run": step, "trained_params": tr.numel(), "time_s": time.perf_counter() - t_start}
+            "steps_run": step, "trained_params": tr.numel(), "norms_sha256": norms_sha256(tr.norms),
+            "time_s": time.perf_counter() - t_start}
+
+
+def norms_sha256(norms: Dict[str, Any]) -> Optional[str]:
+    """sha256 of the RMSNorm weights (name, dtype, bytes): codes_sha256 covers the quantized layers only."""
+    if not norms:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(norms):
+        w = norms[name].weight.detach().cpu().contiguous()
+        h.update(f"{name}:{w.dtype}\0".encode() + w.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def calibration_reference(model, windows: torch.Tensor, device, *, folder: str, topk: Optional[int]):

@@ -172,7 +172,7 @@ def test_e2e_same_seed_same_tensors():
     m1, r1, _, _ = _e2e(w, epochs=2)
     m2, r2, _, _ = _e2e(w, epochs=2)
     assert codes_digest(m1)["sha256"] == codes_digest(m2)["sha256"]
-    assert r1["heldout_kl"] == r2["heldout_kl"]
+    assert r1["heldout_kl"] == r2["heldout_kl"] and r1["norms_sha256"] == r2["norms_sha256"]
     n1, n2 = (dict(m.named_parameters()) for m in (m1, m2))
     assert all(torch.equal(n1[k], n2[k]) for k in n1 if k.endswith("norm.weight"))
     m3, _, _, _ = _e2e(w, epochs=2, seed=1)  # another window order: other tensors
