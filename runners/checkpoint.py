@@ -50,6 +50,9 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
+FLOAT_PREFIX = "__float__/"  # the block's float parameters outside its quantized linears
+
+
 def block_path(folder: str, i: int) -> str:
     return os.path.join(folder, f"block{i:03d}.safetensors")
 
@@ -86,14 +89,20 @@ def save_block(folder: str, i: int, block: nn.Module, stats: Optional[Dict] = No
 
     os.makedirs(folder, exist_ok=True)
     tensors, layers = {}, {}
+    quant = set()
     for name, mod in block.named_modules():
         if isinstance(mod, QuantLinear):
+            quant.add(name)
             t, meta = weight_state(mod.qweight)
             for k, v in t.items():
                 tensors[f"{name}/{k}"] = v
             if mod.bias is not None:
                 tensors[f"{name}/__bias__"] = mod.bias.detach().contiguous().cpu()
             layers[name] = meta
+    # the block's other float parameters (RMSNorm weights): block finetuning may have trained them
+    for pname, p in block.named_parameters():
+        if pname.rpartition(".")[0] not in quant:
+            tensors[f"{FLOAT_PREFIX}{pname}"] = p.detach().contiguous().cpu()
     path = block_path(folder, i)
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata={"layers": json.dumps(layers), "stats": json.dumps(stats or {}, default=str),
@@ -113,9 +122,17 @@ def load_block(folder: str, i: int, block: nn.Module, kernel: str = "torch", dev
         layers = json.loads(md["layers"])
         stats = json.loads(md.get("stats", "{}"))
         grouped: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in layers}
+        floats: Dict[str, torch.Tensor] = {}
         for key in f.keys():
+            if key.startswith(FLOAT_PREFIX):
+                floats[key[len(FLOAT_PREFIX):]] = f.get_tensor(key)
+                continue
             name, _, t = key.rpartition("/")
             grouped[name][t] = f.get_tensor(key)
+    params = dict(block.named_parameters())
+    with torch.no_grad():
+        for pname, t in floats.items():
+            params[pname].copy_(t.to(params[pname].dtype))
     out = {}
     for name, meta in layers.items():
         ts = grouped[name]

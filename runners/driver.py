@@ -220,9 +220,9 @@ def quantize_model(
         log.info("hessian.cache_dir is read only with hessian.protocol=float (quantized-protocol Hessians "
                  "depend on the quantized blocks before): not used")
     inputs = kwargs = None
-    if method.needs_hessian:
+    if method.needs_hessian or block_finetune is not None:  # block finetuning reads the inputs too (RTN)
         inputs, kwargs = _calibration_inputs(model, calib, device, arch)
-        if run.hessian_dir:
+        if run.hessian_dir and method.needs_hessian:
             from runners.capture import make_key
 
             run.cache_key = make_key(model, calib, protocol)
@@ -293,6 +293,8 @@ def _block_hessians(run: _Run, i: int, block, inputs, kwargs, hkeys, linears):
     protocol) or one float pass, written to the cache when there is one."""
     from runners.capture import CacheCost, read_block, write_block
 
+    if not run.method.needs_hessian:  # a method without Hessians whose block is finetuned: outputs only
+        return {}, _forward(run, block, inputs, kwargs) if run.keep_float else None
     cost = CacheCost()
     cached = read_block(run.hessian_dir, i, run.cache_key, run.device, cost) if run.hessian_dir else None
     if cached is not None:

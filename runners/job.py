@@ -274,8 +274,6 @@ def _check(job: Job) -> None:
             raise UserError("finetune=layer runs inside the serial driver; with quantize.parallel=true use "
                             "finetune=none or finetune=e2e")
         job.layer_hook = LayerHook(job.finetune)
-        # the driver captures calibration inputs only for methods that need Hessians; RTN ignores H
-        job.method.needs_hessian = True
     if cfg.save.quantized:
         from runners.save import check_exportable
 
@@ -311,7 +309,7 @@ def _load_model_and_data(job: Job) -> None:
                    for ds, kind, path, seqlen in job.ppl_sets}
     job.qa_suite = prepare_qa(list(cfg.eval.qa_tasks), **job.qa_args)
     e2e = method.quantizes and job.finetune.mode == "e2e"
-    if method.quantizes and (method.needs_hessian or e2e):
+    if method.quantizes and (method.needs_hessian or e2e or job.layer_hook is not None):
         job.calib = calibration_windows(cfg.data.name, cfg.data.path, job.tok, cfg.calib.nsamples,
                                         cfg.calib.seqlen, cfg.seed)
     if e2e:  # the float model's distributions on the calibration windows, while it is float

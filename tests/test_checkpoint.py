@@ -163,3 +163,32 @@ def test_every_method_weight_roundtrips_through_checkpoint(tmp_path, name):
     quantize_model(fresh, method, calib=calib, device="cpu", checkpoint_dir=str(tmp_path))  # all loaded
     a, b = _weights(model), _weights(fresh)
     assert a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_block_finetuned_float_parameters_survive_resume(tmp_path):
+    """Block finetuning may train a block's RMSNorm weights (finetune=layer, AQLM's own finetuning): a block
+    loaded from its checkpoint carries them, so a resumed (or block-job-assembled) model equals the uninterrupted one."""
+    calib = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(0))
+    method = _GPTQLike(_GPTQLike.Config(), bits=3, seed=0)
+
+    def train_norms(block, ctx):  # a stand-in for finetuning: moves every norm weight, deterministically
+        with torch.no_grad():
+            for n, p in block.named_parameters():
+                if "norm" in n:
+                    p.mul_(1.0 + 0.01 * (ctx.index + 1))
+        return {}
+
+    ref = _model()
+    quantize_model(ref, method, calib=calib, device="cpu", block_finetune=train_norms)
+    ck = tmp_path / "ck"
+    with pytest.raises(_Boom):
+        quantize_model(_model(), method, calib=calib, device="cpu", checkpoint_dir=str(ck), block_finetune=train_norms,
+                       on_block=lambda rec: (_ for _ in ()).throw(_Boom()) if rec["block"] == 1 else None)
+    m2 = _model()
+    st = quantize_model(m2, method, calib=calib, device="cpu", checkpoint_dir=str(ck), block_finetune=train_norms)
+    assert [b.get("resumed", False) for b in st.blocks] == [True, True, False]
+    a, b = dict(ref.named_parameters()), dict(m2.named_parameters())
+    norms = [n for n in a if "layers" in n and "norm" in n]
+    assert len(norms) == 6 and all(torch.equal(a[n], b[n]) for n in norms)
+    x = torch.randint(0, 250, (1, 16))
+    assert torch.equal(ref(x).logits, m2(x).logits)
