@@ -55,7 +55,7 @@ if REPO not in sys.path:
 
 import torch  # noqa: E402
 
-from runners.plan import (Architecture, _plan_str, act_features, codebook_size, memory_features,  # noqa: E402
+from runners.plan import (Architecture, _plan_str, act_features, codebook_dims, memory_features,  # noqa: E402
                           pass_features, time_features)
 
 # Llama-shaped blocks (hidden, intermediate, heads, KV heads): the shapes the fit sees
@@ -246,7 +246,8 @@ def measure_block(method_name: str, hidden: int, inter: int, heads: int, kv: int
             shape = tuple(rec["shape"])
             if j not in layers or rec["time_s"] < layers[j]["time_s"]:
                 layers[j] = {"name": rec["name"].split(".", 1)[1], "shape": list(shape), "time_s": rec["time_s"],
-                             "plan": _plan_str(m.layer_plan(*shape)), "K": codebook_size(m.name, m.layer_plan(*shape))}
+                             "plan": _plan_str(m.layer_plan(*shape))}
+                layers[j]["K"], layers[j]["dim"] = codebook_dims(m.name, m.layer_plan(*shape))
         for k in ("hess", "fwd", "ft"):
             if k in times and (k != "ft" or m.uses_float_outputs):
                 passes[k] = min(passes.get(k, math.inf), times[k])
@@ -273,8 +274,8 @@ def measure_block(method_name: str, hidden: int, inter: int, heads: int, kv: int
 
 
 # ------------------------------------------------------------------------------------- fit
-TIME_FEATURES = list(time_features(1, 1, 1))
-MEMORY_FEATURES = list(memory_features(1, 1, 1))
+TIME_FEATURES = list(time_features(1, 1, 1, 1))
+MEMORY_FEATURES = list(memory_features(1, 1, 1, 1))
 HESS_TIME = ["tok_P", "tok_H", "tok_L_q", "one"]
 PASS_TIME = ["tok_P", "win_P", "tok_L_q", "one"]
 ACT_BYTES = list(act_features(1, Architecture("llama", 1, 1, 1, 1, 1, 1, 1, False), 1))
@@ -312,8 +313,8 @@ def fit(raw: Dict) -> Dict:
     for name in dict.fromkeys(s["method"] for s in raw["samples"]):
         S = [s for s in raw["samples"] if s["method"] == name]
         lay = [(l, s) for s in S for l in s["layers"]]
-        tf = [time_features(*l["shape"], l["K"]) for l, _ in lay]
-        mf = [memory_features(*l["shape"], l["K"]) for l, _ in lay]
+        tf = [time_features(*l["shape"], l["K"], l["dim"]) for l, _ in lay]
+        mf = [memory_features(*l["shape"], l["K"], l["dim"]) for l, _ in lay]
         pf = [pass_features(s["nsamples"] * s["seqlen"], s["seqlen"], _arch(s["block"])) for s in S]
         af = [act_features(s["seqlen"], _arch(s["block"]), max(l["shape"][0] * l["shape"][1] for l in s["layers"]))
               for s in S]

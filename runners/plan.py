@@ -216,31 +216,39 @@ def _gptvq_storage(out_f: int, in_f: int, s) -> Dict[str, int]:
     return bits
 
 
-def codebook_size(method_name: str, plan) -> int:
-    """Codebook entries a layer plan searches per code (0 for scalar grids): the plan-dependent term
-    of the time and memory features."""
+def codebook_dims(method_name: str, plan) -> Tuple[int, int]:
+    """(K, dim): codebook entries a layer plan searches per code and their length (K = 0 for scalar
+    grids): the plan-dependent terms of the time and memory features."""
     if method_name == "vptq":
-        return plan.num_centroids + plan.num_res_centroids + plan.outlier_num_centroids
+        return plan.num_centroids + plan.num_res_centroids + plan.outlier_num_centroids, plan.vector_len
     if method_name == "gptvq":
-        return plan.num_centroids
+        return plan.num_centroids, plan.vq_dim
     if method_name == "aqlm":
-        M, B, _ = plan
-        return M * 2 ** B
-    return 0
+        M, B, g = plan
+        return M * 2 ** B, g
+    return 0, 1
 
 
 # ------------------------------------------------------------------------------------------- cost model
-def time_features(out_f: int, in_f: int, K: int) -> Dict[str, float]:
+def time_features(out_f: int, in_f: int, K: int, dim: int = 1) -> Dict[str, float]:
     """Per-layer time terms: per-weight work, error feedback / proxy-loss products (out·in²), the
-    Cholesky factorisations (in³), the per-column loop (in), codebook search (out·in·K)."""
+    Cholesky factorisations (in³), the per-column loop (in), codebook search (out·in·K), codebook
+    training on a sample of at most 64 vectors per centroid (min(out·in, 64·K·dim)·K)."""
     n = out_f * in_f
-    return {"n": n, "n_in": n * in_f, "in3": in_f ** 3, "in": in_f, "n_K": n * K, "one": 1.0}
+    return {"n": n, "n_in": n * in_f, "in3": in_f ** 3, "in": in_f, "n_K": n * K,
+            "train_K": min(n, 64 * K * dim) * K, "one": 1.0}
 
 
-def memory_features(out_f: int, in_f: int, K: int) -> Dict[str, float]:
+SEARCH_CHUNK = 1 << 22  # elements: the chunk nearest-centroid searches work in (vptq.kmeans.CHUNK_ELEMS)
+
+
+def memory_features(out_f: int, in_f: int, K: int, dim: int = 1) -> Dict[str, float]:
     """Per-layer working-set terms (bytes): weight-sized buffers (out·in), Hessian-sized (in²),
-    per-row and per-column vectors, codebooks and their search buffers (K), chunk buffers (1)."""
-    return {"n": out_f * in_f, "in2": in_f * in_f, "out": out_f, "in": in_f, "K": K, "one": 1.0}
+    per-row and per-column vectors, codebooks (K), distance tables of the codebook search (vectors x
+    K, computed in chunks: at most SEARCH_CHUNK elements), other fixed buffers (1)."""
+    n = out_f * in_f
+    return {"n": n, "in2": in_f * in_f, "out": out_f, "in": in_f, "K": K,
+            "search": min(n // max(dim, 1) * K, SEARCH_CHUNK), "one": 1.0}
 
 
 def pass_features(tokens: int, seqlen: int, arch: Architecture) -> Dict[str, float]:
@@ -253,9 +261,13 @@ def pass_features(tokens: int, seqlen: int, arch: Architecture) -> Dict[str, flo
 
 
 def act_features(seqlen: int, arch: Architecture, n_max: int) -> Dict[str, float]:
-    """One window's forward-pass transient (bytes, fp32 on the measuring machine): MLP and
-    attention activations of `seqlen` tokens and the largest dequantized weight."""
-    return {"L_I": seqlen * arch.intermediate_size, "L_D": seqlen * arch.hidden_size, "n_max": n_max, "one": 1.0}
+    """A block pass's transient (bytes, fp32 on the measuring machine): one window's MLP and
+    attention activations of `seqlen` tokens, the block's dequantized weights (the driver's
+    run_block dequantizes a quantized block once per pass: `vptq.qlinear.dense_weights`) and the
+    largest layer's dequantization temporaries."""
+    P = sum(o * i for _, o, i in arch.linears())
+    return {"L_I": seqlen * arch.intermediate_size, "L_D": seqlen * arch.hidden_size, "P": P, "n_max": n_max,
+            "one": 1.0}
 
 
 def evaluate(coef: Optional[Dict[str, float]], feats: Dict[str, float]) -> Optional[float]:
@@ -296,6 +308,7 @@ class RunPlan:
     dtype: str
     protocol: str
     calib: Dict[str, int]
+    finetune: str = "none"  # the finetune= mode
     layers: List[LayerRow] = field(default_factory=list)  # one block, module order
     realized: Dict[str, float] = field(default_factory=dict)  # {"index", "total"}: as metrics.json "bits"
     size: Dict[str, float] = field(default_factory=dict)
@@ -307,9 +320,9 @@ class RunPlan:
 
 def make_plan(cfg, cost_model: Optional[Dict[str, Any]] = None) -> RunPlan:
     """The plan of the composed config `cfg` (a DictConfig as runners/run.py receives it)."""
-    from omegaconf import OmegaConf
-
-    from vptq.methods import BudgetError, build_method
+    from runners.finetune import configure
+    from runners.setup import build_method
+    from vptq.methods import BudgetError
 
     arch = resolve_architecture(cfg.model)
     if cfg.model.dtype not in DTYPE_BYTES:
@@ -319,13 +332,23 @@ def make_plan(cfg, cost_model: Optional[Dict[str, Any]] = None) -> RunPlan:
         raise UserError(f"bits={cfg.bits} must be a number of bits per weight in (0, 16], e.g. 2, 3, 4")
     if cfg.hessian.protocol not in ("quantized", "float"):
         raise UserError(f"hessian.protocol={cfg.hessian.protocol!r}; valid choices: float, quantized")
-    try:
-        method = build_method(cfg.method.name, OmegaConf.to_object(cfg.method), bits=bits, seed=int(cfg.seed))
+    try:  # the job's setup path (runners/job.py _check): the same method object a run builds
+        method = build_method(cfg.method, bits, cfg.seed)
+        finetune, method = configure(cfg.finetune, method, seed=int(cfg.seed))
     except ValueError as e:
         raise UserError(str(e)) from None
+    if method.loads_quantized:
+        raise UserError(f"method={method.name} evaluates a model quantized elsewhere: nothing to plan; "
+                        f"valid: a method that quantizes (rtn, gptq, gptvq, aqlm, vptq)")
     p = RunPlan(model=cfg.model.name, method=method.name, bits_target=bits if method.uses_bits else None,
                 arch=asdict(arch), dtype=cfg.model.dtype, protocol=cfg.hessian.protocol,
-                calib={"nsamples": int(cfg.calib.nsamples), "seqlen": int(cfg.calib.seqlen)})
+                calib={"nsamples": int(cfg.calib.nsamples), "seqlen": int(cfg.calib.seqlen)},
+                finetune=finetune.mode)
+    if finetune.mode != "none":
+        via = "" if finetune.via == f"finetune={finetune.mode}" else f" ({finetune.via})"
+        p.notes.append(f"finetune={finetune.mode}{via} is not in the cost model: its memory and time "
+                       f"are not counted" + (" (it runs after quantization, on the whole model)"
+                                             if finetune.mode == "e2e" else ""))
     cm = cost_model if cost_model is not None else load_cost_model()
     mcm = (cm or {}).get("methods", {}).get(method.name)
     if method.quantizes:
@@ -337,7 +360,7 @@ def make_plan(cfg, cost_model: Optional[Dict[str, Any]] = None) -> RunPlan:
     _sizes(p, arch, method)
     if method.quantizes:
         _memory(p, arch, method, mcm)
-        _hessian_disk(p, arch, method)
+        _hessian_disk(p, arch, method, cfg)
         _time(p, arch, method, cm, mcm)
     return p
 
@@ -351,11 +374,11 @@ def _layer_rows(p: RunPlan, method, arch: Architecture, plans, mcm) -> None:
         bits = layer_storage(method, o, i, lp)
         st = Storage(o * i, bits)
         total = total + st
-        K = codebook_size(method.name, lp)
-        t = evaluate((mcm or {}).get("layer_time"), time_features(o, i, K))
-        ws = [evaluate((mcm or {}).get(k), memory_features(o, i, K)) for k in ("layer_ws", "layer_check")]
+        K, dim = codebook_dims(method.name, lp)
+        t = evaluate((mcm or {}).get("layer_time"), time_features(o, i, K, dim))
+        ws = [evaluate((mcm or {}).get(k), memory_features(o, i, K, dim)) for k in ("layer_ws", "layer_check")]
         work = None if None in ws else max(0.0, *ws)
-        kept = evaluate((mcm or {}).get("layer_kept"), memory_features(o, i, K))
+        kept = evaluate((mcm or {}).get("layer_kept"), memory_features(o, i, K, dim))
         p.layers.append(LayerRow(name, o, i, _plan_str(lp), bits, st.total_bits / st.numel, st.index_bits / st.numel,
                                  None if t is None else max(t, 0.0), work,
                                  st.total_bits / 8 if kept is None else max(kept, 0.0)))
@@ -400,12 +423,13 @@ def _memory(p: RunPlan, arch: Architecture, method, mcm) -> None:
     """
     ab, N, L = DTYPE_BYTES[p.dtype], p.calib["nsamples"], p.calib["seqlen"]
     D, I = arch.hidden_size, arch.intermediate_size
-    calib = method.needs_hessian
+    layer_ft = p.finetune == "layer"  # the driver's block_finetune hook: it reads inputs and float outputs
+    calib = method.needs_hessian or layer_ft
     acts = N * L * D * ab if calib else 0
-    keep_float = calib and (p.protocol == "float" or method.uses_float_outputs)
+    keep_float = calib and (p.protocol == "float" or method.uses_float_outputs or layer_ft)
     fo = acts if keep_float else 0
     weights = arch.block_params() * ab
-    hess = sum(i * i for i in arch.hessian_inputs().values()) * FP32 if calib else 0
+    hess = sum(i * i for i in arch.hessian_inputs().values()) * FP32 if method.needs_hessian else 0
     window = L * (3 * I + 2 * D) * ab  # one window's MLP activations (measured: exact on the tiny models)
     hook = L * max(i for _, _, i in arch.linears()) * FP32 if ab != FP32 else 0  # x.to(float32) per hook
     known = mcm is not None and all(r.work_bytes is not None for r in p.layers)
@@ -443,14 +467,23 @@ def _memory(p: RunPlan, arch: Architecture, method, mcm) -> None:
                        f"the peak counts weights, Hessians and activations only (a lower bound)")
 
 
-def _hessian_disk(p: RunPlan, arch: Architecture, method) -> None:
-    """hessian.cache_dir: one fp32 safetensors file per block ({key: (in, in)}; header not counted)."""
+def _hessian_disk(p: RunPlan, arch: Architecture, method, cfg) -> None:
+    """The capture cache (runners/capture.py): one safetensors file per block holding its Hessians
+    ("H/<key>", fp32) and, under quantize.parallel=true for a method that reads the float block
+    outputs, the block's float inputs "X" (the last file also its outputs "Y"); tensor data only
+    (each file's JSON header, under a few KB, not counted)."""
     if not method.needs_hessian:
         p.hessian_disk = {"files": 0, "bytes_per_file": 0, "bytes": 0}
         return
+    parallel = bool(cfg.quantize.parallel)
     per = sum(i * i for i in arch.hessian_inputs().values()) * FP32
-    p.hessian_disk = {"files": arch.num_hidden_layers, "bytes_per_file": per, "bytes": per * arch.num_hidden_layers,
-                      "matrices": {k: [i, i] for k, i in arch.hessian_inputs().items()}}
+    acts = p.calib["nsamples"] * p.calib["seqlen"] * arch.hidden_size * DTYPE_BYTES[p.dtype]
+    x = acts if parallel and method.uses_float_outputs else 0
+    L = arch.num_hidden_layers
+    written = bool(parallel or (cfg.hessian.cache_dir and p.protocol == "float"))
+    p.hessian_disk = {"files": L, "bytes_per_file": per + x, "bytes": (per + x) * L + (acts if x else 0),
+                      "hessian_bytes_per_file": per, "activation_bytes_per_file": x, "written": written,
+                      "matrices": {f"H/{k}": [i, i] for k, i in arch.hessian_inputs().items()}}
 
 
 def _time(p: RunPlan, arch: Architecture, method, cm, mcm) -> None:
@@ -527,10 +560,7 @@ def format_plan(p: RunPlan) -> str:
     if p.memory:
         out += _format_memory(p)
     if p.hessian_disk:
-        h = p.hessian_disk
-        out.append(f"Hessians on disk (hessian.cache_dir, fp32 safetensors): {h['files']} files x "
-                   f"{_gib(h['bytes_per_file'])} = {_gib(h['bytes'])}" if h["files"] else
-                   f"Hessians on disk: none ({p.method} uses no calibration)")
+        out.append(_format_disk(p.hessian_disk, p.method))
     if p.time:
         out += _format_time(p)
     out += [f"note: {n}" for n in p.notes]
@@ -555,11 +585,21 @@ def _format_layers(p: RunPlan) -> List[str]:
     return out
 
 
+def _format_disk(h: Dict[str, Any], method: str) -> str:
+    if not h["files"]:
+        return f"Hessians on disk: none ({method} uses no Hessians)"
+    what = "fp32 Hessians" + (" + float block inputs" if h["activation_bytes_per_file"] else "")
+    when = "" if h["written"] else (" if written: with hessian.cache_dir= and hessian.protocol=float, "
+                                    "or quantize.parallel=true")
+    return (f"Hessians on disk (the capture cache, {what}): {h['files']} files x {_gib(h['bytes_per_file'])} = "
+            f"{_gib(h['bytes'])}{when}")
+
+
 def _format_memory(p: RunPlan) -> List[str]:
     m, c = p.memory, p.memory["components"]
     est = "" if m["working_set_measured"] else " (without the working set: a lower bound)"
     calib = (f"calibration {p.calib['nsamples']} x {p.calib['seqlen']} tokens, hessian.protocol={p.protocol}"
-             if c["hessians"] else f"{p.method} uses no calibration")
+             if c["inputs"] else f"{p.method} uses no calibration")
     out = [f"peak memory of one block job{est} ({calib}):",
            f"  block weights ({p.dtype}) {_gib(c['block_weights'])}; Hessians (fp32) {_gib(c['hessians'])}; "
            f"calibration inputs {_gib(c['inputs'])}" +
