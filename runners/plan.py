@@ -507,7 +507,8 @@ def _time(p: RunPlan, arch: Architecture, method, cm, mcm) -> None:
     p.time = {"estimate": True, "layers_per_block_s": layers_s, "passes_per_block_s": passes,
               "per_block_s": block_s, "total_s": block_s * arch.num_hidden_layers,
               "measured_on": meas.get("machine", {}), "measured_date": meas.get("date"),
-              "load_avg": [meas.get("load_avg_before"), meas.get("load_avg_after")],
+              "load_avg_1min": [l[0] for r in cm.get("runs", [meas]) for l in (r.get("load_avg_before"),
+                                                                               r.get("load_avg_after")) if l],
               "fitted_widths": sorted({s["block"][0] for s in cm.get("samples", [])})}
     mine = _settings_key(method)
     if mcm.get("settings") is not None and mcm["settings"] != mine:
@@ -523,7 +524,7 @@ def _settings_key(method) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- output
 def _gib(b: float) -> str:
-    if b >= 2**27:
+    if b >= 2**30:
         return f"{b / 2**30:,.2f} GiB"
     return f"{b / 2**20:,.1f} MiB" if b >= 2**20 else f"{b / 2**10:,.1f} KiB"
 
@@ -621,10 +622,11 @@ def _format_time(p: RunPlan) -> List[str]:
         return ["time: no estimate (no cost model for this method)"]
     mach = t["measured_on"]
     passes = ", ".join(f"{k} {_dur(v)}" for k, v in t["passes_per_block_s"].items()) or "none"
-    load = t["load_avg"][0]
+    load = t["load_avg_1min"]
+    load = f"{min(load):.1f}-{max(load):.1f}" if load else "?"
     return [f"time estimate (a cost model measured on this project's CPU, not a GPU: {mach.get('cpu', '?')}, "
             f"{mach.get('cores', '?')} cores, torch {mach.get('torch', '?')}, one thread, "
-            f"{str(t['measured_date'])[:10]}, load average {f'{load[0]:.1f}' if load else '?'} while measuring; "
+            f"{str(t['measured_date'])[:10]}, load average {load} while measuring (other jobs ran); "
             f"fitted on hidden sizes {', '.join(map(str, t['fitted_widths']))} and extrapolated):",
             f"  per block: layers {_dur(t['layers_per_block_s'])}, block passes ({passes}); "
             f"{p.arch['num_hidden_layers']} blocks: {_dur(t['total_s'])} on that CPU"]

@@ -152,6 +152,15 @@ def test_folder_config_plans_the_model_transformers_builds(tmp_path, model_type)
     assert plan.size["linear_params"] == sum(p.numel() for p in model.parameters() if id(p) in quantized)
 
 
+def test_a_local_folder_describes_the_weights(tmp_path):
+    """model=<a named model> model.path=<local folder>: the folder's config.json is what a run would
+    load, so it wins over the conf/model architecture."""
+    conf = _hf_folder(tmp_path, "llama")
+    plan = P.make_plan(P.compose(["model=llama3_8b", f"model.path={tmp_path}", "method=rtn", "bits=4"]))
+    assert plan.arch["source"].endswith("config.json")
+    assert (plan.arch["hidden_size"], plan.arch["num_hidden_layers"]) == (conf.hidden_size, conf.num_hidden_layers)
+
+
 @pytest.fixture
 def no_weights_no_network(monkeypatch):
     """Any weight load or network connection fails the test."""
