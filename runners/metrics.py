@@ -37,6 +37,7 @@ def semantic_config(cfg: Dict[str, Any], uses_bits: bool = True) -> Dict[str, An
     ev = dict(cfg["eval"])
     ev.pop("kld_cache", None)  # where the float reference is cached does not change results
     model = dict(cfg["model"])
+    model.pop("arch", None)  # describes the weights, changes no result (the planner reads it)
     if model.get("source") != "tiny":
         model.pop("tiny", None)
     return {

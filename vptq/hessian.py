@@ -41,13 +41,28 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(H) == 0
 
 
+QUAD_CHUNK_BYTES = 1 << 26  # float64 rows per step of `_quadratic`: 64 MB, whatever the layer's size
+
+
+def _quadratic(A, H: torch.Tensor, B=None) -> float:
+    """tr(X H Xᵀ) in float64, X = A (out, in) or A - B, a block of rows at a time: never a float64
+    copy of a whole weight (a 53248 x 16384 layer would need 7 GB for each)."""
+    Hd = H.double()
+    rows = max(1, QUAD_CHUNK_BYTES // (8 * A.shape[1]))
+    total = torch.zeros((), dtype=torch.float64, device=A.device)
+    for r in range(0, A.shape[0], rows):
+        X = A[r:r + rows].double()
+        if B is not None:
+            X = X - B[r:r + rows].double()
+        total += ((X @ Hd) * X).sum()
+    return float(total)
+
+
 def proxy_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
     """tr((W - Ŵ) H (W - Ŵ)ᵀ), computed in float64."""
-    D = (W.double() - What.double())
-    return float(torch.einsum("oi,ij,oj->", D, H.double(), D))
+    return _quadratic(W, H, What)
 
 
 def relative_proxy_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
     """Proxy loss divided by tr(W H Wᵀ): the fraction of the layer's output energy lost."""
-    den = float(torch.einsum("oi,ij,oj->", W.double(), H.double(), W.double()))
-    return proxy_loss(W, What, H) / max(den, 1e-30)
+    return proxy_loss(W, What, H) / max(_quadratic(W, H), 1e-30)
