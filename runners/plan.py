@@ -30,6 +30,7 @@ if REPO not in sys.path:  # `python runners/plan.py` from a checkout works witho
     sys.path.insert(0, REPO)
 
 from runners.errors import UserError  # noqa: E402
+from vptq.hessian import QUAD_CHUNK_BYTES  # noqa: E402
 
 COST_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cost_model.json")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -377,6 +378,9 @@ def _layer_rows(p: RunPlan, method, arch: Architecture, plans, mcm) -> None:
         K, dim = codebook_dims(method.name, lp)
         t = evaluate((mcm or {}).get("layer_time"), time_features(o, i, K, dim))
         ws = [evaluate((mcm or {}).get(k), memory_features(o, i, K, dim)) for k in ("layer_ws", "layer_check")]
+        if ws[1] is not None:  # the check's float64 part runs a block of rows at a time (vptq.hessian._quadratic):
+            # W and Ŵ in fp32, H in fp64, and at most three 64 MB row blocks; the fit saw only whole-layer blocks
+            ws[1] = min(ws[1], 8.0 * o * i + 8.0 * i * i + 3.0 * QUAD_CHUNK_BYTES)
         work = None if None in ws else max(0.0, *ws)
         kept = evaluate((mcm or {}).get("layer_kept"), memory_features(o, i, K, dim))
         p.layers.append(LayerRow(name, o, i, _plan_str(lp), bits, st.total_bits / st.numel, st.index_bits / st.numel,
