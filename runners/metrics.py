@@ -176,7 +176,8 @@ def env_info(device) -> Dict[str, Any]:
                 "isa": torch.backends.cpu.get_cpu_capability()},
         "blas": _blas(),
         "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads(),
-                    **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                    **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                   "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
                        if os.environ.get(k) is not None}},
         "gpu": gpu,
         "flags": {"tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),

@@ -24,11 +24,13 @@ killed capture resumes at its first missing block. The capture cache lives in `h
 Why the sequential protocol (`hessian.protocol=quantized`) is not parallelised: block i's
 Hessians depend on the quantized blocks before it, so blocks cannot start before their
 predecessors finish; only the 4-7 linears inside one block are independent. On CPU each of them
-is quantized on one thread while the block passes use every core; measured on the bundled model
-(docs/LOG.md) per-layer quantization is ~60-90% of a block's time for VQ methods, so two
-processes on two cores could at best approach 2x there, at the cost of shipping each layer's
-weight and Hessian to a worker process and of a second copy of the per-layer working set; on one
-GPU, the linears of a block already run back to back on the device. We leave it serial.
+is quantized on one thread while the block passes use every core. Measured on the bundled model
+(2-bit, 8 x 512 calibration windows, quiet 2-core AMD EPYC, 2026-12-06: layers.json `time_s` over
+metrics.json `time.per_block_s`), per-layer quantization is 88% of a block's time for VPTQ, 91%
+for GPTVQ, 83% for AQLM, 60% for GPTQ; so on a CPU two worker processes could approach ~1.7x for
+the VQ methods, at the cost of shipping each layer's weight and Hessian to a worker and a second
+per-layer working set. On a GPU, the target of a 70B run, the linears of a block already run back
+to back on the device and a second process would only share it. Not done (docs/LOG.md).
 """
 from __future__ import annotations
 

@@ -32,24 +32,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def snr_db(x: torch.Tensor, y: torch.Tensor) -> float:
-    """20·log10(‖x‖/‖x−y‖)."""
-    return float(20 * torch.log10(x.norm() / (x - y).norm().clamp_min(1e-30)))
-
-
-def correlated_hessian(n: int, tokens: int = 4096, seed: int = 0, decay: float = 0.9) -> torch.Tensor:
-    """A realistic (correlated, anisotropic) Hessian E[x xᵀ]: activations with an AR(1)-like
-    covariance across features plus a few heavy outlier channels."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.arange(n, dtype=torch.float64)
-    cov = decay ** (idx[:, None] - idx[None, :]).abs()
-    scale = torch.exp(torch.randn(n, generator=g, dtype=torch.float64) * 0.7)
-    scale[torch.randperm(n, generator=g)[: max(1, n // 32)]] *= 6.0  # outlier channels
-    L = torch.linalg.cholesky(cov)
-    x = (torch.randn(tokens, n, generator=g, dtype=torch.float64) @ L.T) * scale
-    return (x.T @ x / tokens).float()
-
-
 @pytest.fixture
 def wikitext2_dir():
     if not os.path.isdir(WIKITEXT2):

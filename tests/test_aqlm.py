@@ -16,7 +16,7 @@ import torch
 from baselines.aqlm import (AQLM, ITER_PRESETS, AQLMWeight, aqlm_total_bits, beam_search, choose_scheme, decode,
                             pack_codes, plain_kmeans, reference_init, row_losses, shuffled_order, unpack_codes)
 from baselines.scalar import ScalarGrid, scalar_total_bits
-from tests.conftest import correlated_hessian
+from tests.helpers import correlated_hessian
 from vptq.hessian import proxy_loss
 from vptq.methods import BudgetError
 from vptq.solver import error_feedback, prepare_hessian

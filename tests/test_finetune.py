@@ -11,8 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import correlated_hessian
-from helpers import run_cli
+from tests.helpers import correlated_hessian, run_cli
 
 from runners.arch import arch_of, blocks_of
 from runners.driver import quantize_model

@@ -79,7 +79,7 @@ def vq_tiny_llama(*, tied=False, rope=None, bias=False, seed=0, quantize=None, t
             for j, (name, lin) in enumerate(linears_of(block).items()):
                 b = torch.randn(lin.out_features) * 0.02 if lin.bias is not None else None
                 if quantize is not None:
-                    from conftest import correlated_hessian
+                    from tests.helpers import correlated_hessian
                     from vptq.quantizer import quantize_weight
 
                     H = correlated_hessian(lin.in_features, tokens=512, seed=seed * 1000 + bi * 10 + j)

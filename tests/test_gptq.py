@@ -12,7 +12,7 @@ import torch
 from baselines.gptq import GPTQ, RunningWeight, gptq_quantize, solver_inverse_cholesky
 from baselines.rtn import RTN
 from baselines.scalar import scalar_total_bits
-from tests.conftest import correlated_hessian
+from tests.helpers import correlated_hessian
 from vptq.hessian import damp_, proxy_loss
 from vptq.methods import BudgetError
 from vptq.solver import error_feedback, prepare_hessian

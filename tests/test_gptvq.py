@@ -14,7 +14,7 @@ import torch
 from baselines.gptq import GPTQ
 from baselines.gptvq import (GPTVQ, Scheme, choose_scheme, gptvq_quantize, pack_bits, unpack_bits,
                              update_codebooks, weighted_assign)
-from tests.conftest import correlated_hessian
+from tests.helpers import correlated_hessian
 from vptq.hessian import proxy_loss
 from vptq.methods import BudgetError
 from vptq.qweight import weight_from_state, weight_state

@@ -9,7 +9,7 @@ import torch
 
 from baselines.rtn import RTN
 from baselines.scalar import scalar_total_bits
-from tests.conftest import snr_db
+from tests.helpers import snr_db
 from vptq.methods import BudgetError
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import correlated_hessian, snr_db
+from tests.helpers import correlated_hessian, snr_db
 
 from baselines.scalar import ScalarGrid
 from vptq.budget import LayerConfig, storage_bits

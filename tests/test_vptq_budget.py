@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import correlated_hessian
+from tests.helpers import correlated_hessian
 
 from vptq.budget import (LayerConfig, check_format, choose_config, predicted_log2_loss, storage_bits,
                          total_bits_per_weight)

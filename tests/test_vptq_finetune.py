@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import correlated_hessian
+from tests.helpers import correlated_hessian
 
 from runners.arch import arch_of, blocks_of
 from runners.driver import quantize_model

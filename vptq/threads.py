@@ -6,7 +6,10 @@ thread gains, and when the cores are shared with another CPU-bound process it co
 parallel region waits for a thread the OS has descheduled (GPTQ's quantization of the bundled
 model took 2.9x its quiet time beside one busy process with 2 threads). So it runs on ONE thread
 on CPU. The driver's block passes (calibration forwards, Hessian accumulation: large GEMMs) keep
-torch's thread count, where a second core pays off and a busy neighbour costs at most its share.
+torch's thread count, where a second core pays off. What kept them from collapsing beside a busy
+neighbour is libgomp's spin-wait: an idle thread spins ~300k iterations on the core its late
+partner needs; `runners/run.py` caps it (GOMP_SPINCOUNT=10000, set before torch loads): GPTQ
+beside a busy process went from 1.82x to 1.34x its quiet time, the quiet time unchanged.
 
 Thread count can change a BLAS result's summation order, so it is recorded with every run
 (metrics.json `env.quantize_threads`): the same codes are expected only at the same counts.
