@@ -178,8 +178,9 @@ def test_sweep_computes_the_float_reference_once_and_fp16_is_kl_zero(tmp_path):
 
 
 @pytest.mark.slow
-def test_rtn_bits_order_the_kl_on_the_bundled_model(tmp_path):
-    """RTN at 2, 3, 4 bits on SmolLM2-135M: fewer bits, larger KL to the float model (and lower top-1)."""
+def test_rtn_bits_order_the_kl_and_ppl_on_the_bundled_model(tmp_path):
+    """RTN at 2, 3, 4 bits on SmolLM2-135M: fewer bits, larger KL to the float model, lower top-1 and
+    higher perplexity (fp16 < 4 < 3 < 2 bits; one quantization per width serves all three)."""
     from runners.data import eval_windows
     from runners.driver import quantize_model
     from runners.models import load_model
@@ -190,11 +191,15 @@ def test_rtn_bits_order_the_kl_on_the_bundled_model(tmp_path):
     model, tok = load_model(cfg)
     w = eval_windows("pydoc", None, tok, 128, 4)
     ref = compute_reference(model, w, "cpu", 64)
+    ppl = {"fp16": score(model, w, "cpu").ppl}
     res = {}
     for b in (4.0, 3.0, 2.0):
         m, _ = load_model(cfg)
         quantize_model(m, build_method("rtn", method_class("rtn").Config(), bits=b), calib=None, device="cpu")
-        res[b] = kld_summary(score(m, w, "cpu", reference=ref))
+        s = score(m, w, "cpu", reference=ref)
+        res[b], ppl[b] = kld_summary(s), s.ppl
+    assert all(math.isfinite(v) for v in ppl.values())
+    assert ppl["fp16"] < ppl[4.0] < ppl[3.0] < ppl[2.0], ppl
     assert res[4.0]["mean"] < res[3.0]["mean"] < res[2.0]["mean"]
     assert res[4.0]["top1_agree"] > res[3.0]["top1_agree"] > res[2.0]["top1_agree"]
 

