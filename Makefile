@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= outputs/default
-# the default job (~10 min on 2 cores, docs/LOG.md): the reference, the scalar baselines, GPTVQ-style
+# the default job (~20-25 min on 2 cores, estimated: README): the reference, the scalar baselines, GPTVQ-style
 # and VPTQ at 2 bits on the bundled SmolLM2-135M, CPU-sized calibration and evaluation. AQLM-style
-# (~4.5 min more) is in the full comparison: make run DEFAULT_SWEEP="method=rtn,gptq,gptvq,aqlm,vptq bits=2,3"
+# (~10 min more, estimated) is in the full comparison: make run DEFAULT_SWEEP="method=rtn,gptq,gptvq,aqlm,vptq bits=2,3"
 DEFAULT_SWEEP ?= method=fp16,rtn,gptq,gptvq,vptq bits=2
 
 .PHONY: install run test test-fast test-ci report clean
