@@ -10,8 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# as runners/run.py does: idle OpenMP threads sleep soon (the suite runs on 2 workers: see Makefile)
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+import runners  # noqa: E402,F401  before torch: sets libgomp's spin limit (runners/__init__.py)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -8,7 +8,7 @@ model took 2.9x its quiet time beside one busy process with 2 threads). So it ru
 on CPU. The driver's block passes (calibration forwards, Hessian accumulation: large GEMMs) keep
 torch's thread count, where a second core pays off. What kept them from collapsing beside a busy
 neighbour is libgomp's spin-wait: an idle thread spins ~300k iterations on the core its late
-partner needs; `runners/run.py` caps it (GOMP_SPINCOUNT=10000, set before torch loads): GPTQ
+partner needs; the `runners` package caps it (GOMP_SPINCOUNT=10000, set before torch loads): GPTQ
 beside a busy process went from 1.82x to 1.34x its quiet time, the quiet time unchanged.
 
 Thread count can change a BLAS result's summation order, so it is recorded with every run
