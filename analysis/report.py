@@ -17,7 +17,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pandas as pd
 
@@ -51,6 +51,32 @@ def variant_columns(df: pd.DataFrame) -> List[Column]:
     if "n_seeds" in df and (df["n_seeds"] > 1).any():
         out.append(Column("n_seeds", "seeds", None, "{:g}"))
     return out
+
+
+BUSY_CORES = 0.25  # other processes' average CPU use (cores) above which a quantization time is not quiet
+
+
+def _busy(v) -> bool:
+    return not _missing(v) and v >= BUSY_CORES
+
+
+def time_comparable(df: pd.DataFrame) -> Tuple[bool, List[str]]:
+    """Whether the quantization times of the ranked rows were measured alike (same threads, quiet), and
+    why not: (ok, reasons). Times measured in unlike conditions are shown but not ranked."""
+    sub = df[~df["method"].isin(REFERENCE_METHODS)] if "method" in df else df
+    why = []
+    if "threads" in sub and sub["threads"].dropna().nunique() > 1:
+        why.append("the rows ran on different thread counts (" +
+                   ", ".join(f"{t:g}" for t in sorted(sub["threads"].dropna().unique())) + "; the threads column)")
+    if "other_cpu" in sub:
+        busy = int(sub["other_cpu"].map(_busy).sum())
+        unknown = int(sub["other_cpu"].map(_missing).sum())
+        if busy:
+            why.append(f"{busy} row(s) were quantized beside other work (‡: other processes kept "
+                       f">= {BUSY_CORES:g} cores busy on average)")
+        if unknown and unknown < len(sub):
+            why.append(f"{unknown} row(s) carry no record of other work on the machine (older runs)")
+    return not why, why
 
 
 def method_label(method: str, variant) -> str:
@@ -88,7 +114,9 @@ def columns_for(df: pd.DataFrame) -> List[Column]:
             if parts[0] == "mean":
                 parts[0] = "AvgQA"
             cols.append(Column(c, f"{' '.join(parts)} (%) ↑", "higher", "{:.1f}"))
-    cols.append(Column("quant_s", "quant time (s) ↓", "lower", "{:.1f}"))
+    if "threads" in df and df["threads"].dropna().nunique() > 1:
+        cols.append(Column("threads", "threads", None, "{:g}"))
+    cols.append(Column("quant_s", "quant time (s) ↓", "lower" if time_comparable(df)[0] else None, "{:.1f}"))
     if "mem_gb" in df and df["mem_gb"].notna().any():
         cols.append(Column("mem_gb", "mem (GB) ↓", "lower", "{:.2f}"))
     return cols
@@ -223,6 +251,8 @@ def render(df: pd.DataFrame, style: str) -> str:
             s = cell(r.get(c.key), c, r.get(f"{c.key}::std"), " ± " if style == "md" else r" $\pm$ ")
             if style == "tex":
                 s = s.replace("_", r"\_").replace("%", r"\%").replace("—", "--")
+            if c.key == "quant_s" and _busy(r.get("other_cpu")):
+                s += " ‡" if style == "md" else r"$^\ddagger$"
             cells.append(_mark(s, rk[c.key].get(i), style))
         rows.append(cells)
     if style == "md":
@@ -261,6 +291,9 @@ def notes(raw: pd.DataFrame, table: Optional[pd.DataFrame] = None) -> List[str]:
         out.append("KLD: mean per-token KL(float ‖ quantized) of the next-token distributions on the evaluation "
                    "windows (nats), over the float model's top-k tokens and one bucket for the rest; top-1 agree: "
                    "% of positions where both models' most likely token is the same.")
+    ok, why = time_comparable(table if table is not None else raw)
+    if not ok:
+        out.append("Quantization times are shown but not ranked: " + "; ".join(why) + ".")
     if table is not None and "n_seeds" in table and (table["n_seeds"] > 1).any():
         out.append("A row over several seeds (the seeds column) shows the mean ± the sample standard deviation "
                    "over them; ranks are on the means. Runs are averaged only when their configurations differ in "
@@ -301,7 +334,7 @@ def paper_columns(df: pd.DataFrame, qa_metric: str = "acc") -> List[Column]:
     if tasks:
         cols.append(Column(f"qa::mean::{qa_metric}", "AvgQA", "higher", "{:.2f}"))
     cols.append(Column("bits_total", "bits", "lower", "{:.3f}"))
-    cols.append(Column("quant_h", "time (h)", "lower", "{:.3f}"))
+    cols.append(Column("quant_h", "time (h)", "lower" if time_comparable(df)[0] else None, "{:.3f}"))
     if "mem_gb" in df and df["mem_gb"].notna().any():
         cols.append(Column("mem_gb", "mem (GB)", "lower", "{:.2f}"))
     return cols
@@ -362,6 +395,8 @@ def render_paper(df: pd.DataFrame, qa_metric: str = "acc") -> str:
                     std = r.get(f"{c.key}::std")
                     if not _missing(std):
                         s += rf"\,{{\scriptsize$\pm${_tex(cell(std, c))}}}"
+                if c.key == "quant_h" and _busy(r.get("other_cpu")):
+                    s += r"$^\ddagger$"
                 cells.append(_mark(s, rk[c.key].get(i), "tex"))
             lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]

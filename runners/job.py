@@ -376,6 +376,7 @@ def _quantize(job: Job) -> None:
     cfg, rec, method, model, device = job.cfg, job.rec, job.method, job.model, job.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    cpu0 = M.cpu_sample()
     if method.quantizes:
         def on_block(b):
             job.tracker.log({f"quant/{k}": v for k, v in b.items() if isinstance(v, (int, float)) and v is not None})
@@ -394,6 +395,8 @@ def _quantize(job: Job) -> None:
                                        checkpoint_dir=ckpt if cfg.quantize.checkpoint else None, on_block=on_block,
                                        block_finetune=job.layer_hook)
     rec.memory.quantize_peak_rss_gb = M.peak_rss_gb()  # up to the end of quantization (evaluation excluded)
+    if method.quantizes:
+        rec.time.other_cpu_cores = M.other_cpu_cores(cpu0, M.cpu_sample())
     stats = job.stats
     if stats is not None:
         job.codes = M.codes_digest(model)

@@ -7,8 +7,9 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 log = logging.getLogger("vq-bench")
 METRICS_FILE = "metrics.json"
@@ -195,6 +196,34 @@ def _code_version() -> str:
     from runners.checkpoint import code_version
 
     return code_version()
+
+
+def cpu_sample() -> Optional[Tuple[float, float, float]]:
+    """(wall s, the machine's busy CPU s, this process's CPU s, its reaped children's included), or
+    None where /proc/stat is missing (not Linux)."""
+    import resource
+
+    try:
+        with open("/proc/stat") as f:
+            head = f.readline().split()
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not head or head[0] != "cpu" or len(head) < 8:
+        return None
+    # user nice system idle iowait irq softirq steal: busy = everything but idle and iowait
+    vals = [int(v) for v in head[1:9]]
+    busy = (sum(vals) - vals[3] - vals[4]) / tick
+    own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for a in ("ru_utime", "ru_stime"))
+    return time.perf_counter(), busy, own
+
+
+def other_cpu_cores(a, b) -> Optional[float]:
+    """Cores other processes kept busy on average between two `cpu_sample`s (None without both)."""
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    return round(max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / (b[0] - a[0]), 3)
 
 
 def reset_peak_rss() -> bool:

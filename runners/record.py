@@ -34,6 +34,9 @@ class Timing:
     finetune_s: Optional[float] = None
     audit_s: Optional[float] = None
     per_block_s: List[float] = field(default_factory=list)
+    # CPU cores that OTHER processes kept busy, on average, while this job quantized (the machine's busy
+    # time from /proc/stat less this process's own; Linux only, else None): about 0 for a quiet timing
+    other_cpu_cores: Optional[float] = None
 
 
 @dataclass

@@ -32,6 +32,8 @@ def test_sweep_report_resume_and_failure(tmp_path):
     mem = ok["memory"]  # RSS before loading <= peak to the end of quantization <= peak of the job
     assert 0 < mem["base_rss_gb"] <= mem["quantize_peak_rss_gb"] <= mem["peak_rss_gb"]
     assert mem["peak_rss_scope"] == "job"  # Linux: each job of the one-process sweep has its own peak
+    other = ok["time"]["other_cpu_cores"]  # Linux: what other processes used while it quantized
+    assert other is not None and 0.0 <= other <= os.cpu_count()
     fp16 = [m for m in ms if m["method"] == "fp16" and m["status"] == "ok"]
     assert fp16 and fp16[0]["bits"]["total"] == 16.0 and fp16[0]["bits"]["target"] is None
     for m in ms:

@@ -148,3 +148,15 @@ def test_corrupt_hessian_cache_is_named_and_recomputed(tmp_path, caplog):
     a, b = _weights(ref), _weights(m)
     assert all(torch.equal(a[k], b[k]) for k in a)
     check_safetensors(str(hd / "block000.safetensors"))
+
+
+def test_other_cpu_cores_is_the_machines_busy_time_less_our_own():
+    """time.other_cpu_cores: (machine busy CPU s - this process's CPU s) / wall s, never negative,
+    None without two samples; a live sample reads /proc/stat where there is one."""
+    from runners.metrics import cpu_sample, other_cpu_cores
+
+    assert other_cpu_cores((0.0, 100.0, 5.0), (10.0, 118.0, 13.0)) == 1.0  # 18 s busy, 8 ours, over 10 s
+    assert other_cpu_cores((0.0, 100.0, 5.0), (10.0, 104.0, 9.5)) == 0.0  # tick rounding below our own
+    assert other_cpu_cores(None, (1.0, 1.0, 1.0)) is None
+    s = cpu_sample()
+    assert s is None or (len(s) == 3 and s[1] >= 0 and s[2] >= 0)

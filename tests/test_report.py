@@ -147,3 +147,38 @@ def test_variants_labelled_and_published_numbers_beside_matching_rows(tmp_path):
     assert ref[paper] == "7.00" and ref[delta] == "+0.50"
     assert ours[paper] == "—" and gv[paper] == "—"
     assert "Hand (2026), Table 1 (2.02 b)" in md and "NOT the published algorithm" in md
+
+
+def test_times_measured_beside_other_work_are_marked_and_not_ranked(tmp_path):
+    """A quantization time is ranked only when the ranked rows ran on the same threads on a quiet
+    machine (metrics.json time.other_cpu_cores below 0.25 cores): otherwise every time is shown,
+    none bold, the busy rows marked ‡, and a note says why."""
+    def env(t):
+        return {"env": {"threads": {"intra_op": t}}}
+
+    _run(tmp_path, "a", "gptq", 2.0, 2.06, 12.0, qtime=30.0, **env(1))
+    _run(tmp_path, "b", "vptq", 2.0, 2.10, 7.5, qtime=60.0, **env(1))
+    for d in ("a", "b"):  # quiet: ranked
+        m = json.loads((tmp_path / d / "metrics.json").read_text())
+        m["time"]["other_cpu_cores"] = 0.02
+        (tmp_path / d / "metrics.json").write_text(json.dumps(m))
+    write_report(str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    qt = [c.strip() for c in md.splitlines()[2].strip("|").split("|")].index("quant time (s) ↓")
+    assert _cells(md, "gptq", "2")[qt] == "**30.0**" and "Quantization times are shown but not ranked" not in md
+
+    _run(tmp_path, "c", "aqlm", 2.0, 2.05, 9.0, qtime=20.0, **env(1))
+    m = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    m["time"]["other_cpu_cores"] = 1.1  # another lane kept a core busy
+    (tmp_path / "c" / "metrics.json").write_text(json.dumps(m))
+    write_report(str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    assert _cells(md, "aqlm", "2")[qt] == "20.0 ‡" and _cells(md, "gptq", "2")[qt] == "30.0"
+    assert "not ranked: 1 row(s) were quantized beside other work" in md
+    assert r"$^\ddagger$" in (tmp_path / "results_paper.tex").read_text()
+
+    _run(tmp_path, "d", "rtn", 2.0, 2.09, 99.0, qtime=1.0, **env(2))  # other threads, no record of the machine
+    write_report(str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    assert "different thread counts (1, 2" in md and "1 row(s) carry no record" in md
+    assert "threads" in [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
