@@ -52,8 +52,13 @@ def semantic_config(cfg: Dict[str, Any], uses_bits: bool = True) -> Dict[str, An
         "hessian_protocol": cfg["hessian"]["protocol"],
         "seed": cfg["seed"],
         # finetuning changes results; absent (not "none") when off, so that earlier run keys still match
-        **({"finetune": cfg["finetune"]} if (cfg.get("finetune") or {}).get("mode", "none") != "none" else {}),
+        **({"finetune": {k: v for k, v in cfg["finetune"].items() if k not in RESULT_NEUTRAL_FINETUNE}}
+           if (cfg.get("finetune") or {}).get("mode", "none") != "none" else {}),
     }
+
+
+# finetune fields that change memory and time but no result: left out of the run key
+RESULT_NEUTRAL_FINETUNE = ("checkpoint",)
 
 
 def run_key(semantic: Dict[str, Any]) -> str:

@@ -164,6 +164,11 @@ class FinetuneConfig:
     heldout: float = 0.125  # e2e: fraction of the calibration windows held out for early stopping (>= 1)
     topk: Optional[int] = 64  # e2e: float tokens kept per position for the KL; null = the whole vocabulary
     seed: Optional[int] = None  # window order; null = the run's seed
+    # e2e: each decoder block under gradient checkpointing (recomputed in the backward pass). null =
+    # auto: on for CUDA; on CPU only where the model's weights dequantized to float32 plus one window's
+    # activations would take over half the available memory. Changes memory and time, not results
+    # (the same operations recompute the same values: tests/test_finetune.py), so not in the run key.
+    checkpoint: Optional[bool] = None
 
 
 @dataclass

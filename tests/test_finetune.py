@@ -138,13 +138,13 @@ def test_layer_finetuning_lowers_block_output_mse(w):
     assert rec["blocks"] == 1 and rec["blocks_kept"] == 1 and rec["trained_params"] > 0
 
 
-def _e2e(w, seed=0, epochs=4, lr=1e-3):
+def _e2e(w, seed=0, epochs=4, lr=1e-3, checkpoint=None):
     model, _ = _model()
     calib, ev = _windows(8, 1), _windows(4, 2)
     ref_c, ref_e = compute_reference(model, calib, "cpu", 1 << 30), compute_reference(model, ev, "cpu", 1 << 30)
     _quantize(*w, model, calib)
     before = kld_summary(score(model, ev, "cpu", ref_e))["mean"]
-    ft = Finetune(mode="e2e", epochs=epochs, lr=lr, lr_min=None, batch=2, topk=None, seed=seed)
+    ft = Finetune(mode="e2e", epochs=epochs, lr=lr, lr_min=None, batch=2, topk=None, seed=seed, checkpoint=checkpoint)
     rec = finetune_e2e(model, calib, ref_c, ft, "cpu")
     after = kld_summary(score(model, ev, "cpu", ref_e))["mean"]
     return model, rec, before, after
@@ -176,6 +176,24 @@ def test_e2e_same_seed_same_tensors():
     assert all(torch.equal(n1[k], n2[k]) for k in n1 if k.endswith("norm.weight"))
     m3, _, _, _ = _e2e(w, epochs=2, seed=1)  # another window order: other tensors
     assert codes_digest(m3)["sha256"] != codes_digest(m1)["sha256"]
+
+
+def test_e2e_checkpointing_changes_memory_not_results():
+    """finetune.checkpoint on or off: the same operations compute the same values (the checkpointed
+    forward is recomputed by the same kernels), so the finetuned tensors are bitwise the same; auto
+    is on for CUDA and, on CPU, follows the memory estimate."""
+    from runners.finetune import training_bytes, use_checkpointing
+
+    w = ("vptq", {}, 2.0)
+    m1, r1, _, _ = _e2e(w, epochs=2, checkpoint=True)
+    m2, r2, _, _ = _e2e(w, epochs=2, checkpoint=False)
+    assert r1["checkpointed"] is True and r2["checkpointed"] is False
+    assert codes_digest(m1)["sha256"] == codes_digest(m2)["sha256"]
+    assert r1["heldout_kl"] == r2["heldout_kl"] and r1["norms_sha256"] == r2["norms_sha256"]
+    need = training_bytes(m1, 63)
+    assert need > 0 and use_checkpointing(m1, 63, "cuda") and not use_checkpointing(m1, 63, "cpu", False)
+    assert use_checkpointing(m1, 63, "cpu") is False  # a tiny model: a few MB, far below half the memory
+    assert use_checkpointing(m1, 10**9, "cpu") is True  # a billion tokens per window would not fit
 
 
 def test_e2e_keeps_the_best_state_and_never_raises_the_heldout_kl():
@@ -340,3 +358,14 @@ def test_finetune_group_composes():
         assert compose("config", overrides=["finetune=layer"]).finetune.mode == "layer"
         with pytest.raises(Exception):
             compose("config", overrides=["finetune.lrr=1"])  # typed: a typo fails at compose time
+        # finetune.checkpoint changes memory and time, no result: not in the run key; other fields are
+        from omegaconf import OmegaConf
+
+        import runners.metrics as M
+
+        def key(*over):
+            return M.run_key(M.semantic_config(OmegaConf.to_container(compose("config", overrides=list(over)),
+                                                                      resolve=True)))
+        base = key("finetune=e2e")
+        assert key("finetune=e2e", "finetune.checkpoint=true") == base == key("finetune=e2e", "finetune.checkpoint=false")
+        assert key("finetune=e2e", "finetune.epochs=2") != base
