@@ -71,7 +71,8 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """-> (finished runs, failed runs). Columns of the first: model, method, bits_target, settings,
     seed, calib ("data NxL"), kernel, eval_windows, config_key (equal for runs that differ only in
     the seed), bits_index, bits_total, quant_s, eval_s, threads (the job's torch threads), other_cpu
-    (cores other processes used while it quantized; None in older records), peak_rss_gb, peak_gpu_gb, mem_gb (peak GPU memory
+    (cores other processes used while it quantized; None in older records), reused_blocks (blocks loaded
+    from checkpoints, not quantized by the run), peak_rss_gb, peak_gpu_gb, mem_gb (peak GPU memory
     on GPU runs, else peak process RSS), device, the fair-comparison fields (protocol, finetune,
     variant, iters), ppl::<ds>@<seqlen> (each dataset's own seqlen) with ppl_lo::/ppl_hi:: (95%
     interval), kld::<ds>@<seqlen> (mean KL to the float model) with kld_se::, top1::<ds>@<seqlen> (%),
@@ -98,6 +99,7 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
                     "quant_s": r.time.quantize_s, "eval_s": r.time.eval_s,
                     "threads": ((r.env or {}).get("threads") or {}).get("intra_op"),
                     "other_cpu": r.time.other_cpu_cores,
+                    "reused_blocks": (r.cost or {}).get("blocks_reused"),
                     "peak_rss_gb": r.memory.peak_rss_gb, "peak_gpu_gb": r.memory.peak_gpu_gb,
                     "mem_gb": r.memory.peak_gpu_gb if r.memory.peak_gpu_gb is not None else r.memory.peak_rss_gb,
                     "device": (r.env or {}).get("device"),

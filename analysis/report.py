@@ -76,6 +76,9 @@ def time_comparable(df: pd.DataFrame) -> Tuple[bool, List[str]]:
                        f">= {BUSY_CORES:g} cores busy on average)")
         if unknown and unknown < len(sub):
             why.append(f"{unknown} row(s) carry no record of other work on the machine (older runs)")
+    if "reused_blocks" in sub and (sub["reused_blocks"].fillna(0) > 0).any():
+        why.append(f"{int((sub['reused_blocks'].fillna(0) > 0).sum())} row(s) loaded quantized blocks from "
+                   "checkpoints of an earlier run (↺: their time counts only the rest)")
     return not why, why
 
 
@@ -253,6 +256,8 @@ def render(df: pd.DataFrame, style: str) -> str:
                 s = s.replace("_", r"\_").replace("%", r"\%").replace("—", "--")
             if c.key == "quant_s" and _busy(r.get("other_cpu")):
                 s += " ‡" if style == "md" else r"$^\ddagger$"
+            if c.key == "quant_s" and not _missing(r.get("reused_blocks")) and r.get("reused_blocks") > 0:
+                s += " ↺" if style == "md" else r"\textsuperscript{reused}"
             cells.append(_mark(s, rk[c.key].get(i), style))
         rows.append(cells)
     if style == "md":

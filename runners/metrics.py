@@ -72,6 +72,17 @@ def config_key(semantic: Dict[str, Any]) -> str:
     return run_key({k: v for k, v in semantic.items() if k != "seed"})
 
 
+def quantization_key(semantic: Dict[str, Any]) -> str:
+    """The run_key of what decides the quantized codes only: without the evaluation settings and, under
+    finetune=e2e (which trains after the last block is quantized), without the finetuning settings.
+    Block checkpoints (runners/checkpoint.py) are kept under it, so jobs that differ only in how they
+    evaluate or finetune end to end share their quantized blocks (quantize.keep_checkpoints=true)."""
+    q = {k: v for k, v in semantic.items() if k != "eval"}
+    if (q.get("finetune") or {}).get("mode") == "e2e":
+        q.pop("finetune")
+    return "q" + run_key(q)[:15]
+
+
 def find_finished(root: str, key: str) -> Optional[str]:
     """Path of a metrics.json below `root` with this run_key and status ok, if any."""
     if not root or not os.path.isdir(root):

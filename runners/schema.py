@@ -129,8 +129,10 @@ class HessianConfig:
 
 @dataclass
 class QuantizeConfig:
-    # save each finished block under <results_root>/checkpoints/<run_key>/ so that a rerun of an
-    # interrupted job resumes at the first unfinished block; removed when the job finishes
+    # save each finished block under <results_root>/checkpoints/<quantization key>/ so that a rerun of an
+    # interrupted job resumes at the first unfinished block; removed when the job finishes unless kept.
+    # The key (runners.metrics.quantization_key) leaves out the evaluation and finetune=e2e settings:
+    # with keep_checkpoints=true, e2e jobs (any lr, epochs, ...) start from the blocks another job quantized
     checkpoint: bool = True
     keep_checkpoints: bool = False
     # layer-parallel quantization (needs hessian.protocol=float): blocks are quantized by separate

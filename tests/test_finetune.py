@@ -279,6 +279,24 @@ def test_runner_e2e_record_and_codes_hash(tmp_path):
     assert all(lay["sha256"] for lay in layers)
 
 
+def test_e2e_runs_share_the_quantized_blocks_of_their_quantization_key(tmp_path):
+    """finetune=none and finetune=e2e at any e2e setting quantize the same codes: with
+    quantize.keep_checkpoints=true the e2e jobs load the blocks the first job checkpointed (recorded
+    as cost.blocks_reused, the report marks their time) and start from the very same codes."""
+    keep = ["method=vptq", "bits=2", "quantize.keep_checkpoints=true", "seed=3"]
+    r0, m0 = _run(tmp_path, *keep)
+    assert r0.returncode == 0, r0.stderr[-3000:]
+    assert "blocks_reused" not in (m0.get("cost") or {})
+    r1, m1 = _run(tmp_path, *keep, "finetune=e2e", "finetune.epochs=1", "finetune.lr=1e-3")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert m1["cost"]["blocks_reused"] == 2 and m1["run_key"] != m0["run_key"]  # the tiny model's 2 blocks
+    assert m1["finetune"]["codes_sha256_before"] == m0["codes_sha256"]
+    # layer finetuning changes the codes it quantizes: its own key, nothing reused
+    r2, m2 = _run(tmp_path, *keep, "finetune=layer", "finetune.steps=2")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "blocks_reused" not in (m2.get("cost") or {})
+
+
 @pytest.mark.slow
 def test_runner_layer_alias_and_errors(tmp_path):
     r, m = _run(tmp_path, "method=vptq", "bits=2", "method.finetune=true", "finetune.steps=4")

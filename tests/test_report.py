@@ -182,3 +182,9 @@ def test_times_measured_beside_other_work_are_marked_and_not_ranked(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "different thread counts (1, 2" in md and "1 row(s) carry no record" in md
     assert "threads" in [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+
+    _run(tmp_path, "e", "vptq", 3.0, 3.04, 6.0, qtime=5.0, cost={"blocks_reused": 30}, **env(1))  # blocks loaded
+    write_report(str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    qt = [c.strip() for c in md.splitlines()[2].strip("|").split("|")].index("quant time (s) ↓")
+    assert _cells(md, "vptq", "3")[qt] == "5.0 ↺" and "1 row(s) loaded quantized blocks" in md
