@@ -173,9 +173,18 @@ class LayerHook:
                             seed=ft.seed * 7 + ctx.index, norms=ft.norms)
         dt = time.perf_counter() - t0
         self.time_s += dt
-        st = {f"layer_{k}": v for k, v in st.items()}
+        st = {**{f"layer_{k}": v for k, v in st.items()}, "layer_ft_time_s": dt}
         self.blocks.append({"block": ctx.index, **st, "time_s": dt})
         return st
+
+    def collect(self, blocks: List[Dict[str, Any]]) -> None:
+        """The record of hooks that ran elsewhere (quantize.parallel's block jobs): from the blocks'
+        stats as their checkpoints saved them (the keys `__call__` returns)."""
+        for b in blocks:
+            if "layer_ft_time_s" in b:
+                st = {k: v for k, v in b.items() if k.startswith("layer_")}
+                self.time_s += b["layer_ft_time_s"]
+                self.blocks.append({"block": b.get("block"), **st, "time_s": b["layer_ft_time_s"]})
 
     def record(self) -> Dict[str, Any]:
         kept = [b for b in self.blocks if b.get("layer_ft_kept")]

@@ -271,10 +271,7 @@ def _check(job: Job) -> None:
 
     job.finetune, job.method = configure(cfg.finetune, job.method, seed=int(cfg.seed))
     if job.finetune.mode == "layer" and job.method.quantizes:
-        if cfg.quantize.parallel:
-            raise UserError("finetune=layer runs inside the serial driver; with quantize.parallel=true use "
-                            "finetune=none or finetune=e2e")
-        job.layer_hook = LayerHook(job.finetune)
+        job.layer_hook = LayerHook(job.finetune)  # quantize.parallel: each block job runs its own
     if cfg.save.quantized:
         from runners.save import check_exportable
 
@@ -387,7 +384,9 @@ def _quantize(job: Job) -> None:
             from runners.parallel import quantize_parallel
 
             job.stats, rec.parallel = quantize_parallel(cfg, model, method, calib=job.calib, device=device,
-                                                        checkpoint_dir=ckpt)
+                                                        checkpoint_dir=ckpt, layer_finetune=job.layer_hook is not None)
+            if job.layer_hook is not None:  # the block jobs' finetune=layer records, from their checkpoints
+                job.layer_hook.collect(job.stats.blocks)
             for b in job.stats.blocks:
                 on_block(b)
         else:

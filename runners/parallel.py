@@ -118,7 +118,9 @@ def make_executor(kind: str, folder: str, *, launcher: Optional[Dict[str, Any]] 
 def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoint_dir: str, cache_dir: str,
                         key_json: str) -> Dict[str, Any]:
     """One block job (its own process): quantize `blocks` of the configured model from the capture
-    cache into `checkpoint_dir`. config: the run's resolved config as plain data.
+    cache into `checkpoint_dir`, each followed by the method's own block finetuning and finetune=layer
+    (its targets: the float block's outputs, as the serial driver's under hessian.protocol=float).
+    config: the run's resolved config as plain data.
     -> {"blocks", "time_s", "peak_rss_gb", "peak_gpu_gb", "bytes_read"} of this job."""
     import torch
 
@@ -140,12 +142,20 @@ def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoin
     kernel = config["kernel"]["name"]
     register_kernel(kernel)
     method = build_method(config["method"], config["bits"], config["seed"])
+    hook = None
+    if (config.get("finetune") or {}).get("mode", "none") != "none":
+        from omegaconf import OmegaConf
+
+        from runners.finetune import LayerHook, configure
+
+        ft, method = configure(OmegaConf.create(config["finetune"]), method, seed=int(config["seed"]))
+        hook = LayerHook(ft) if ft.mode == "layer" else None
     device = resolve_device(config["device"])
     k = json.loads(key_json)
     key = CaptureKey(**{**k, "calib_shape": tuple(k["calib_shape"])})
     mods, arch = load_blocks(model_config(config["model"]), list(blocks))
     plan = method.plan([tuple(l.weight.shape) for b in mods.values() for l in linears_of(b).values()])
-    keep = method.uses_float_outputs
+    keep = method.uses_float_outputs or hook is not None
     need = ("H", "X", "Y") if keep else ("H",)
     kwargs = load_kwargs(cache_dir, key, device) if keep else None
     cost = CacheCost()
@@ -160,7 +170,7 @@ def quantize_blocks_job(config: Dict[str, Any], blocks: Sequence[int], checkpoin
         stats = QuantStats(threads=thread_policy(device))
         hkeys = hessian_groups(linears_of(block), arch)
         losses, old = quantize_linears(block, i, method, plan, data["H"], hkeys, device, kernel, stats)
-        ft = finetune_block(block, BlockContext(data["X"], data["Y"], kwargs, device, i), method, None) if keep else {}
+        ft = finetune_block(block, BlockContext(data["X"], data["Y"], kwargs, device, i), method, hook) if keep else {}
         release_block(old)
         brec = {"block": i, "time_s": time.perf_counter() - tb,
                 "mean_rel_proxy_loss": (sum(losses) / len(losses)) if losses else None, **ft}
@@ -185,7 +195,8 @@ def _wait(jobs, groups, folder: str) -> List[Dict[str, Any]]:
     return out
 
 
-def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoint_dir: str, executor=None):
+def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoint_dir: str, executor=None,
+                      layer_finetune: bool = False):
     """Capture once, quantize the blocks in jobs, assemble `model` in place from their checkpoints.
     -> (QuantStats, info). QuantStats.quantize_s: wall time from the capture's start to the assembled
     model; QuantStats.cost: block forwards, cache bytes, and the stages' wall times. info: {"executor",
@@ -200,7 +211,7 @@ def quantize_parallel(cfg: DictConfig, model, method, *, calib, device, checkpoi
     t0 = time.perf_counter()
     key = make_key(model, calib, "float")
     cache = cfg.hessian.cache_dir or capture_dir(os.path.join(cfg.results_root, "capture"), key)
-    cap = capture(model, calib, device, cache, key, keep_activations=method.uses_float_outputs)
+    cap = capture(model, calib, device, cache, key, keep_activations=method.uses_float_outputs or layer_finetune)
     t_cap = time.perf_counter()
     n = len(blocks_of(model, arch_of(model)))
     groups = block_groups(n, int(cfg.quantize.blocks_per_job))

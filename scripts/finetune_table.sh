@@ -15,7 +15,9 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${1:-outputs/compare13}
-COMMON=(data=text data.path=../shared/data/wikitext-2 logger=none "hydra.sweep.dir=$OUT" quantize.checkpoint=false)
+COMMON=(data=text data.path=../shared/data/wikitext-2 logger=none "hydra.sweep.dir=$OUT")
+# the Table 8-style jobs keep their blocks: its e2e jobs load the blocks its finetune=none jobs quantized
+KEEP=(quantize.keep_checkpoints=true)
 TABLE8=(method.vector_len=4 method.num_centroids=256 method.num_res_centroids=16 method.outlier_size=16
         method.outlier_vector_len=4 method.outlier_num_centroids=256)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -23,8 +25,8 @@ mkdir -p "$OUT"
 
 lane_a() {
   $PY runners/run.py -m method=vptq finetune=e2e bits=2,3 seed=0,1,2 "${COMMON[@]}"
-  $PY runners/run.py -m method=vptq bits=3 seed=0,1,2 "${TABLE8[@]}" "${COMMON[@]}"
-  $PY runners/run.py -m method=vptq finetune=e2e bits=3 seed=0,1,2 "${TABLE8[@]}" "${COMMON[@]}"
+  $PY runners/run.py -m method=vptq bits=3 seed=0,1,2 "${TABLE8[@]}" "${KEEP[@]}" "${COMMON[@]}"
+  $PY runners/run.py -m method=vptq finetune=e2e bits=3 seed=0,1,2 "${TABLE8[@]}" "${KEEP[@]}" "${COMMON[@]}"
   $PY runners/run.py -m method=gptq,rtn finetune=e2e bits=2 seed=0,1,2 "${COMMON[@]}"
 }
 lane_b() {

@@ -253,3 +253,27 @@ def test_block_finetuning_in_jobs_equals_serial(tmp_path):
     quantize_parallel(cfg, par, method, calib=calib, device="cpu", checkpoint_dir=ck,
                       executor=submitit.DebugExecutor(folder=os.path.join(ck, "jobs")))
     _assert_identical(ref, par)
+
+
+@pytest.mark.slow
+def test_cli_parallel_layer_finetuning_equals_serial(tmp_path):
+    """finetune=layer inside the block jobs (their targets: the captured float outputs) == the serial
+    float-protocol run's, bit for bit: the same finetuned codes, the same per-block record."""
+    out = {}
+    for mode in ("serial", "parallel"):
+        d = tmp_path / mode
+        args = [a for a in BASE if a != "quantize.parallel=true"] + [
+            "eval.seqlen=64", "eval.max_windows=2", "quantize.blocks_per_job=2", "finetune=layer",
+            "finetune.steps=3", f"quantize.parallel={mode == 'parallel'}", f"hydra.run.dir={d}", f"results_root={d}"]
+        r = run_cli(args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[mode] = json.loads((d / "metrics.json").read_text())
+    ms, mp = out["serial"], out["parallel"]
+    assert mp["parallel"]["submitted"] == 2 and ms["codes_sha256"] == mp["codes_sha256"]
+    fs, fp = ms["finetune"], mp["finetune"]
+    assert fs["mode"] == fp["mode"] == "layer" and fs["blocks"] == fp["blocks"] == 3
+    drop = ("time_s", "layer_ft_time_s")
+    strip = lambda r: [{k: v for k, v in b.items() if k not in drop} for b in r["per_block"]]  # noqa: E731
+    assert strip(fs) == strip(fp) and fs["mse_ratio_mean"] == fp["mse_ratio_mean"] < 1.0
+    assert fp["time_s"] > 0 and mp["time"]["finetune_s"] == fp["time_s"]
+    assert ms["ppl"] == mp["ppl"]
