@@ -52,13 +52,23 @@ def semantic_config(cfg: Dict[str, Any], uses_bits: bool = True) -> Dict[str, An
         "hessian_protocol": cfg["hessian"]["protocol"],
         "seed": cfg["seed"],
         # finetuning changes results; absent (not "none") when off, so that earlier run keys still match
-        **({"finetune": {k: v for k, v in cfg["finetune"].items() if k not in RESULT_NEUTRAL_FINETUNE}}
+        **({"finetune": _finetune_semantic(cfg["finetune"])}
            if (cfg.get("finetune") or {}).get("mode", "none") != "none" else {}),
     }
 
 
 # finetune fields that change memory and time but no result: left out of the run key
 RESULT_NEUTRAL_FINETUNE = ("checkpoint",)
+
+
+def _finetune_semantic(ft: Dict[str, Any]) -> Dict[str, Any]:
+    """The finetune group as it runs: null fields take their mode's preset (runners.finetune.PRESETS),
+    so that a run key names the learning rate etc. actually used, and a changed preset is a new key."""
+    from runners.finetune import PRESETS
+
+    pre = PRESETS.get(ft.get("mode"), {})
+    return {k: (pre.get(k) if v is None and k in pre else v) for k, v in ft.items()
+            if k not in RESULT_NEUTRAL_FINETUNE}
 
 
 def run_key(semantic: Dict[str, Any]) -> str:

@@ -269,7 +269,7 @@ def test_runner_e2e_record_and_codes_hash(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ft = m["finetune"]
     assert m["comparison"]["finetune"] == "e2e" and ft["mode"] == "e2e" and ft["via"] == "finetune=e2e"
-    assert ft["epochs"] == 2 and ft["lr"] == 1e-3 and ft["lr_min"] == 1e-5 and ft["batch"] == 2  # presets fill nulls
+    assert ft["epochs"] == 2 and ft["lr"] == 1e-3 and ft["lr_min"] == 5e-5 and ft["batch"] == 2  # presets fill nulls
     assert len(ft["heldout_kl"]) == ft["epochs_run"] + 1 and ft["trained_params"] > 0
     assert m["time"]["finetune_s"] == ft["time_s"] and ft["peak_rss_gb"] > 0 and ft["peak_gpu_gb"] is None
     assert ft["reference"]["computed"] and ft["reference"]["topk"] == 64  # the calibration windows' float top-k
@@ -314,7 +314,7 @@ def test_runner_layer_alias_and_errors(tmp_path):
     (dict(mode="e2e", lr=-1.0), "finetune.lr=-1.0 must be > 0"),
     (dict(mode="layer", steps=-2), "finetune.steps=-2 must be an integer >= 0"),
     (dict(mode="e2e", heldout=1.5), "finetune.heldout=1.5 must be a fraction"),
-    (dict(mode="e2e", lr_min=1.0), "finetune.lr_min=1.0 must be between 0 and finetune.lr=0.0001"),
+    (dict(mode="e2e", lr_min=1.0), "finetune.lr_min=1.0 must be between 0 and finetune.lr=0.0005"),
     (dict(mode="e2e", batch=0), "finetune.batch=0 must be >= 1"),
     (dict(mode="bogus"), "finetune.mode='bogus'; valid choices: none, layer, e2e"),
     (dict(mode="e2e", vptq=dict(finetune=True)), "cannot be combined with finetune=e2e"),
@@ -387,3 +387,7 @@ def test_finetune_group_composes():
         base = key("finetune=e2e")
         assert key("finetune=e2e", "finetune.checkpoint=true") == base == key("finetune=e2e", "finetune.checkpoint=false")
         assert key("finetune=e2e", "finetune.epochs=2") != base
+        # null fields are keyed as their preset: the explicit preset value is the same run
+        from runners.finetune import PRESETS
+
+        assert key("finetune=e2e", f"finetune.lr={PRESETS['e2e']['lr']}") == base != key("finetune=e2e", "finetune.lr=1e-4")
