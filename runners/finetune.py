@@ -267,7 +267,7 @@ def training_bytes(model, tokens: int) -> int:
     """What the backward pass keeps without checkpointing, estimated: every quantized linear's weight
     dequantized to float32 (autograd saves it for the input's gradient) and, per decoder block, about
     16 hidden-size and 6 intermediate-size float32 vectors per token (norms, projections, attention,
-    MLP; SmolLM2-135M at 511 tokens: 0.4 GB of weights + 0.8 GB of activations)."""
+    MLP; SmolLM2-135M at 511 tokens: 0.4 GB of weights + 1.1 GB of activations)."""
     from runners.arch import arch_of, blocks_of
     from vptq.qlinear import QuantLinear
 
