@@ -60,6 +60,21 @@ def _busy(v) -> bool:
     return not _missing(v) and v >= BUSY_CORES
 
 
+def _reused(v) -> bool:
+    return not _missing(v) and v > 0
+
+
+def time_marks(r, style: str) -> str:
+    """What follows a row's quantization time: ‡ measured beside other work, ↺ blocks it loaded from
+    another run's checkpoints (time_comparable's notes explain both)."""
+    marks = []
+    if _busy(r.get("other_cpu")):
+        marks.append(" ‡" if style == "md" else r"$^\ddagger$")
+    if _reused(r.get("reused_blocks")):
+        marks.append(" ↺" if style == "md" else r"\textsuperscript{reused}")
+    return "".join(marks)
+
+
 def time_comparable(df: pd.DataFrame) -> Tuple[bool, List[str]]:
     """Whether the quantization times of the ranked rows were measured alike (same threads, quiet), and
     why not: (ok, reasons). Times measured in unlike conditions are shown but not ranked."""
@@ -76,9 +91,10 @@ def time_comparable(df: pd.DataFrame) -> Tuple[bool, List[str]]:
                        f">= {BUSY_CORES:g} cores busy on average)")
         if unknown and unknown < len(sub):
             why.append(f"{unknown} row(s) carry no record of other work on the machine (older runs)")
-    if "reused_blocks" in sub and (sub["reused_blocks"].fillna(0) > 0).any():
-        why.append(f"{int((sub['reused_blocks'].fillna(0) > 0).sum())} row(s) loaded quantized blocks from "
-                   "checkpoints of an earlier run (↺: their time counts only the rest)")
+    reused = int(sub["reused_blocks"].map(_reused).sum()) if "reused_blocks" in sub else 0
+    if reused:
+        why.append(f"{reused} row(s) loaded quantized blocks from checkpoints of an earlier run (↺: their time "
+                   "counts only the rest)")
     return not why, why
 
 
@@ -254,10 +270,8 @@ def render(df: pd.DataFrame, style: str) -> str:
             s = cell(r.get(c.key), c, r.get(f"{c.key}::std"), " ± " if style == "md" else r" $\pm$ ")
             if style == "tex":
                 s = s.replace("_", r"\_").replace("%", r"\%").replace("—", "--")
-            if c.key == "quant_s" and _busy(r.get("other_cpu")):
-                s += " ‡" if style == "md" else r"$^\ddagger$"
-            if c.key == "quant_s" and not _missing(r.get("reused_blocks")) and r.get("reused_blocks") > 0:
-                s += " ↺" if style == "md" else r"\textsuperscript{reused}"
+            if c.key == "quant_s":
+                s += time_marks(r, style)
             cells.append(_mark(s, rk[c.key].get(i), style))
         rows.append(cells)
     if style == "md":
@@ -400,8 +414,8 @@ def render_paper(df: pd.DataFrame, qa_metric: str = "acc") -> str:
                     std = r.get(f"{c.key}::std")
                     if not _missing(std):
                         s += rf"\,{{\scriptsize$\pm${_tex(cell(std, c))}}}"
-                if c.key == "quant_h" and _busy(r.get("other_cpu")):
-                    s += r"$^\ddagger$"
+                if c.key == "quant_h":
+                    s += time_marks(r, "tex")
                 cells.append(_mark(s, rk[c.key].get(i), "tex"))
             lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]

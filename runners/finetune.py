@@ -91,6 +91,12 @@ class Finetune:
         return {"mode": self.mode, "via": self.via, **{k: getattr(self, k) for k in keys.get(self.mode, ())}}
 
 
+def with_presets(mode: str, values: Dict[str, Any]) -> Dict[str, Any]:
+    """`values` (finetune fields) with each null field that mode's preset has taken from PRESETS."""
+    pre = PRESETS.get(mode, {})
+    return {k: (pre[k] if v is None and k in pre else v) for k, v in values.items()}
+
+
 def configure(cfg, method, *, seed: int) -> Tuple[Finetune, Any]:
     """The `finetune` config group (runners.schema.FinetuneConfig) and the built method -> (resolved
     Finetune, the method to run). `method.finetune=true` (VPTQ) becomes finetune=layer, and the method
@@ -116,9 +122,7 @@ def configure(cfg, method, *, seed: int) -> Tuple[Finetune, Any]:
 
         mode, via = "layer", "method.finetune=true (alias of finetune=layer)"
         method = build_method(method.name, dataclasses.replace(mc, finetune=False), bits=method.bits, seed=method.seed)
-    pre = PRESETS.get(mode, {})
-    val = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else pre.get(k))
-           for k in ("lr", "lr_min", "steps", "epochs", "batch")}
+    val = with_presets(mode, {k: getattr(cfg, k) for k in ("lr", "lr_min", "steps", "epochs", "batch")})
     ft = Finetune(mode=mode, norms=bool(cfg.norms), patience=int(cfg.patience), heldout=float(cfg.heldout),
                   topk=None if cfg.topk is None else int(cfg.topk), seed=int(seed if cfg.seed is None else cfg.seed),
                   checkpoint=getattr(cfg, "checkpoint", None), via=via, **val)

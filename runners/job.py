@@ -56,6 +56,7 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
     uses_bits = method_class(mname).uses_bits if mname in METHODS else True
     semantic = M.semantic_config(container, uses_bits=uses_bits)
     key = M.run_key(semantic)
+    qkey = M.quantization_key(semantic)  # the block checkpoints' folder
 
     if cfg.resume:
         for root in (job_dir, sweep_dir, cfg.results_root):
@@ -78,11 +79,11 @@ def run_job(cfg: DictConfig, job_dir: Optional[str] = None) -> float:
         tags = [f"model:{cfg.model.name}", f"method:{mname}", f"bits:{cfg.bits}"]
         tracker = make_tracker(cfg.logger, name=os.path.basename(job_dir), group=group, tags=tags,
                                config=container, job_dir=job_dir)
-        job = Job(cfg=cfg, job_dir=job_dir, key=key, tracker=tracker, rec=rec, qkey=M.quantization_key(semantic))
+        job = Job(cfg=cfg, job_dir=job_dir, key=key, tracker=tracker, rec=rec, qkey=qkey)
         _pipeline(job)
         result = rec.to_dict()
         M.write_json_atomic(out_path, result)
-        ckpt = os.path.join(cfg.results_root, "checkpoints", M.quantization_key(semantic))
+        ckpt = os.path.join(cfg.results_root, "checkpoints", qkey)
         if os.path.isdir(ckpt) and not cfg.quantize.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
         tracker.summary(result)
@@ -211,7 +212,7 @@ class Job:
     key: str
     tracker: Any
     rec: RunRecord
-    qkey: str = ""  # metrics.quantization_key: the block checkpoints' folder under results_root/checkpoints
+    qkey: str  # metrics.quantization_key: the block checkpoints' folder under results_root/checkpoints
     device: Optional[torch.device] = None
     method: Any = None
     ppl_sets: List[Tuple[str, str, Optional[str], int]] = field(default_factory=list)
@@ -379,7 +380,7 @@ def _quantize(job: Job) -> None:
         def on_block(b):
             job.tracker.log({f"quant/{k}": v for k, v in b.items() if isinstance(v, (int, float)) and v is not None})
 
-        ckpt = os.path.join(cfg.results_root, "checkpoints", job.qkey or job.key)
+        ckpt = os.path.join(cfg.results_root, "checkpoints", job.qkey)
         if cfg.quantize.parallel:  # blocks quantized by separate jobs, assembled here
             from runners.parallel import quantize_parallel
 
@@ -415,7 +416,7 @@ def _quantize(job: Job) -> None:
         if reused:  # loaded from block checkpoints (a resumed run, or one sharing its quantization_key)
             rec.cost["blocks_reused"] = reused
             log.info("%d of %d blocks loaded from checkpoints (%s): quantize_s counts only the rest", reused,
-                     len(stats.blocks), os.path.join(cfg.results_root, "checkpoints", job.qkey))
+                     len(stats.blocks), ckpt)
         if cfg.audit:
             rec.audit = _audit(cfg, method, job.calib, device, job.codes, block_finetune=job.layer_hook and job.layer_hook.fresh())
             rec.time.audit_s = rec.audit["time_s"]

@@ -64,11 +64,9 @@ RESULT_NEUTRAL_FINETUNE = ("checkpoint",)
 def _finetune_semantic(ft: Dict[str, Any]) -> Dict[str, Any]:
     """The finetune group as it runs: null fields take their mode's preset (runners.finetune.PRESETS),
     so that a run key names the learning rate etc. actually used, and a changed preset is a new key."""
-    from runners.finetune import PRESETS
+    from runners.finetune import with_presets
 
-    pre = PRESETS.get(ft.get("mode"), {})
-    return {k: (pre.get(k) if v is None and k in pre else v) for k, v in ft.items()
-            if k not in RESULT_NEUTRAL_FINETUNE}
+    return with_presets(ft.get("mode"), {k: v for k, v in ft.items() if k not in RESULT_NEUTRAL_FINETUNE})
 
 
 def run_key(semantic: Dict[str, Any]) -> str:
