@@ -80,6 +80,7 @@ class Finetune:
     norms: bool = True
     patience: int = 1
     heldout: float = 0.125
+    nsamples: Optional[int] = None  # e2e: its own calibration windows (None: the quantization's)
     topk: Optional[int] = 64
     seed: int = 0
     checkpoint: Optional[bool] = None  # e2e: blocks under gradient checkpointing (None: `use_checkpointing`)
@@ -87,7 +88,7 @@ class Finetune:
 
     def settings(self) -> Dict[str, Any]:
         keys = {"layer": ("steps", "lr", "lr_min", "batch", "norms", "seed"),
-                "e2e": ("epochs", "lr", "lr_min", "batch", "norms", "patience", "heldout", "topk", "seed")}
+                "e2e": ("epochs", "lr", "lr_min", "batch", "norms", "patience", "heldout", "nsamples", "topk", "seed")}
         return {"mode": self.mode, "via": self.via, **{k: getattr(self, k) for k in keys.get(self.mode, ())}}
 
 
@@ -124,10 +125,14 @@ def configure(cfg, method, *, seed: int) -> Tuple[Finetune, Any]:
         method = build_method(method.name, dataclasses.replace(mc, finetune=False), bits=method.bits, seed=method.seed)
     val = with_presets(mode, {k: getattr(cfg, k) for k in ("lr", "lr_min", "steps", "epochs", "batch")})
     ft = Finetune(mode=mode, norms=bool(cfg.norms), patience=int(cfg.patience), heldout=float(cfg.heldout),
+                  nsamples=None if getattr(cfg, "nsamples", None) is None else int(cfg.nsamples),
                   topk=None if cfg.topk is None else int(cfg.topk), seed=int(seed if cfg.seed is None else cfg.seed),
                   checkpoint=getattr(cfg, "checkpoint", None), via=via, **val)
     if mode != "none":
         _check(ft)
+    elif ft.nsamples is not None:
+        raise UserError(f"finetune.nsamples={ft.nsamples} is read by finetune=e2e only (here finetune=none); "
+                        f"leave it null")
     return ft, method
 
 
@@ -145,6 +150,11 @@ def _check(ft: Finetune) -> None:
         bad = f"finetune.batch={ft.batch} must be >= 1 (windows per Adam step)"
     elif ft.mode == "e2e" and not 0 < ft.heldout < 1:
         bad = f"finetune.heldout={ft.heldout} must be a fraction of the calibration windows, 0 < heldout < 1"
+    elif ft.nsamples is not None and ft.mode != "e2e":
+        bad = (f"finetune.nsamples={ft.nsamples} is read by finetune=e2e only (finetune={ft.mode} trains on the "
+               f"quantization's calibration windows, calib.nsamples); leave it null")
+    elif ft.mode == "e2e" and ft.nsamples is not None and ft.nsamples < 2:
+        bad = f"finetune.nsamples={ft.nsamples} must be >= 2 (one window held out) or null (calib.nsamples)"
     elif ft.mode == "e2e" and ft.patience < 1:
         bad = f"finetune.patience={ft.patience} must be >= 1 (epochs without a lower held-out KL)"
     elif ft.mode == "e2e" and ft.topk is not None and ft.topk < 1:
@@ -207,7 +217,8 @@ def split_windows(N: int, heldout: float) -> Tuple[List[int], List[int]]:
     """(training windows, held-out windows): the last max(1, round(heldout·N)) windows are held out."""
     n_held = max(1, int(round(heldout * N)))
     if N - n_held < 1:
-        raise UserError(f"finetune=e2e needs at least 2 calibration windows (one held out); calib.nsamples={N}")
+        raise UserError(f"finetune=e2e needs at least 2 calibration windows (one held out); got {N} "
+                        f"(finetune.nsamples, or calib.nsamples where it is null)")
     return list(range(N - n_held)), list(range(N - n_held, N))
 
 

@@ -229,6 +229,7 @@ class Job:
     finetune: Any = None  # runners.finetune.Finetune (the resolved `finetune` group)
     layer_hook: Any = None  # runners.finetune.LayerHook under finetune=layer
     calib_ref: Any = None  # the float model's reference on the calibration windows (finetune=e2e)
+    ft_calib: Optional[torch.Tensor] = None  # finetune=e2e's windows: `calib`, or finetune.nsamples of its own
 
 
 def _pipeline(job: Job) -> None:
@@ -315,9 +316,12 @@ def _load_model_and_data(job: Job) -> None:
         from runners.finetune import calibration_reference, split_windows
         from runners.models import cache_root
 
-        split_windows(int(job.calib.shape[0]), job.finetune.heldout)  # too few windows: fail before quantizing
+        n = job.finetune.nsamples
+        job.ft_calib = job.calib if n is None or n == job.calib.shape[0] else calibration_windows(
+            cfg.data.name, cfg.data.path, job.tok, n, cfg.calib.seqlen, cfg.seed)
+        split_windows(int(job.ft_calib.shape[0]), job.finetune.heldout)  # too few windows: fail before quantizing
         folder = cfg.eval.kld_cache or os.path.join(cache_root(), "float_reference")
-        job.calib_ref, info = calibration_reference(job.model, job.calib, job.device, topk=job.finetune.topk,
+        job.calib_ref, info = calibration_reference(job.model, job.ft_calib, job.device, topk=job.finetune.topk,
                                                     folder=folder)
         job.rec.finetune = {"reference": info}
 
@@ -524,7 +528,7 @@ def _finetune(job: Job) -> None:
     if ft.mode != "e2e" or job.stats is None:
         return
     before, ref_info = rec.codes_sha256, (rec.finetune or {}).get("reference")
-    rec.finetune = finetune_e2e(job.model, job.calib, job.calib_ref, ft, job.device,
+    rec.finetune = finetune_e2e(job.model, job.ft_calib, job.calib_ref, ft, job.device,
                                 on_epoch=lambda d: job.tracker.log(d))
     rec.finetune.update(codes_sha256_before=before, reference=ref_info, peak_rss_gb=M.peak_rss_gb(),  # up to here
                         peak_gpu_gb=torch.cuda.max_memory_allocated(job.device) / 1024**3

@@ -66,7 +66,10 @@ def _finetune_semantic(ft: Dict[str, Any]) -> Dict[str, Any]:
     so that a run key names the learning rate etc. actually used, and a changed preset is a new key."""
     from runners.finetune import with_presets
 
-    return with_presets(ft.get("mode"), {k: v for k, v in ft.items() if k not in RESULT_NEUTRAL_FINETUNE})
+    # nsamples null (the quantization's calibration windows, already in the key) is left out, so that the
+    # keys of runs from before the field existed still match
+    return with_presets(ft.get("mode"), {k: v for k, v in ft.items() if k not in RESULT_NEUTRAL_FINETUNE
+                                         and not (k == "nsamples" and v is None)})
 
 
 def run_key(semantic: Dict[str, Any]) -> str:

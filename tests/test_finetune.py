@@ -291,6 +291,15 @@ def test_e2e_runs_share_the_quantized_blocks_of_their_quantization_key(tmp_path)
     assert r1.returncode == 0, r1.stderr[-3000:]
     assert m1["cost"]["blocks_reused"] == 2 and m1["run_key"] != m0["run_key"]  # the tiny model's 2 blocks
     assert m1["finetune"]["codes_sha256_before"] == m0["codes_sha256"]
+    # finetune.nsamples: e2e trains on its own, larger window set (the quantization's 8 first, then more;
+    # the held-out ones last), from the very same quantized blocks; null stays out of the run key
+    r3, m3 = _run(tmp_path, *keep, "finetune=e2e", "finetune.epochs=1", "finetune.lr=1e-3", "finetune.nsamples=16")
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert m3["cost"]["blocks_reused"] == 2 and m3["finetune"]["codes_sha256_before"] == m0["codes_sha256"]
+    ft1, ft3 = m1["finetune"], m3["finetune"]
+    assert (ft1["train_windows"], ft1["heldout_windows"], ft1["nsamples"]) == (7, 1, None)
+    assert (ft3["train_windows"], ft3["heldout_windows"], ft3["nsamples"]) == (14, 2, 16)
+    assert m3["calib"]["nsamples"] == 8 and m3["run_key"] != m1["run_key"]
     # layer finetuning changes the codes it quantizes: its own key, nothing reused
     r2, m2 = _run(tmp_path, *keep, "finetune=layer", "finetune.steps=2")
     assert r2.returncode == 0, r2.stderr[-3000:]
@@ -317,6 +326,9 @@ def test_runner_layer_alias_and_errors(tmp_path):
     (dict(mode="e2e", lr_min=1.0), "finetune.lr_min=1.0 must be between 0 and finetune.lr=0.0005"),
     (dict(mode="e2e", batch=0), "finetune.batch=0 must be >= 1"),
     (dict(mode="bogus"), "finetune.mode='bogus'; valid choices: none, layer, e2e"),
+    (dict(mode="layer", nsamples=64), "finetune.nsamples=64 is read by finetune=e2e only"),
+    (dict(nsamples=64), "finetune.nsamples=64 is read by finetune=e2e only (here finetune=none)"),
+    (dict(mode="e2e", nsamples=1), "finetune.nsamples=1 must be >= 2"),
     (dict(mode="e2e", vptq=dict(finetune=True)), "cannot be combined with finetune=e2e"),
     (dict(vptq=dict(finetune=True, finetune_lr=0.01)), "method.finetune_lr is not read by the runner"),
     (dict(mode="e2e", method="fp16"), "finetune=e2e trains a model's quantized layers; method=fp16 quantizes nothing"),
@@ -391,3 +403,8 @@ def test_finetune_group_composes():
         from runners.finetune import PRESETS
 
         assert key("finetune=e2e", f"finetune.lr={PRESETS['e2e']['lr']}") == base != key("finetune=e2e", "finetune.lr=1e-4")
+        # finetune.nsamples null (the quantization's windows) is keyed by its absence: run keys from before
+        # the field existed still match; a window count of its own is a new key
+        sem = M.semantic_config(OmegaConf.to_container(compose("config", overrides=["finetune=e2e"]), resolve=True))
+        assert "nsamples" not in sem["finetune"] and "lr" in sem["finetune"]
+        assert key("finetune=e2e", "finetune.nsamples=64") != base
