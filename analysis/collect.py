@@ -5,7 +5,7 @@ import glob
 import json
 import os
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pandas as pd
 
@@ -50,6 +50,29 @@ def settings_str(s) -> str:
     return ", ".join(f"{k}={v}" for k, v in s.items() if v is not None)
 
 
+def finetune_str(ft) -> Optional[str]:
+    """What a finetuning record's settings were, compactly (the `finetune` record of runners/finetune.py):
+    runs whose mode is the same but whose learning rate, length or windows differ must not look alike
+    in a table. None where the record is absent (no finetuning, a method's own block finetuning, older
+    records). The per-run seed is left out (it follows the run's)."""
+    if not isinstance(ft, dict) or ft.get("mode") not in ("layer", "e2e"):
+        return None
+    lr = f"lr {ft.get('lr'):g}" + (f"→{ft['lr_min']:g}" if ft.get("lr_min") is not None else "") \
+        if ft.get("lr") is not None else "lr ?"
+    if ft["mode"] == "layer":
+        parts = [f"{ft.get('steps')} steps", lr, f"batch {ft.get('batch')}"]
+    else:
+        n = (ft.get("train_windows") or 0) + (ft.get("heldout_windows") or 0)
+        parts = [f"≤{ft.get('epochs')} epochs", lr, f"batch {ft.get('batch')}", f"{n or '?'} windows"]
+        if ft.get("patience", 1) != 1:
+            parts.append(f"patience {ft['patience']}")
+        if ft.get("topk", 64) != 64:
+            parts.append("whole vocabulary" if ft.get("topk") is None else f"top-{ft['topk']}")
+    if ft.get("norms") is False:
+        parts.append("norms frozen")
+    return f"{ft['mode']}: " + ", ".join(parts)
+
+
 def _windows_str(w) -> str:
     return ", ".join(f"{k}:{v}" for k, v in sorted(w.items())) if isinstance(w, dict) and w else ""
 
@@ -74,7 +97,7 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
     (cores other processes used while it quantized; None in older records), reused_blocks (blocks loaded
     from checkpoints, not quantized by the run), peak_rss_gb, peak_gpu_gb, mem_gb (peak GPU memory
     on GPU runs, else peak process RSS), device, the fair-comparison fields (protocol, finetune,
-    variant, iters), ppl::<ds>@<seqlen> (each dataset's own seqlen) with ppl_lo::/ppl_hi:: (95%
+    variant, iters), finetune_settings (collect.finetune_str), ppl::<ds>@<seqlen> (each dataset's own seqlen) with ppl_lo::/ppl_hi:: (95%
     interval), kld::<ds>@<seqlen> (mean KL to the float model) with kld_se::, top1::<ds>@<seqlen> (%),
     qa::<task>::<metric> (and qa::mean::<metric>)."""
     from runners.record import RunRecord
@@ -105,6 +128,7 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
                     "device": (r.env or {}).get("device"),
                     "protocol": r.hessian_protocol,
                     "finetune": cmp.finetune if r.format_version >= 2 else None,
+                    "finetune_settings": finetune_str(r.finetune),
                     "variant": cmp.variant or (r.settings or {}).get("variant"),
                     "iters": cmp.iters or (r.settings or {}).get("iters")})
         row["config_key"] = r.config_key or _config_key_of(m, row)

@@ -40,7 +40,8 @@ class Column:
 
 # what else tells two configurations apart: shown as a column only where the table's rows differ in it
 VARIANT_COLUMNS = [("calib", "calibration"), ("protocol", "Hessian protocol"), ("finetune", "finetuning"),
-                   ("iters", "iterations"), ("kernel", "kernel"), ("eval_windows", "eval windows")]
+                   ("finetune_settings", "finetuning settings"), ("iters", "iterations"), ("kernel", "kernel"),
+                   ("eval_windows", "eval windows")]
 
 
 def variant_columns(df: pd.DataFrame) -> List[Column]:

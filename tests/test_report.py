@@ -188,3 +188,29 @@ def test_times_measured_beside_other_work_are_marked_and_not_ranked(tmp_path):
     md = (tmp_path / "results.md").read_text()
     qt = [c.strip() for c in md.splitlines()[2].strip("|").split("|")].index("quant time (s) ↓")
     assert _cells(md, "vptq", "3")[qt] == "5.0 ↺" and "1 row(s) loaded quantized blocks" in md
+
+
+def test_rows_that_differ_in_finetuning_settings_say_how(tmp_path):
+    """Two e2e runs of one method that differ in their finetuning settings (learning rate, windows) are two
+    rows, and a `finetuning settings` column (shown only where rows differ in it) tells them apart; a row
+    without a finetuning record (a method's own block finetuning) shows none (—)."""
+    e2e = {"mode": "e2e", "epochs": 4, "lr": 5e-4, "lr_min": 5e-5, "batch": 2, "norms": True, "patience": 1,
+           "topk": 64, "train_windows": 28, "heldout_windows": 4}
+    cmp = {"finetune": "e2e"}
+    _run(tmp_path, "a", "vptq", 3.0, 3.04, 29.7, finetune=e2e, comparison=cmp, format_version=2, config_key="A")
+    _run(tmp_path, "b", "vptq", 3.0, 3.04, 28.6, finetune={**e2e, "train_windows": 112, "heldout_windows": 16},
+         comparison=cmp, format_version=2, config_key="B")
+    _run(tmp_path, "c", "gptq", 3.0, 3.10, 40.0, finetune={**e2e, "lr": 1e-3, "lr_min": None, "topk": None,
+                                                            "patience": 2, "norms": False},
+         comparison=cmp, format_version=2, config_key="C")
+    _run(tmp_path, "d", "aqlm", 3.0, 3.05, 70.0, comparison={"finetune": "layer"}, format_version=2, config_key="D")
+    write_report(str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    col = [c.strip() for c in md.splitlines()[2].strip("|").split("|")].index("finetuning settings")
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.startswith("| m |")]
+    got = sorted(r[col] for r in rows if r[1] == "vptq")
+    assert got == ["e2e: ≤4 epochs, lr 0.0005→5e-05, batch 2, 128 windows",
+                   "e2e: ≤4 epochs, lr 0.0005→5e-05, batch 2, 32 windows"]
+    assert _cells(md, "gptq", "3")[col] == ("e2e: ≤4 epochs, lr 0.001, batch 2, 32 windows, patience 2, "
+                                            "whole vocabulary, norms frozen")
+    assert _cells(md, "aqlm", "3")[col] == "—"  # the table's mark for a missing value
