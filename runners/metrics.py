@@ -52,7 +52,7 @@ def semantic_config(cfg: Dict[str, Any], uses_bits: bool = True) -> Dict[str, An
         "hessian_protocol": cfg["hessian"]["protocol"],
         "seed": cfg["seed"],
         # finetuning changes results; absent (not "none") when off, so that earlier run keys still match
-        **({"finetune": _finetune_semantic(cfg["finetune"])}
+        **({"finetune": _finetune_semantic(cfg["finetune"], cfg["calib"])}
            if (cfg.get("finetune") or {}).get("mode", "none") != "none" else {}),
     }
 
@@ -61,15 +61,16 @@ def semantic_config(cfg: Dict[str, Any], uses_bits: bool = True) -> Dict[str, An
 RESULT_NEUTRAL_FINETUNE = ("checkpoint",)
 
 
-def _finetune_semantic(ft: Dict[str, Any]) -> Dict[str, Any]:
+def _finetune_semantic(ft: Dict[str, Any], calib: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The finetune group as it runs: null fields take their mode's preset (runners.finetune.PRESETS),
     so that a run key names the learning rate etc. actually used, and a changed preset is a new key."""
     from runners.finetune import with_presets
 
     # nsamples null (the quantization's calibration windows, already in the key) is left out, so that the
-    # keys of runs from before the field existed still match
+    # keys of runs from before the field existed still match; equal to calib.nsamples it is those same windows
+    same = (None, (calib or {}).get("nsamples"))
     return with_presets(ft.get("mode"), {k: v for k, v in ft.items() if k not in RESULT_NEUTRAL_FINETUNE
-                                         and not (k == "nsamples" and v is None)})
+                                         and not (k == "nsamples" and v in same)})
 
 
 def run_key(semantic: Dict[str, Any]) -> str:

@@ -166,7 +166,8 @@ class FinetuneConfig:
     heldout: float = 0.125  # e2e: fraction of the calibration windows held out for early stopping (>= 1)
     # e2e: calibration windows (of calib.seqlen tokens, the calibration data, the run's seed) it trains and
     # early-stops on; null = the quantization's own (calib.nsamples). Larger: the first calib.nsamples are the
-    # quantization's windows (same sampler, same seed), the held-out ones come last, unseen by quantization
+    # quantization's windows (same sampler, same seed), the held-out ones come last (unseen by quantization
+    # from nsamples >= 8/7 x calib.nsamples on); equal to calib.nsamples: keyed as null (the same windows)
     nsamples: Optional[int] = None
     topk: Optional[int] = 64  # e2e: float tokens kept per position for the KL; null = the whole vocabulary
     seed: Optional[int] = None  # window order; null = the run's seed

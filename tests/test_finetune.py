@@ -209,6 +209,15 @@ def test_e2e_keeps_the_best_state_and_never_raises_the_heldout_kl():
     assert codes_digest(model)["sha256"] == d0
 
 
+def test_more_e2e_windows_start_with_the_quantizations():
+    """finetune.nsamples > calib.nsamples draws from the same sampler and seed: its first calib.nsamples windows
+    are the quantization's, so the held-out ones (the last 1/8) are windows quantization never saw."""
+    from runners.data import random_windows
+
+    tokens = torch.arange(5000)
+    assert torch.equal(random_windows(tokens, 64, 32, seed=3)[:32], random_windows(tokens, 32, 32, seed=3))
+
+
 def test_split_windows():
     assert split_windows(32, 0.125) == (list(range(28)), [28, 29, 30, 31])
     assert split_windows(2, 0.01) == ([0], [1])
@@ -408,3 +417,4 @@ def test_finetune_group_composes():
         sem = M.semantic_config(OmegaConf.to_container(compose("config", overrides=["finetune=e2e"]), resolve=True))
         assert "nsamples" not in sem["finetune"] and "lr" in sem["finetune"]
         assert key("finetune=e2e", "finetune.nsamples=64") != base
+        assert key("finetune=e2e", "finetune.nsamples=32", "calib.nsamples=32") == base  # the same windows
