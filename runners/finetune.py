@@ -128,11 +128,11 @@ def configure(cfg, method, *, seed: int) -> Tuple[Finetune, Any]:
                   nsamples=None if getattr(cfg, "nsamples", None) is None else int(cfg.nsamples),
                   topk=None if cfg.topk is None else int(cfg.topk), seed=int(seed if cfg.seed is None else cfg.seed),
                   checkpoint=getattr(cfg, "checkpoint", None), via=via, **val)
+    if ft.nsamples is not None and mode != "e2e":  # none, or layer (which trains on calib.nsamples windows)
+        raise UserError(f"finetune.nsamples={ft.nsamples} is read by finetune=e2e only (here finetune={mode}); "
+                        f"leave it null")
     if mode != "none":
         _check(ft)
-    elif ft.nsamples is not None:
-        raise UserError(f"finetune.nsamples={ft.nsamples} is read by finetune=e2e only (here finetune=none); "
-                        f"leave it null")
     return ft, method
 
 
@@ -150,9 +150,6 @@ def _check(ft: Finetune) -> None:
         bad = f"finetune.batch={ft.batch} must be >= 1 (windows per Adam step)"
     elif ft.mode == "e2e" and not 0 < ft.heldout < 1:
         bad = f"finetune.heldout={ft.heldout} must be a fraction of the calibration windows, 0 < heldout < 1"
-    elif ft.nsamples is not None and ft.mode != "e2e":
-        bad = (f"finetune.nsamples={ft.nsamples} is read by finetune=e2e only (finetune={ft.mode} trains on the "
-               f"quantization's calibration windows, calib.nsamples); leave it null")
     elif ft.mode == "e2e" and ft.nsamples is not None and ft.nsamples < 2:
         bad = f"finetune.nsamples={ft.nsamples} must be >= 2 (one window held out) or null (calib.nsamples)"
     elif ft.mode == "e2e" and ft.patience < 1:
