@@ -28,6 +28,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS
 mkdir -p "$OUT"
 
 lane_a() {
+  # first the rows the targets are read from (2-bit VPTQ + e2e), then the rest
   $PY runners/run.py -m method=vptq finetune=e2e bits=2,3 seed=0,1,2 "${COMMON[@]}"
   $PY runners/run.py -m method=vptq bits=3 seed=0,1,2 "${TABLE8[@]}" "${KEEP[@]}" "${COMMON[@]}"
   $PY runners/run.py -m method=vptq finetune=e2e bits=3 seed=0,1,2 "${TABLE8[@]}" "${KEEP[@]}" "${COMMON[@]}"
@@ -35,13 +36,13 @@ lane_a() {
   $PY runners/run.py -m method=vptq method.variant=scaled finetune=e2e bits=2 seed=0,1,2 "${COMMON[@]}"
 }
 lane_b() {
-  $PY runners/run.py -m method=vptq finetune=layer bits=2,3 seed=0,1,2 "${COMMON[@]}"
-  $PY runners/run.py -m method=gptvq,aqlm finetune=e2e bits=2 seed=0,1,2 "${COMMON[@]}"
-  # blocks kept, so the nsamples=64 jobs after them load the same quantized blocks (same lane: never two
-  # jobs writing one checkpoint folder)
-  $PY runners/run.py -m method=vptq method.variant=scaled finetune=e2e bits=3 seed=0,1,2 "${KEEP[@]}" "${COMMON[@]}"
+  # blocks kept, so the scaled e2e jobs on 32 and on 64 windows load the same quantized blocks (same lane:
+  # never two jobs writing one checkpoint folder); the 64-window rows first (the 3-bit target's)
   $PY runners/run.py -m method=vptq method.variant=scaled finetune=e2e finetune.nsamples=64 bits=3 seed=0,1,2 \
       "${KEEP[@]}" "${COMMON[@]}"
+  $PY runners/run.py -m method=vptq finetune=layer bits=2,3 seed=0,1,2 "${COMMON[@]}"
+  $PY runners/run.py -m method=gptvq,aqlm finetune=e2e bits=2 seed=0,1,2 "${COMMON[@]}"
+  $PY runners/run.py -m method=vptq method.variant=scaled finetune=e2e bits=3 seed=0,1,2 "${KEEP[@]}" "${COMMON[@]}"
 }
 lane_a > "$OUT/finetune_lane_a.log" 2>&1 &
 lane_b > "$OUT/finetune_lane_b.log" 2>&1 &
