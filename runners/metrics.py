@@ -61,14 +61,14 @@ def semantic_config(cfg: Dict[str, Any], uses_bits: bool = True) -> Dict[str, An
 RESULT_NEUTRAL_FINETUNE = ("checkpoint",)
 
 
-def _finetune_semantic(ft: Dict[str, Any], calib: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def _finetune_semantic(ft: Dict[str, Any], calib: Dict[str, Any]) -> Dict[str, Any]:
     """The finetune group as it runs: null fields take their mode's preset (runners.finetune.PRESETS),
     so that a run key names the learning rate etc. actually used, and a changed preset is a new key."""
     from runners.finetune import with_presets
 
     # nsamples null (the quantization's calibration windows, already in the key) is left out, so that the
     # keys of runs from before the field existed still match; equal to calib.nsamples it is those same windows
-    same = (None, (calib or {}).get("nsamples"))
+    same = (None, calib.get("nsamples"))
     return with_presets(ft.get("mode"), {k: v for k, v in ft.items() if k not in RESULT_NEUTRAL_FINETUNE
                                          and not (k == "nsamples" and v in same)})
 
