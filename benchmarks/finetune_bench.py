@@ -99,7 +99,10 @@ def main(argv=None) -> int:
           f"{'computed' if ref.get('computed') else 'read'} in {_fmt(ref.get('time_s'), '.1f')} s")
     dt = (e["time"].get("finetune_s") or 0.0)
     print(f"finetune=e2e: {dt:.1f} s = {dt / max(n['time']['quantize_s'], 1e-9):.2f} x the quantization time; peak RSS "
-          f"{_fmt(e['memory'].get('peak_rss_gb'), '.2f')} GB vs {_fmt(n['memory'].get('peak_rss_gb'), '.2f')} GB")
+          f"{_fmt(e['memory'].get('peak_rss_gb'), '.2f')} GB vs {_fmt(n['memory'].get('peak_rss_gb'), '.2f')} GB; "
+          f"cores kept busy by other processes while quantizing {_fmt(n['time'].get('other_cpu_cores'), '.2f')} / "
+          f"{_fmt(e['time'].get('other_cpu_cores'), '.2f')}, while finetuning {_fmt(ft.get('other_cpu_cores'), '.2f')} "
+          f"(about 0: quiet timings)")
     return 0
 
 

@@ -528,8 +528,11 @@ def _finetune(job: Job) -> None:
     if ft.mode != "e2e" or job.stats is None:
         return
     before, ref_info = rec.codes_sha256, (rec.finetune or {}).get("reference")
+    cpu0 = M.cpu_sample()
     rec.finetune = finetune_e2e(job.model, job.ft_calib, job.calib_ref, ft, job.device,
                                 on_epoch=lambda d: job.tracker.log(d))
+    # as time.other_cpu_cores for the quantization: whether time_s is a quiet timing
+    rec.finetune.update(other_cpu_cores=M.other_cpu_cores(cpu0, M.cpu_sample()))
     rec.finetune.update(codes_sha256_before=before, reference=ref_info, peak_rss_gb=M.peak_rss_gb(),  # up to here
                         peak_gpu_gb=torch.cuda.max_memory_allocated(job.device) / 1024**3
                         if job.device.type == "cuda" else None)

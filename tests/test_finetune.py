@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -282,6 +283,8 @@ def test_runner_e2e_record_and_codes_hash(tmp_path):
     assert len(ft["heldout_kl"]) == ft["epochs_run"] + 1 and ft["trained_params"] > 0
     assert m["time"]["finetune_s"] == ft["time_s"] and ft["peak_rss_gb"] > 0 and ft["peak_gpu_gb"] is None
     assert ft["reference"]["computed"] and ft["reference"]["topk"] == 64  # the calibration windows' float top-k
+    if sys.platform.startswith("linux"):  # /proc/stat: the other processes' load while e2e trained
+        assert ft["other_cpu_cores"] is not None and ft["other_cpu_cores"] >= 0
     # codes_sha256 covers the finetuned tensors (computed again after the finetuning step)
     assert m["codes_sha256"] != ft["codes_sha256_before"] or ft["best_epoch"] == 0
     layers = json.loads((tmp_path / "run" / "layers.json").read_text())["layers"]
@@ -381,6 +384,7 @@ def test_finetune_bench_runs(capsys):
                        "calib.seqlen=64", "finetune.epochs=1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "finetune=none" in out[1] and "finetune=e2e" in out[1] and out[-1].startswith("finetune=e2e: ")
+    assert "while finetuning" in out[-1]
 
 
 def test_finetune_group_composes():
