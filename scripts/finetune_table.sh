@@ -7,44 +7,65 @@
 # `scaled` variant with e2e at 2 and 3 bits, at 3 bits also on 64 e2e windows (finetune.nsamples=64:
 # the 3-bit target's candidate, docs/LOG.md 2026-12-07).
 #
-#   scripts/finetune_table.sh [OUT]    (default OUT: outputs/compare13)
+#   [WORKERS=2] [ONLY="0 3"] scripts/finetune_table.sh [OUT]    (default OUT: outputs/compare13)
 #
-# Two lanes side by side, each on ONE thread (their quantization and finetuning times are not quiet
-# timings: time.other_cpu_cores in each metrics.json; benchmarks/finetune_bench.py times e2e quietly).
-# A rerun skips finished jobs, so the script can be stopped and resumed. ~13 h of lane time on a
-# 2-core AMD EPYC (one e2e job ~15-25 min on one thread, twice that on 64 windows). Then: .venv/bin/python analysis/report.py OUT
-set -u
+# The table is a queue of ITEMS in priority order (the rows the issue's targets are read from first);
+# WORKERS one-thread workers take the next unclaimed item each, so the lanes stay balanced (a
+# finetune=layer job takes ~80 min on one thread, an e2e job 15-40 min). ONLY: run just these item numbers.
+# Their quantization and finetuning times are not quiet timings (time.other_cpu_cores and
+# finetune.other_cpu_cores in each metrics.json; benchmarks/finetune_bench.py times e2e quietly).
+# A rerun skips finished jobs, so the script can be stopped and resumed. ~20 h of worker time on a
+# 2-core AMD EPYC. Then: .venv/bin/python analysis/report.py OUT
+set -u -f
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${1:-outputs/compare13}
+WORKERS=${WORKERS:-2}
 # results_root=OUT: a job counts as finished only if it is in OUT (trials elsewhere under outputs/ with the same
 # run key are not taken for the table's rows; the kept blocks go to OUT/checkpoints)
-COMMON=(data=text data.path=../shared/data/wikitext-2 logger=none "hydra.sweep.dir=$OUT" "results_root=$OUT")
-# the Table 8-style jobs keep their blocks: its e2e jobs load the blocks its finetune=none jobs quantized
-KEEP=(quantize.keep_checkpoints=true)
-TABLE8=(method.vector_len=4 method.num_centroids=256 method.num_res_centroids=16 method.outlier_size=16
-        method.outlier_vector_len=4 method.outlier_num_centroids=256)
+COMMON="data=text data.path=../shared/data/wikitext-2 logger=none hydra.sweep.dir=$OUT results_root=$OUT"
+# jobs that keep their blocks (quantize.keep_checkpoints) share them with the later jobs of the same item
+# (the same quantization key); they sit in one item so that two workers never write one checkpoint folder
+KEEP="quantize.keep_checkpoints=true"
+TABLE8="method.vector_len=4 method.num_centroids=256 method.num_res_centroids=16 method.outlier_size=16
+        method.outlier_vector_len=4 method.outlier_num_centroids=256"
+# one item: sweeps separated by ';;' (newlines are spaces), run in order by one worker
+ITEMS=(
+  "method=vptq finetune=e2e bits=2 seed=0,1,2"                                                     # 0
+  "method=vptq method.variant=scaled finetune=e2e finetune.nsamples=64 bits=3 seed=0,1,2 $KEEP ;;
+   method=vptq method.variant=scaled finetune=e2e bits=3 seed=0,1,2 $KEEP"                         # 1
+  "method=vptq finetune=e2e bits=3 seed=0,1,2"                                                     # 2
+  "method=vptq finetune=layer bits=2 seed=0,1,2"                                                   # 3
+  "method=vptq finetune=layer bits=3 seed=0,1,2"                                                   # 4
+  "method=gptvq finetune=e2e bits=2 seed=0,1,2"                                                    # 5
+  "method=aqlm finetune=e2e bits=2 seed=0,1,2"                                                     # 6
+  "method=gptq finetune=e2e bits=2 seed=0,1,2"                                                     # 7
+  "method=rtn finetune=e2e bits=2 seed=0,1,2"                                                      # 8
+  "method=vptq bits=3 seed=0,1,2 $TABLE8 $KEEP ;; method=vptq finetune=e2e bits=3 seed=0,1,2 $TABLE8 $KEEP"  # 9
+  "method=vptq method.variant=scaled finetune=e2e bits=2 seed=0,1,2"                               # 10
+)
+ONLY=${ONLY:-${!ITEMS[*]}}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$OUT"
+CLAIMS=$(mktemp -d)  # this invocation's claims: mkdir is atomic, so each item goes to one worker
+trap 'rm -rf "$CLAIMS"' EXIT
 
-lane_a() {
-  # first the rows the issue's targets are read from (2-bit VPTQ + e2e), then the rest
-  $PY runners/run.py -m method=vptq finetune=e2e bits=2,3 seed=0,1,2 "${COMMON[@]}"
-  $PY runners/run.py -m method=vptq bits=3 seed=0,1,2 "${TABLE8[@]}" "${KEEP[@]}" "${COMMON[@]}"
-  $PY runners/run.py -m method=vptq finetune=e2e bits=3 seed=0,1,2 "${TABLE8[@]}" "${KEEP[@]}" "${COMMON[@]}"
-  $PY runners/run.py -m method=gptq,rtn finetune=e2e bits=2 seed=0,1,2 "${COMMON[@]}"
-  $PY runners/run.py -m method=vptq method.variant=scaled finetune=e2e bits=2 seed=0,1,2 "${COMMON[@]}"
+worker() {
+  local i sweep
+  for i in $ONLY; do
+    [[ $i =~ ^[0-9]+$ && -n "${ITEMS[$i]+x}" ]] || { echo "no item $i (items 0-$((${#ITEMS[@]} - 1)))"; continue; }
+    mkdir "$CLAIMS/$i" 2>/dev/null || continue
+    echo "== $(date -u '+%F %T') worker $1 of process $$ takes item $i (log: $OUT/finetune_item_$i.log)"
+    local IFS=$'\n'
+    for sweep in $(printf '%s' "${ITEMS[$i]}" | tr '\n' ' ' | sed 's/;;/\n/g'); do
+      IFS=$' \t\n'
+      # shellcheck disable=SC2086  # word splitting wanted: the items are override lists
+      $PY runners/run.py -m $sweep $COMMON >> "$OUT/finetune_item_$i.log" 2>&1
+    done
+  done
 }
-lane_b() {
-  # blocks kept, so the scaled e2e jobs on 32 and on 64 windows load the same quantized blocks (same lane:
-  # never two jobs writing one checkpoint folder); the 64-window rows first (the 3-bit target's)
-  $PY runners/run.py -m method=vptq method.variant=scaled finetune=e2e finetune.nsamples=64 bits=3 seed=0,1,2 \
-      "${KEEP[@]}" "${COMMON[@]}"
-  $PY runners/run.py -m method=vptq finetune=layer bits=2,3 seed=0,1,2 "${COMMON[@]}"
-  $PY runners/run.py -m method=gptvq,aqlm finetune=e2e bits=2 seed=0,1,2 "${COMMON[@]}"
-  $PY runners/run.py -m method=vptq method.variant=scaled finetune=e2e bits=3 seed=0,1,2 "${KEEP[@]}" "${COMMON[@]}"
-}
-lane_a > "$OUT/finetune_lane_a.log" 2>&1 &
-lane_b > "$OUT/finetune_lane_b.log" 2>&1 &
+for w in $(seq 1 "$WORKERS"); do
+  worker "$w" &
+done
 wait
 $PY analysis/report.py "$OUT"
