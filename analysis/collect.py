@@ -99,6 +99,7 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
     on GPU runs, else peak process RSS), device, the fair-comparison fields (protocol, finetune,
     variant, iters), finetune_settings (collect.finetune_str), ppl::<ds>@<seqlen> (each dataset's own seqlen) with ppl_lo::/ppl_hi:: (95%
     interval), kld::<ds>@<seqlen> (mean KL to the float model) with kld_se::, top1::<ds>@<seqlen> (%),
+    ratio::<ds>@<seqlen> (PPL / the float model's PPL on the same windows, where the KL was scored),
     qa::<task>::<metric> (and qa::mean::<metric>)."""
     from runners.record import RunRecord
 
@@ -141,6 +142,7 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
             if "mean" in kl:
                 row[f"kld::{col}"], row[f"kld_se::{col}"] = kl["mean"], kl.get("mean_se")
                 row[f"top1::{col}"] = kl.get("top1_agree")
+                row[f"ratio::{col}"] = kl.get("ppl_ratio")  # PPL / the float model's on the same windows
         for task, vals in (r.qa or {}).items():
             if isinstance(vals, dict):
                 for metric, v in vals.items():

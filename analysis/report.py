@@ -120,6 +120,9 @@ def columns_for(df: pd.DataFrame) -> List[Column]:
     for c in _metric_columns(df, "ppl::"):
         ds, seqlen = c[5:].split("@")
         cols.append(Column(c, f"PPL {ds} @{seqlen} ↓", "lower", "{:.2f}"))
+        if f"ratio::{c[5:]}" in df and df[f"ratio::{c[5:]}"].notna().any():
+            # the PPL column's order (one float model per table's model): shown, not ranked twice
+            cols.append(Column(f"ratio::{c[5:]}", f"PPL ÷ float {ds}", None, "{:.3f}"))
         if f"paper::{c[5:]}" in df and df[f"paper::{c[5:]}"].notna().any():
             cols.append(Column(f"paper::{c[5:]}", f"paper PPL {ds} @{seqlen}", None, "{:.2f}"))
             cols.append(Column(f"vs_paper::{c[5:]}", "Δ vs paper", None, "{:+.2f}"))
@@ -162,7 +165,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     out = g[num].mean().reset_index()
     for k in shown:
         out[k] = g[k].first().values
-    spread = [c for c in num if c.startswith(("ppl::", "qa::", "kld::", "top1::"))]
+    spread = [c for c in num if c.startswith(("ppl::", "qa::", "kld::", "top1::", "ratio::"))]
     if spread:
         std = g[spread].std(ddof=1).reset_index(drop=True)
         for c in spread:
@@ -311,6 +314,9 @@ def notes(raw: pd.DataFrame, table: Optional[pd.DataFrame] = None) -> List[str]:
         out.append("KLD: mean per-token KL(float ‖ quantized) of the next-token distributions on the evaluation "
                    "windows (nats), over the float model's top-k tokens and one bucket for the rest; top-1 agree: "
                    "% of positions where both models' most likely token is the same.")
+    if any(c.startswith("ratio::") for c in raw.columns) and raw.filter(like="ratio::").notna().any().any():
+        out.append("PPL ÷ float: each run's perplexity divided by the float model's on the same evaluation windows "
+                   "(recorded with its KLD), then averaged over seeds; not ranked (it orders rows as the PPL column).")
     ok, why = time_comparable(table if table is not None else raw)
     if not ok:
         out.append("Quantization times are shown but not ranked: " + "; ".join(why) + ".")

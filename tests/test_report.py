@@ -214,3 +214,21 @@ def test_rows_that_differ_in_finetuning_settings_say_how(tmp_path):
     assert _cells(md, "gptq", "3")[col] == ("e2e: ≤4 epochs, lr 0.001, batch 2, 32 windows, patience 2, "
                                             "whole vocabulary, norms frozen")
     assert _cells(md, "aqlm", "3")[col] == "—"  # the table's mark for a missing value
+
+
+def test_ppl_ratio_to_the_float_model_shown_beside_ppl_with_its_spread_and_not_ranked(tmp_path):
+    """Runs that scored KL record their PPL / the float model's on the same windows: a column right of the
+    PPL's, mean ± std over seeds, never bold (the PPL column ranks the same order)."""
+    for i, (p, r) in enumerate([(40.0, 1.6), (42.0, 1.68), (44.0, 1.76)]):
+        _run(tmp_path, f"e{i}", "vptq", 2.0, 2.05, p, seed=i, config_key="A",
+             kld={"wikitext2": {"mean": 0.5, "mean_se": 0.01, "top1_agree": 60.0, "ppl_ratio": r}})
+    _run(tmp_path, "n", "vptq", 2.0, 2.05, 60.0, seed=0, config_key="B",
+         kld={"wikitext2": {"mean": 0.8, "mean_se": 0.01, "top1_agree": 50.0, "ppl_ratio": 2.4}})
+    write_report(str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    cols = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    ppl, ratio = cols.index("PPL wikitext2 @2048 ↓"), cols.index("PPL ÷ float wikitext2")
+    assert ratio == ppl + 1
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.startswith("| m | vptq")]
+    assert sorted(r[ratio] for r in rows) == ["1.680 ± 0.080", "2.400"]  # std over (1.6, 1.68, 1.76); no bold
+    assert "PPL ÷ float:" in md
