@@ -314,7 +314,7 @@ def notes(raw: pd.DataFrame, table: Optional[pd.DataFrame] = None) -> List[str]:
         out.append("KLD: mean per-token KL(float ‖ quantized) of the next-token distributions on the evaluation "
                    "windows (nats), over the float model's top-k tokens and one bucket for the rest; top-1 agree: "
                    "% of positions where both models' most likely token is the same.")
-    if any(c.startswith("ratio::") for c in raw.columns) and raw.filter(like="ratio::").notna().any().any():
+    if raw.filter(regex="^ratio::").notna().any().any():
         out.append("PPL ÷ float: each run's perplexity divided by the float model's on the same evaluation windows "
                    "(recorded with its KLD), then averaged over seeds; not ranked (it orders rows as the PPL column).")
     ok, why = time_comparable(table if table is not None else raw)

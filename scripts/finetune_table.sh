@@ -11,10 +11,10 @@
 #
 # The table is a queue of ITEMS in priority order (the rows the issue's targets are read from first);
 # WORKERS one-thread workers take the next unclaimed item each, so the lanes stay balanced (a
-# finetune=layer job takes ~80 min on one thread, an e2e job 15-40 min). ONLY: run just these item numbers.
+# finetune=layer job takes ~45 min on one thread, an e2e job 15-40 min). ONLY: run just these item numbers.
 # Their quantization and finetuning times are not quiet timings (time.other_cpu_cores and
 # finetune.other_cpu_cores in each metrics.json; benchmarks/finetune_bench.py times e2e quietly).
-# A rerun skips finished jobs, so the script can be stopped and resumed. ~20 h of worker time on a
+# A rerun skips finished jobs, so the script can be stopped and resumed. ~17 h of worker time on a
 # 2-core AMD EPYC. Then: .venv/bin/python analysis/report.py OUT
 set -u -f
 cd "$(dirname "$0")/.."
