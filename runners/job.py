@@ -531,9 +531,9 @@ def _finetune(job: Job) -> None:
     cpu0 = M.cpu_sample()
     rec.finetune = finetune_e2e(job.model, job.ft_calib, job.calib_ref, ft, job.device,
                                 on_epoch=lambda d: job.tracker.log(d))
-    # as time.other_cpu_cores for the quantization: whether time_s is a quiet timing
-    rec.finetune.update(other_cpu_cores=M.other_cpu_cores(cpu0, M.cpu_sample()))
-    rec.finetune.update(codes_sha256_before=before, reference=ref_info, peak_rss_gb=M.peak_rss_gb(),  # up to here
+    # other_cpu_cores, as time.other_cpu_cores for the quantization: whether time_s is a quiet timing
+    rec.finetune.update(other_cpu_cores=M.other_cpu_cores(cpu0, M.cpu_sample()),
+                        codes_sha256_before=before, reference=ref_info, peak_rss_gb=M.peak_rss_gb(),  # up to here
                         peak_gpu_gb=torch.cuda.max_memory_allocated(job.device) / 1024**3
                         if job.device.type == "cuda" else None)
     rec.time.finetune_s = rec.finetune["time_s"]

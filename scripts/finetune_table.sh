@@ -56,12 +56,10 @@ worker() {
     [[ $i =~ ^[0-9]+$ && -n "${ITEMS[$i]+x}" ]] || { echo "no item $i (items 0-$((${#ITEMS[@]} - 1)))"; continue; }
     mkdir "$CLAIMS/$i" 2>/dev/null || continue
     echo "== $(date -u '+%F %T') worker $1 of process $$ takes item $i (log: $OUT/finetune_item_$i.log)"
-    local IFS=$'\n'
-    for sweep in $(printf '%s' "${ITEMS[$i]}" | tr '\n' ' ' | sed 's/;;/\n/g'); do
-      IFS=$' \t\n'
+    while read -r sweep; do
       # shellcheck disable=SC2086  # word splitting wanted: the items are override lists
-      $PY runners/run.py -m $sweep $COMMON >> "$OUT/finetune_item_$i.log" 2>&1
-    done
+      [ -n "$sweep" ] && $PY runners/run.py -m $sweep $COMMON < /dev/null >> "$OUT/finetune_item_$i.log" 2>&1
+    done < <(printf '%s' "${ITEMS[$i]}" | tr '\n' ' ' | sed 's/;;/\n/g'; echo)
   done
 }
 for w in $(seq 1 "$WORKERS"); do
