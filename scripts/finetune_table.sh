@@ -52,20 +52,24 @@ SEEDS=${SEEDS:-0 1 2}
 if [ -z "${ONLY:-}" ]; then  # seed-major: every item at seed 0, then at seed 1, ...
   ONLY=$(for s in $SEEDS; do for i in "${!ITEMS[@]}"; do printf '%s:%s ' "$i" "$s"; done; done)
 fi
-UNITS=$(for u in $ONLY; do
-  if [[ $u == *:* ]]; then echo "$u"; else for s in $SEEDS; do echo "$u:$s"; done; fi
+UNITS=$(for u in $ONLY; do  # checked once here, not by every worker
+  i=${u%%:*}
+  [[ $i =~ ^[0-9]+$ && -n "${ITEMS[$i]+x}" ]] || { echo "no item $i (items 0-$((${#ITEMS[@]} - 1)))" >&2; continue; }
+  if [[ $u == *:* ]]; then seeds=${u#*:}; else seeds=$SEEDS; fi
+  for s in $seeds; do
+    [[ $s =~ ^[0-9]+$ ]] || { echo "bad seed '$s' in '$u' (ONLY entries: ITEM or ITEM:SEED)" >&2; continue; }
+    echo "$i:$s"
+  done
 done)
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$OUT"
-CLAIMS=$(mktemp -d)  # this invocation's claims: mkdir is atomic, so each item goes to one worker
+CLAIMS=$(mktemp -d)  # this invocation's claims: mkdir is atomic, so each unit goes to one worker
 trap 'rm -rf "$CLAIMS"' EXIT
 
 worker() {
   local u i s sweep
   for u in $UNITS; do
     i=${u%%:*} s=${u#*:}
-    [[ $i =~ ^[0-9]+$ && -n "${ITEMS[$i]+x}" ]] || { echo "no item $i (items 0-$((${#ITEMS[@]} - 1)))"; continue; }
-    [[ $s =~ ^[0-9]+$ ]] || { echo "bad seed '$s' in unit $u (ONLY entries: ITEM or ITEM:SEED)"; continue; }
     mkdir "$CLAIMS/$i-$s" 2>/dev/null || continue
     echo "== $(date -u '+%F %T') worker $1 of process $$ takes item $i seed $s (log: $OUT/finetune_item_$i.log)"
     while read -r sweep; do
