@@ -5,9 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= outputs/default
-# the default job (~20-25 min on 2 cores, estimated: README): the reference, the scalar baselines, GPTVQ-style
-# and VPTQ at 2 bits on the bundled SmolLM2-135M, CPU-sized calibration and evaluation. AQLM-style
-# (~10 min more, estimated) is in the full comparison: make run DEFAULT_SWEEP="method=rtn,gptq,gptvq,aqlm,vptq bits=2,3"
+# the default job (~20 min on 2 cores, measured: docs/benchmarks.md): the reference, the scalar baselines, GPTVQ-style
+# and VPTQ at 2 bits on the bundled SmolLM2-135M, CPU-sized calibration and evaluation. AQLM-style (its
+# 2-bit job quantized in 13-22 min on one thread beside another job; never timed quietly) is in the full
+# comparison: make run DEFAULT_SWEEP="method=rtn,gptq,gptvq,aqlm,vptq bits=2,3"
 DEFAULT_SWEEP ?= method=fp16,rtn,gptq,gptvq,vptq bits=2
 
 .PHONY: install run test test-fast test-ci report clean
