@@ -13,6 +13,9 @@ Each repetition times `--inner` back-to-back calls; a row reports the median rep
 and codebooks are random (decode time does not depend on their values). Each row also checks that
 the two outputs agree (relative error, float32). `--clock thread` measures the calling thread's CPU
 time instead of wall time (steadier beside other processes; meaningful with --threads 1 only).
+`--plain` adds a third timed route, interleaved with the other two: the same kernel with small
+codebooks left in float16 and indices as codeword numbers (`vptq.kernels.cpu.COMPACT` off), and the
+ratio plain / cpu ("compact").
 
 Formats (index bits per weight = bits per index / v; + codebook bits on these shapes):
     2b-v6k4096        v=6, k=4096             12 / 6 = 2.0   VPTQ paper's 2-bit setting
@@ -94,7 +97,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, inner: int
 
 
 def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], threads: List[int], reps: int,
-        inner: int, clock_name: str) -> float:
+        inner: int, clock_name: str, plain: bool = False) -> float:
     import vptq.kernels  # noqa: F401  (registers kernel=cpu)
     from vptq.kernels import cpu
     from vptq.qlinear import QuantLinear
@@ -112,7 +115,8 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
     if isa == "unavailable":
         raise SystemExit("kernel=cpu is unavailable here (no C++ compiler?): nothing to compare")
     header = (f"| {'shape (out x in)':>16} | {'format':<16} | {'bits':>7} | {'batch':>5} | {'threads':>7} | "
-              f"{'fp32 ms':>8} | {'cpu ms':>8} | {'speedup':>7} | {'rel err':>7} |")
+              f"{'fp32 ms':>8} | {'cpu ms':>8} | {'speedup':>7} | {'rel err':>7} |"
+              + (f" {'plain ms':>8} | {'compact':>7} |" if plain else ""))
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     worst = float("inf")
@@ -121,6 +125,7 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
             q = make_weight(FORMATS[name], out, inn)
             bits = q.storage().per_weight()["total"]
             lin = QuantLinear(q, kernel="cpu")
+            lin_plain = QuantLinear(q, kernel="cpu") if plain else None
             W = q.dequantize(torch.float32)  # (out, in) the fp32 baseline's weight (the same numbers)
             for nt in threads:
                 torch.set_num_threads(nt)
@@ -133,6 +138,15 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
                             raise SystemExit(f"kernel=cpu did not take {out}x{inn} {name} batch {b}")
                         err = float((y - yr).norm() / yr.norm())
                         fns = {"fp32": lambda: F.linear(x, W), "cpu": lambda: lin(x)}
+                        if plain:
+                            cpu.COMPACT = False  # its buffers are built (and cached) on this first call
+                            try:
+                                err_p = float((lin_plain(x) - yr).norm() / yr.norm())
+                            finally:
+                                cpu.COMPACT = True
+                            if err_p > 1e-4:
+                                raise SystemExit(f"plain route wrong on {out}x{inn} {name}: rel err {err_p:.1e}")
+                            fns["plain"] = lambda: lin_plain(x)
                         for f in fns.values():  # warm-up
                             f()
                             f()
@@ -141,8 +155,9 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
                     if b == 1:
                         worst = min(worst, sp)
                     print(f"| {f'{out} x {inn}':>16} | {name:<16} | {bits:7.2f} | {b:5d} | {nt:7d} | "
-                          f"{t['fp32'] * 1e3:8.3f} | {t['cpu'] * 1e3:8.3f} | {sp:6.2f}x | {err:7.1e} |", flush=True)
-            del W, lin, q
+                          f"{t['fp32'] * 1e3:8.3f} | {t['cpu'] * 1e3:8.3f} | {sp:6.2f}x | {err:7.1e} |"
+                          + (f" {t['plain'] * 1e3:8.3f} | {t['plain'] / t['cpu']:6.2f}x |" if plain else ""), flush=True)
+            del W, lin, lin_plain, q
     torch.set_num_threads(n0)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return worst
@@ -157,6 +172,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--inner", type=int, default=3)
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
+    ap.add_argument("--plain", action="store_true", help="also time the kernel without its compact small codebooks")
     a = ap.parse_args(argv)
     formats = [f for f in a.formats.split(",") if f]
     bad = [f for f in formats if f not in FORMATS]
@@ -174,7 +190,7 @@ def main(argv=None) -> None:
     threads = [int(t) for t in a.threads.split(",")]
     if a.clock == "thread" and threads != [1]:
         ap.error("--clock thread measures one thread's CPU time: use it with --threads 1")
-    worst = run(formats, shapes, batches, threads, a.reps, a.inner, a.clock)
+    worst = run(formats, shapes, batches, threads, a.reps, a.inner, a.clock, a.plain)
     if worst == float("inf"):
         print("min speedup vs fp32 at batch 1: n/a (no batch-1 rows)")
     else:

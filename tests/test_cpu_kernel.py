@@ -120,13 +120,56 @@ def test_bound_catches_a_wrong_index():
     lin = QuantLinear(q, kernel="cpu")
     with torch.no_grad():
         lin(x)
-        cw = lin.kernel_cache["cpu"][2]
-        idx = cw.passes[0].idx
-        idx[0, 5, 0] = (int(idx[0, 5, 0]) + 1) % 37
+        p = lin.kernel_cache["cpu"][2].passes[0]
+        step = p.vp * p.codebook.element_size() if p.idx_bytes else 1  # one codeword on
+        p.idx[0, 5, 0] = (int(p.idx[0, 5, 0]) + step) % (37 * step)
         y = lin(x)
         yr = QuantLinear(q)(x)
     with pytest.raises(AssertionError, match="max err/bound"):
         check_close(y, yr, x, q)
+
+
+@pytest.mark.parametrize("case", ["v6_all", "v3_k32_res4", "v12_k4096_res4096", "v8_k65536"])
+def test_compact_codebooks_change_nothing(monkeypatch, case):
+    """Small codebooks as float32 and indices as byte offsets (`cpu.COMPACT`) compute the same products
+    in the same order as float16 codebooks indexed by codeword: bitwise the same output, on the AVX2 and
+    on the scalar loop; every combination of the two reached (F32_CODEBOOK_BYTES raised: a float32
+    codebook too large for byte offsets)."""
+    q = make_vq(**CASES[case])
+    x = torch.randn(3, q.in_features)
+    lay = vptq.kernels.layout_of(q)
+    monkeypatch.setattr(cpu, "COMPACT", False)
+    plain = cpu.from_layout(lay)
+    assert all(p.codebook.dtype == torch.float16 and not p.idx_bytes for p in plain.passes)
+    want = cpu.matmul(plain, x)
+    assert torch.equal(cpu.matmul(plain, x, force_scalar=True), cpu.matmul(plain, x, force_scalar=True))
+    seen = set()
+    for f32_bytes in (cpu.F32_CODEBOOK_BYTES, 1 << 30):
+        monkeypatch.setattr(cpu, "COMPACT", True)
+        monkeypatch.setattr(cpu, "F32_CODEBOOK_BYTES", f32_bytes)
+        cw = cpu.from_layout(lay)
+        seen |= {(p.codebook.dtype, p.idx_bytes) for p in cw.passes}
+        assert torch.equal(cpu.matmul(cw, x), want)
+        assert torch.equal(cpu.matmul(cw, x, force_scalar=True), cpu.matmul(plain, x, force_scalar=True))
+    expect = {"v6_all": {(torch.float32, True)},  # k <= 64: float32 from the default size on
+              "v3_k32_res4": {(torch.float32, True)},
+              "v12_k4096_res4096": {(torch.float16, False), (torch.float32, False)},  # 4096 x 32 B > 16 bits
+              "v8_k65536": {(torch.float16, False), (torch.float32, False)}}[case]
+    assert seen == expect
+
+
+def test_small_float32_codebook_runs_on_the_kernel():
+    """A float32 codebook that float16 cannot hold: the kernel takes it when it is small enough for a
+    float32 copy (before: the torch path), and refuses a large one with the reason."""
+    q = make_vq(out=24, inn=40, v=8, k=64, k_res=16)
+    q.centroids = q.centroids.float() * (1 + 2.0 ** -20)  # off the float16 grid
+    q.res_centroids = q.res_centroids.float() / 3
+    x = torch.randn(2, q.in_features)
+    check_close(*run_both(q, x), x, q)
+    big = make_vq(out=16, inn=32, v=8, k=4096)
+    big.centroids = big.centroids.float() / 3
+    with pytest.raises(cpu.Unsupported, match="not exactly representable in float16"):
+        cpu.from_layout(vptq.kernels.layout_of(big))
 
 
 # ---------------------------------------------------------------- AQLM-style (transposed layout)

@@ -15,17 +15,21 @@ along the input dimension, `vptq.qweight.KernelLayout(transposed=True)`) run the
 products: y[t, o] = s[o] · Σ_j x[t, j*g:(j+1)*g] · C[I[o, j]] (+ C_1[...] as a second pass).
 
 Buffers per pass (`Pass`), built once per weight and cached on the `QuantLinear`:
-    idx       (ntiles, ncols, R) uint16   R = TILE_ROWS vector rows of a tile adjacent per column
-    codebook  (G, k, VP)         float16  codewords zero-padded to VP in {4, 8, 16, 32} lanes
-Arithmetic is float32 (codebooks are float16 in every format here, so converting them is exact); the
-result is cast to the activations' dtype. Against kernel="torch" it differs only in summation order
-(and, for float16/bfloat16 activations, in where the rounding to that dtype happens): tests bound it.
+    idx       (ntiles, ncols, R) uint16   R = TILE_ROWS vector rows of a tile adjacent per column;
+                                          byte offsets where they fit 16 bits ((k-1) * VP * 2 or 4 < 2^16)
+    codebook  (G, k, VP)         float16  codewords zero-padded to VP in {4, 8, 16, 32} lanes; float32
+                                          where that is <= F32_CODEBOOK_BYTES (the residual's 256)
+Arithmetic is float32 (float16 codebooks convert exactly; a small float32 codebook is used as it is,
+float16-exact or not); the result is cast to the activations' dtype. Against kernel="torch" it differs
+only in summation order (and, for float16/bfloat16 activations, in where the rounding to that dtype
+happens): tests bound it.
 
 What it does not take returns None (the torch path): tensors off the CPU, more than MAX_TOKENS tokens
 (prefill: see `vptq.qlinear.dense_weights`), calls that need autograd, weights without a kernel
 layout (GPTVQ, scalar grids, AQLM with M > 2) or with k > 65536 or v > 32, transposed layouts with
-groups, outliers or a permutation, and any machine where the library cannot be built (no compiler:
-one warning). The library: a plain C ABI called through ctypes, compiled with the system C++
+groups, outliers or a permutation, codebooks that float16 cannot hold exactly and that are too large
+for a float32 copy, and any machine where the library cannot be built (no compiler: one warning).
+The library: a plain C ABI called through ctypes, compiled with the system C++
 compiler ($CXX, g++, c++ or clang++) into $VQB_CACHE/cpu_kernels (default ~/.cache/vq-bench), keyed by
 a hash of the source, compiler and flags; no -march: the AVX2/FMA/F16C loop is compiled for that
 target by function attributes and chosen at run time, every other CPU runs a portable scalar loop.
@@ -62,6 +66,12 @@ MAX_TOKENS = 64
 TILE_ROWS = 8  # R: vector rows per tile (the kernel's register tiles divide it)
 LANES = (4, 8, 16, 32)  # VP: codeword lanes the kernel has loops for
 MAX_K = 65536  # uint16 indices
+# Small codebooks (the residual's 256 entries, ...): codewords as float32 when the codebook is at most
+# F32_CODEBOOK_BYTES that way (L1-resident: one load+FMA per vector instead of a load, a float16
+# conversion and an FMA), and indices as uint16 BYTE OFFSETS when every offset fits 16 bits (no shift per
+# vector). Measured in docs/LOG.md; benchmarks/cpu_decode_bench.py --plain-codebooks turns both off.
+F32_CODEBOOK_BYTES = 16384
+COMPACT = True
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATS: Counter = Counter()  # route -> calls ("cpu", "torch"); tests check the kernel really ran
 
@@ -74,7 +84,8 @@ class _Pass(ctypes.Structure):
                 ("idx", ctypes.c_void_p), ("ntiles", ctypes.c_int32), ("ncols", ctypes.c_int32),
                 ("R", ctypes.c_int32), ("VP", ctypes.c_int32), ("v", ctypes.c_int32), ("cb", ctypes.c_void_p),
                 ("cb_gstride", ctypes.c_int64), ("group_size", ctypes.c_int32), ("y", ctypes.c_void_p),
-                ("ldy", ctypes.c_int64), ("nvec", ctypes.c_int32), ("nthreads", ctypes.c_int32)]
+                ("ldy", ctypes.c_int64), ("nvec", ctypes.c_int32), ("nthreads", ctypes.c_int32),
+                ("cb_f32", ctypes.c_int32), ("idx_bytes", ctypes.c_int32)]
 
 
 class BuildError(RuntimeError):
@@ -167,8 +178,9 @@ def isa() -> str:
 # ---------------------------------------------------------------------------------- buffers
 @dataclass(eq=False)
 class Pass:
-    """One codebook over a range of input columns (csrc/vq_cpu.cpp). idx (ntiles, ncols, R) uint16,
-    codebook (G, k, VP) float16; columns [col0, col0 + ncols) of x' (OUT) or all of x (IN)."""
+    """One codebook over a range of input columns (csrc/vq_cpu.cpp). idx (ntiles, ncols, R) uint16
+    codeword numbers or byte offsets (`idx_bytes`), codebook (G, k, VP) float16 or float32; columns
+    [col0, col0 + ncols) of x' (OUT) or all of x (IN)."""
 
     idx: torch.Tensor
     codebook: torch.Tensor
@@ -177,6 +189,7 @@ class Pass:
     col0: int
     nvec: int  # vector rows (OUT) / output rows (IN)
     in_mode: bool
+    idx_bytes: bool = False
     _args: Optional[bytes] = None  # the constant fields of its struct VQPass (pointers into idx, codebook)
 
     @property
@@ -188,7 +201,7 @@ class Pass:
         return self.idx.shape[1]
 
     def nbytes(self) -> int:
-        return self.idx.numel() * 2 + self.codebook.numel() * 2
+        return self.idx.numel() * 2 + self.codebook.numel() * self.codebook.element_size()
 
     def run(self, lib, x: torch.Tensor, y: torch.Tensor, nthreads: int, force_scalar: bool = False) -> int:
         """y (T, ldy) float32 += this pass of x (T, ldx) float32 (both with unit column stride)."""
@@ -196,7 +209,9 @@ class Pass:
             self._args = bytes(_Pass(in_mode=int(self.in_mode), idx=self.idx.data_ptr(), ntiles=self.idx.shape[0],
                                      ncols=self.ncols, R=self.idx.shape[2], VP=self.vp, v=self.v,
                                      cb=self.codebook.data_ptr(), cb_gstride=self.codebook.shape[1] * self.vp,
-                                     group_size=self.group_size, nvec=self.nvec))
+                                     group_size=self.group_size, nvec=self.nvec,
+                                     cb_f32=int(self.codebook.dtype == torch.float32),
+                                     idx_bytes=int(self.idx_bytes)))
         a = _Pass.from_buffer_copy(self._args)  # per call: calls may overlap (ctypes drops the GIL)
         a.T, a.x, a.ldx = x.shape[0], x.data_ptr() + 4 * self.col0, x.stride(0)
         a.y, a.ldy, a.nthreads = y.data_ptr(), y.stride(0), nthreads
@@ -214,26 +229,46 @@ def lanes(v: int) -> int:
     raise Unsupported(f"vector_len {v} > {LANES[-1]}")
 
 
-def _codebook(centroids: torch.Tensor) -> torch.Tensor:
-    """(G, k, v) -> (G, k, VP) float16, zero-padded lanes. Codebooks must be float16-exact."""
+def _codebook(centroids: torch.Tensor, f32: bool = False) -> torch.Tensor:
+    """(G, k, v) -> (G, k, VP) float16 (codebooks must be float16-exact), or float32 (`f32`: any
+    codebook), zero-padded lanes."""
     G, k, v = centroids.shape
     if k > MAX_K:
         raise Unsupported(f"codebook of {k} entries > {MAX_K} (uint16 indices)")
-    c16 = centroids.detach().to(torch.float16)
-    if centroids.dtype != torch.float16 and not torch.equal(c16.float(), centroids.detach().float()):
-        raise Unsupported(f"{centroids.dtype} codebook is not exactly representable in float16")
-    out = torch.zeros(G, k, lanes(v), dtype=torch.float16)
-    out[..., :v] = c16.cpu()
+    c = centroids.detach().cpu()
+    if f32:
+        c = c.float()
+    else:
+        c16 = c.to(torch.float16)
+        if c.dtype != torch.float16 and not torch.equal(c16.float(), c.float()):
+            raise Unsupported(f"{c.dtype} codebook is not exactly representable in float16 (k = {k} is too many "
+                              f"entries for a float32 copy: at most {F32_CODEBOOK_BYTES} bytes)")
+        c = c16
+    out = torch.zeros(G, k, lanes(v), dtype=c.dtype)
+    out[..., :v] = c
     return out
 
 
-def _tiles(idx: torch.Tensor) -> torch.Tensor:
-    """(rows, ncols) integer indices -> (ntiles, ncols, R) uint16, rows padded to a multiple of R."""
+def _tiles(idx: torch.Tensor, scale: int = 1) -> torch.Tensor:
+    """(rows, ncols) integer indices (times `scale`: byte offsets) -> (ntiles, ncols, R) uint16, rows
+    padded to a multiple of R."""
     rows, ncols = idx.shape
     nt = -(-rows // TILE_ROWS)
     out = torch.zeros(nt * TILE_ROWS, ncols, dtype=torch.int32)
     out[:rows] = idx.cpu()
+    if scale != 1:
+        out *= scale
     return out.reshape(nt, TILE_ROWS, ncols).permute(0, 2, 1).to(torch.uint16).contiguous()  # (nt, ncols, R)
+
+
+def _pass(centroids: torch.Tensor, idx: torch.Tensor, **kw) -> Pass:
+    """A Pass of codebook `centroids` (G, k, v) and indices idx (rows, ncols), in the compact form where
+    it applies (F32_CODEBOOK_BYTES, byte offsets)."""
+    k, vp = centroids.shape[1], lanes(centroids.shape[2])
+    cb = _codebook(centroids, f32=COMPACT and k * vp * 4 <= F32_CODEBOOK_BYTES)
+    stride = vp * cb.element_size()  # bytes per codeword
+    offsets = COMPACT and (k - 1) * stride < 65536
+    return Pass(idx=_tiles(idx, stride if offsets else 1), codebook=cb, idx_bytes=offsets, **kw)
 
 
 def out_pass(centroids: torch.Tensor, indices: torch.Tensor, col0: int) -> Pass:
@@ -241,8 +276,7 @@ def out_pass(centroids: torch.Tensor, indices: torch.Tensor, col0: int) -> Pass:
     [col0, col0 + G*gs); codebook g serves columns g*gs .. (g+1)*gs - 1."""
     G, n, gs = indices.shape
     idx = indices.permute(1, 0, 2).reshape(n, G * gs)  # (n, G*gs): vector row r, stored column c
-    return Pass(idx=_tiles(idx), codebook=_codebook(centroids), v=centroids.shape[-1], group_size=max(gs, 1),
-                col0=col0, nvec=n, in_mode=False)
+    return _pass(centroids, idx, v=centroids.shape[-1], group_size=max(gs, 1), col0=col0, nvec=n, in_mode=False)
 
 
 @dataclass(eq=False)
@@ -296,8 +330,7 @@ def _from_transposed(q, norm) -> CpuWeight:
     out_f, in_f, g = q.in_features, q.out_features, q.vector_len
 
     def in_pass(centroids, indices):  # indices (1, nj, out): vector j of output row o
-        return Pass(idx=_tiles(indices[0].t()), codebook=_codebook(centroids), v=g, group_size=indices.shape[1],
-                    col0=0, nvec=out_f, in_mode=True)
+        return _pass(centroids, indices[0].t(), v=g, group_size=indices.shape[1], col0=0, nvec=out_f, in_mode=True)
 
     passes = [in_pass(q.centroids, q.indices)]
     if q.num_res_centroids:

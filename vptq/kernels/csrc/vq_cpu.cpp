@@ -12,14 +12,17 @@
 //     y[t, r]       += sum_c dot(x[t, c, 0:VP], cb[0][idx[r, c]][0:VP])
 //
 // Buffers (built once per weight by cpu.py):
-//   idx  (ntiles, ncols, R) uint16   the R rows of one tile adjacent for each column (rows past nvec: 0)
-//   cb   (G, k, VP)         float16  codewords zero-padded from v to VP lanes (VP in {4, 8, 16, 32})
+//   idx  (ntiles, ncols, R) uint16   the R rows of one tile adjacent for each column (rows past nvec: 0):
+//                                    codeword numbers, or byte offsets into the group's codebook
+//                                    (`idx_bytes`, where every offset fits 16 bits: no shift per vector)
+//   cb   (G, k, VP)         float16  codewords zero-padded from v to VP lanes (VP in {4, 8, 16, 32}); or
+//                           float32  (`cb_f32`, small codebooks: one load+FMA per vector, no conversion)
 // One program computes RS rows x TT tokens of one tile over all columns with the accumulators in
 // registers (RS*TT*NV <= 8), then adds them to y; rows at or past nvec (the last tile's padding) are not
 // stored, nor lanes at or past v (OUT). Measured on Zen3 (docs/LOG.md): float16 codebooks beat float32
-// ones from k = 4096 up and match them below (half the cache footprint), and one codebook per pass beats
-// main + residual fused in one loop (fewer instructions per long-latency gather when a 65536-entry
-// codebook misses L2).
+// ones from k = 4096 up (half the cache footprint); float32 + byte offsets make the 256-entry residual
+// pass 12-17% faster (a few % of a layer); one codebook per pass beats main + residual fused in one loop
+// (fewer instructions per long-latency gather when a 65536-entry codebook misses L2).
 //
 // The AVX2/FMA/F16C code is compiled for that target only (function attributes, no -march), and chosen
 // at run time by __builtin_cpu_supports; every other CPU runs the portable scalar loop. Threads: OpenMP
@@ -42,13 +45,15 @@ struct VQPass {
   const uint16_t* idx;   // (ntiles, ncols, R)
   int32_t ntiles, ncols, R;
   int32_t VP, v;         // lanes per codeword (padded), lanes stored per row (OUT)
-  const uint16_t* cb;    // (G, k, VP) float16 bits
+  const void* cb;        // (G, k, VP) float16 bits (or float32: cb_f32)
   int64_t cb_gstride;    // k * VP
   int32_t group_size;    // columns per group: the codebook advances every group_size columns
   float* y;              // OUT: y[t*ldy + r*v + i]; IN: y[t*ldy + r]
   int64_t ldy;
   int32_t nvec;          // valid rows (vector rows for OUT, output rows for IN)
   int32_t nthreads;
+  int32_t cb_f32;        // 1: cb holds float32 codewords (small codebooks), 0: float16 bits
+  int32_t idx_bytes;     // 1: idx holds byte offsets into the group's codebook, 0: codeword numbers
 };
 
 int vq_cpu_isa(void);
@@ -83,16 +88,25 @@ static void tile_scalar(const VQPass& a, int tile) {
     if (row >= a.nvec) break;
     for (int t = 0; t < a.T; ++t) {
       for (int i = 0; i < VP; ++i) acc[i] = 0.f;
-      const uint16_t* cb = a.cb;
+      const int es = a.cb_f32 ? 4 : 2;
+      const char* cb = (const char*)a.cb;
       int gend = a.group_size;
       const uint16_t* ip = a.idx + (int64_t)tile * a.ncols * R + r;
       for (int c = 0; c < a.ncols; ++c, ip += R) {
         if (c == gend) {
-          cb += a.cb_gstride;
+          cb += a.cb_gstride * es;
           gend += a.group_size;
         }
-        const uint16_t* wp = cb + (int64_t)ip[0] * VP;
-        for (int i = 0; i < VP; ++i) w[i] = half_to_float(wp[i]);
+        const char* wp = cb + (a.idx_bytes ? (int64_t)ip[0] : (int64_t)ip[0] * VP * es);
+        for (int i = 0; i < VP; ++i) {
+          if (a.cb_f32) {
+            memcpy(&w[i], wp + 4 * i, 4);
+          } else {
+            uint16_t h;
+            memcpy(&h, wp + 2 * i, 2);
+            w[i] = half_to_float(h);
+          }
+        }
         if (!a.in_mode) {
           const float xs = a.x[t * a.ldx + c];
           for (int i = 0; i < VP; ++i) acc[i] += xs * w[i];
@@ -161,7 +175,7 @@ template <> struct Vec<4> {
 // rows r0 .. r0+RS of `tile` x tokens t0 .. t0+TT; NV registers of L lanes per codeword (VP = L*NV).
 // Every loop over RS/TT/NV is unrolled, so `acc` lives in registers (an indexed access would make GCC
 // keep it in memory and store it on every column: measured 2x slower).
-template <int L, int NV, int RS, int TT, bool IN>
+template <int L, int NV, int RS, int TT, bool IN, bool F32, bool OFF>
 VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   typedef Vec<L> V;
   typedef typename V::T reg;
@@ -172,13 +186,14 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   VQ_UNROLL for (int r = 0; r < RS; ++r)
     VQ_UNROLL for (int t = 0; t < TT; ++t)
       VQ_UNROLL for (int j = 0; j < NV; ++j) acc[r][t][j] = V::zero();
-  const uint16_t* cb = a.cb;
+  constexpr int ES = F32 ? 4 : 2;  // bytes per codeword lane
+  const char* cb = (const char*)a.cb;
   int gend = gs;
   const uint16_t* ip = a.idx + (int64_t)tile * ncols * R + r0;
   const float* xp = a.x + (int64_t)t0 * ldx;
   for (int c = 0; c < ncols; ++c, ip += R) {
     if (c == gend) {  // next group: its own codebook
-      cb += gstride;
+      cb += gstride * ES;
       gend += gs;
     }
     reg xv[TT][IN ? NV : 1];
@@ -190,9 +205,9 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
       }
     }
     VQ_UNROLL for (int r = 0; r < RS; ++r) {
-      const uint16_t* wp = cb + (int64_t)ip[r] * VP;
+      const char* wp = cb + (OFF ? (size_t)ip[r] : (size_t)ip[r] * (VP * ES));
       VQ_UNROLL for (int j = 0; j < NV; ++j) {
-        const reg w = V::loadh(wp + j * L);
+        const reg w = F32 ? V::load((const float*)wp + j * L) : V::loadh((const uint16_t*)wp + j * L);
         VQ_UNROLL for (int t = 0; t < TT; ++t) acc[r][t][j] = V::fma(w, xv[t][IN ? j : 0], acc[r][t][j]);
       }
     }
@@ -218,39 +233,45 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
 }
 
 // RS rows per program from the token chunk and the codeword width: RS*TT*NV <= 8 accumulators
-template <int L, int NV, int TT, bool IN>
+template <int L, int NV, int TT, bool IN, bool F32, bool OFF>
 VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
   constexpr int RS0 = 8 / (TT * NV);
   constexpr int RS = RS0 < 1 ? 1 : RS0;
-  for (int r0 = 0; r0 < a.R; r0 += RS) tile_avx2<L, NV, RS, TT, IN>(a, tile, r0, t0);
+  for (int r0 = 0; r0 < a.R; r0 += RS) tile_avx2<L, NV, RS, TT, IN, F32, OFF>(a, tile, r0, t0);
 }
 
 // tokens in chunks of 4, then 2, then 1
-template <int L, int NV, bool IN>
+template <int L, int NV, bool IN, bool F32, bool OFF>
 VQ_AVX2 static void tile_tokens(const VQPass& a, int tile) {
   int t0 = 0;
-  for (; t0 + 4 <= a.T; t0 += 4) tile_rows<L, NV, 4, IN>(a, tile, t0);
+  for (; t0 + 4 <= a.T; t0 += 4) tile_rows<L, NV, 4, IN, F32, OFF>(a, tile, t0);
   if (a.T - t0 >= 2) {
-    tile_rows<L, NV, 2, IN>(a, tile, t0);
+    tile_rows<L, NV, 2, IN, F32, OFF>(a, tile, t0);
     t0 += 2;
   }
-  if (a.T - t0 >= 1) tile_rows<L, NV, 1, IN>(a, tile, t0);
+  if (a.T - t0 >= 1) tile_rows<L, NV, 1, IN, F32, OFF>(a, tile, t0);
 }
 
 typedef void (*tile_fn)(const VQPass&, int);
 
-template <int L, int NV>
+template <int L, int NV, bool F32, bool OFF>
 static tile_fn pick_mode(const VQPass& a) {
-  return a.in_mode ? &tile_tokens<L, NV, true> : &tile_tokens<L, NV, false>;
+  return a.in_mode ? &tile_tokens<L, NV, true, F32, OFF> : &tile_tokens<L, NV, false, F32, OFF>;
+}
+
+template <int L, int NV>
+static tile_fn pick_cb(const VQPass& a) {
+  if (a.cb_f32) return a.idx_bytes ? pick_mode<L, NV, true, true>(a) : pick_mode<L, NV, true, false>(a);
+  return a.idx_bytes ? pick_mode<L, NV, false, true>(a) : pick_mode<L, NV, false, false>(a);
 }
 
 static tile_fn pick_avx2(const VQPass& a) {
   if (a.R % 8 != 0) return nullptr;  // RS divides 8
   switch (a.VP) {
-    case 4: return pick_mode<4, 1>(a);
-    case 8: return pick_mode<8, 1>(a);
-    case 16: return pick_mode<8, 2>(a);
-    case 32: return pick_mode<8, 4>(a);
+    case 4: return pick_cb<4, 1>(a);
+    case 8: return pick_cb<8, 1>(a);
+    case 16: return pick_cb<8, 2>(a);
+    case 32: return pick_cb<8, 4>(a);
     default: return nullptr;
   }
 }
