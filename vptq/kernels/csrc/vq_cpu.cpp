@@ -21,7 +21,7 @@
 // registers (RS*TT*NV <= 8), then adds them to y; rows at or past nvec (the last tile's padding) are not
 // stored, nor lanes at or past v (OUT). Measured on Zen3 (docs/LOG.md): float16 codebooks beat float32
 // ones from k = 4096 up (half the cache footprint); float32 + byte offsets make the 256-entry residual
-// pass 12-17% faster (a few % of a layer); one codebook per pass beats main + residual fused in one loop
+// pass 12-18% faster (a few % of a layer); one codebook per pass beats main + residual fused in one loop
 // (fewer instructions per long-latency gather when a 65536-entry codebook misses L2).
 //
 // The AVX2/FMA/F16C code is compiled for that target only (function attributes, no -march), and chosen
