@@ -69,7 +69,7 @@ MAX_K = 65536  # uint16 indices
 # Small codebooks (the residual's 256 entries, ...): codewords as float32 when the codebook is at most
 # F32_CODEBOOK_BYTES that way (L1-resident: one load+FMA per vector instead of a load, a float16
 # conversion and an FMA), and indices as uint16 BYTE OFFSETS when every offset fits 16 bits (no shift per
-# vector). Measured in docs/LOG.md; benchmarks/cpu_decode_bench.py --plain-codebooks turns both off.
+# vector). Measured in docs/LOG.md; benchmarks/cpu_decode_bench.py --plain times the kernel without them.
 F32_CODEBOOK_BYTES = 16384
 COMPACT = True
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -241,8 +241,8 @@ def _codebook(centroids: torch.Tensor, f32: bool = False) -> torch.Tensor:
     else:
         c16 = c.to(torch.float16)
         if c.dtype != torch.float16 and not torch.equal(c16.float(), c.float()):
-            raise Unsupported(f"{c.dtype} codebook is not exactly representable in float16 (k = {k} is too many "
-                              f"entries for a float32 copy: at most {F32_CODEBOOK_BYTES} bytes)")
+            raise Unsupported(f"{c.dtype} codebook is not exactly representable in float16 (and a float32 copy "
+                              f"of its {k} entries is only kept up to {F32_CODEBOOK_BYTES} bytes)")
         c = c16
     out = torch.zeros(G, k, lanes(v), dtype=c.dtype)
     out[..., :v] = c
