@@ -65,9 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--order", choices=("quiet-first", "busy-first"), default="quiet-first")
     args, extra = ap.parse_known_args(argv)
     sys.path.insert(0, REPO)
-    from runners.metrics import _cpu_model
+    from runners.metrics import cpu_summary
 
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {_cpu_model()} | {os.cpu_count()} cores | python "
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {cpu_summary()} | python "
           f"{platform.python_version()} | bundled model, bits=2, {args.nsamples} x 512 calibration tokens", flush=True)
     print("| method | quiet (s) | beside a busy process (s) | ratio | codes identical | threads (block passes / layers) |")
     print("|---|---:|---:|---:|---|---|")

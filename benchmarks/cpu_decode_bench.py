@@ -2,14 +2,18 @@
 ONE run, on Llama-2-7B linear shapes.
 
     PYTHONPATH=. python benchmarks/cpu_decode_bench.py [--formats 2b-v6k4096,...] [--shapes 7b]
-        [--batches 1,4] [--threads 1,2] [--reps 15] [--clock wall|thread]
+        [--batches 1,4] [--threads 1,2] [--reps 31] [--inner 1] [--clock wall|thread]
 
 Per (shape (out x in), format, batch, threads) it times, interleaved (fp32, cpu, fp32, cpu, ...),
 after warm-up calls that are not timed (library build, buffer layout, first-touch):
     fp32   F.linear(x, W) with the dense float32 W (MKL; bound by memory bandwidth at batch 1)
     cpu    QuantLinear(q, kernel="cpu")(x): the gather-FMA kernel from the indices, through the
            module's forward (x's layout, norms/perm, the ctypes call and the output cast included)
-Each repetition times `--inner` back-to-back calls; a row reports the median repetition. Indices
+Each repetition times `--inner` back-to-back calls; a row reports the median repetition. With the
+default `--inner 1` every kernel call starts as it does in decode, its codebook and indices out of the
+caches (the fp32 call before it streamed 64-180 MB through them); `--inner 3` (the default until
+2026-12-07) lets the 2nd and 3rd calls find the 4-6 MB of indices in L3, which the fp32 weight never
+fits: 3-10 % faster kernel times on the v8 k65536 rows (docs/LOG.md). Indices
 and codebooks are random (decode time does not depend on their values). Each row also checks that
 the two outputs agree (relative error, float32). `--clock thread` measures the calling thread's CPU
 time instead of wall time (steadier beside other processes; meaningful with --threads 1 only).
@@ -31,7 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -73,17 +76,6 @@ def make_weight(fmt: dict, out: int, inn: int, seed: int = 0):
     return VQWeight(**kw)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, inner: int, clock) -> Dict[str, float]:
     """Median seconds per call of each fn, repetitions interleaved across fns (drift hits all alike)."""
     times: Dict[str, List[float]] = {n: [] for n in fns}
@@ -100,6 +92,7 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
         inner: int, clock_name: str, plain: bool = False) -> float:
     import vptq.kernels  # noqa: F401  (registers kernel=cpu)
     from vptq.kernels import cpu
+    from runners.metrics import cpu_summary
     from vptq.qlinear import QuantLinear
 
     clock = time.thread_time if clock_name == "thread" else time.perf_counter
@@ -107,7 +100,7 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
     isa = cpu.isa()
     t_build = time.perf_counter() - t_build
     n0 = torch.get_num_threads()
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); torch {torch.__version__}; "
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__}; "
           f"kernel=cpu loop: {isa} (library ready in {t_build:.1f} s)")
     print(f"date: {datetime.date.today().isoformat()}; load average at start: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; clock: {clock_name}; "
@@ -169,8 +162,8 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default="7b", help=f"one of {', '.join(SHAPES)}, or OUTxIN[,OUTxIN...]")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--inner", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=31)
+    ap.add_argument("--inner", type=int, default=1, help="calls per timed repetition (1: each call cold)")
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
     ap.add_argument("--plain", action="store_true", help="also time the kernel without its compact small codebooks")
     a = ap.parse_args(argv)

@@ -60,11 +60,11 @@ def main(argv=None) -> int:
     sys.path.insert(0, REPO)
     import torch
 
-    from runners.metrics import _cpu_model
+    from runners.metrics import cpu_summary
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     model = "model from the overrides" if any(x.startswith("model=") for x in a.extra) else "bundled model"
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {_cpu_model()} | {os.cpu_count()} cores, {torch.get_num_threads()} "
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {cpu_summary()}, {torch.get_num_threads()} "
           f"threads | {dev} | {model}, "
           f"method={a.method} bits={a.bits}, default calibration and evaluation"
           f"{' | ' + ' '.join(a.extra) if a.extra else ''} | load average {os.getloadavg()[0]:.2f}", flush=True)

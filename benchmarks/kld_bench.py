@@ -33,14 +33,14 @@ def main(argv=None) -> int:
     from runners.data import eval_windows
     from runners.driver import quantize_model
     from runners.kld import compute_reference
-    from runners.metrics import _cpu_model
+    from runners.metrics import cpu_summary
     from runners.models import load_model
     from runners.ppl import kld_summary, score
     from runners.schema import ModelConfig
     from vptq.methods import build_method, method_class
     from vptq.qlinear import dense_weights
 
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {_cpu_model()} | {os.cpu_count()} cores, {torch.get_num_threads()} "
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {cpu_summary()}, {torch.get_num_threads()} "
           f"threads | bundled model, pydoc {a.windows} x {a.seqlen}, top-k {a.topk}", flush=True)
     model, tok = load_model(ModelConfig(name="smollm2_135m", source="smollm2_gguf"))
     w = eval_windows("pydoc", None, tok, a.seqlen, a.windows)

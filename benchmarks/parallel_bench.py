@@ -47,11 +47,11 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks-per-job", type=int, default=15)
     a, extra = ap.parse_known_args(argv)
     sys.path.insert(0, REPO)
-    from runners.metrics import _cpu_model
+    from runners.metrics import cpu_summary
 
     base = [f"method={a.method}", f"bits={a.bits}", "logger=none", f"calib.nsamples={a.nsamples}",
             "eval.max_windows=8", "hessian.protocol=float", "resume=false", "eval.kld=false", *extra]
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {_cpu_model()} | {os.cpu_count()} cores | bundled model, "
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {cpu_summary()} | bundled model, "
           f"{a.method} {a.bits} b, {a.nsamples} x 512 calibration tokens, hessian.protocol=float", flush=True)
     res = {}
     for mode in ("serial", "parallel"):

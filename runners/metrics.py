@@ -139,6 +139,75 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# flags that decide which loops run (torch's dispatch, MKL's kernels, vptq/kernels/csrc/vq_cpu.cpp)
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+CPUINFO = "/proc/cpuinfo"
+CACHE_SYSFS = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def _cache_sizes(sysfs: str = CACHE_SYSFS) -> Dict[str, str]:
+    """cpu0's data/unified caches from sysfs: {"L1d": "32K", "L2": "1024K", "L3": "32768K"} (per
+    instance; {} where sysfs does not say)."""
+    out: Dict[str, str] = {}
+    for d in sorted(glob.glob(os.path.join(sysfs, "index[0-9]*"))):
+        try:
+            with open(os.path.join(d, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(d, "size")) as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        out[f"L{level}" + ("d" if kind == "Data" else "")] = size
+    return out
+
+
+def cpu_identity(cpuinfo: str = CPUINFO, sysfs: str = CACHE_SYSFS) -> Dict[str, Any]:
+    """What tells two CPUs that share a marketing name apart (a cloud VM reports "AMD EPYC" for Zen 3
+    and Zen 4 alike, whose L2 differ 2x and whose kernels differ): vendor, family/model/stepping,
+    cache sizes, the instruction-set flags that choose loops. Fields are None where the OS does not say."""
+    import platform
+
+    info: Dict[str, Any] = {"model": _cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(),
+                            "vendor": None, "family": None, "model_number": None, "stepping": None,
+                            "caches": _cache_sizes(sysfs), "flags": []}
+    keys = {"vendor_id": "vendor", "cpu family": "family", "model": "model_number", "stepping": "stepping",
+            "CPU implementer": "vendor", "CPU part": "model_number", "CPU variant": "stepping"}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block
+                k, _, v = line.partition(":")
+                k, v = k.strip(), v.strip()
+                if k in keys and info[keys[k]] is None:
+                    info[keys[k]] = v
+                elif k in ("flags", "Features"):
+                    have = set(v.split())
+                    info["flags"] = [f for f in _ISA_FLAGS if f in have]
+    except OSError:
+        pass
+    return info
+
+
+def cpu_summary() -> str:
+    """One line for a benchmark's header, e.g. "AMD EPYC, 2 logical CPUs (AuthenticAMD family 25 model 17
+    stepping 1; L1d 32K, L2 1024K, L3 32768K per instance; avx2 fma f16c avx512f ...)"."""
+    c = cpu_identity()
+    ident = " ".join(f"{k} {c[k2]}" for k, k2 in (("family", "family"), ("model", "model_number"),
+                                                  ("stepping", "stepping")) if c[k2] is not None)
+    caches = ", ".join(f"{k} {v}" for k, v in c["caches"].items())
+    parts = [p for p in (" ".join(x for x in (c["vendor"] or "", ident) if x),
+                         f"{caches} per instance" if caches else "", " ".join(c["flags"])) if p]
+    return f"{c['model']}, {c['cores']} logical CPUs" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 def _blas() -> str:
     """The BLAS torch was built with, e.g. "mkl (Intel(R) oneAPI Math Kernel Library Version 2024.2 ...)"."""
     import re
@@ -201,8 +270,7 @@ def env_info(device) -> Dict[str, Any]:
         "torch": torch.__version__, "device": dev,
         "git": git_version(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
         "code": _code_version(),
-        "cpu": {"model": _cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(),
-                "isa": torch.backends.cpu.get_cpu_capability()},
+        "cpu": {**cpu_identity(), "isa": torch.backends.cpu.get_cpu_capability()},
         "blas": _blas(),
         "threads": {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads(),
                     **{k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",

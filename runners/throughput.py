@@ -119,12 +119,17 @@ def decode_tokens_per_s(model, device: torch.device, *, prompt_tokens: int, deco
 
 
 def _route(lin, x) -> str:
-    """Which path a QuantLinear takes for x: 'triton:<route>' or 'torch'."""
+    """Which path a QuantLinear takes for x: 'triton:<route>', 'cpu' (the C++ kernel) or 'torch'."""
     if lin.kernel == "triton":
         from vptq.kernels import dispatch
 
         if dispatch.triton_linear(lin, x) is not None:
             return "triton:" + dispatch.choose(x.reshape(-1, lin.in_features).shape[0]).name
+    elif lin.kernel == "cpu":
+        from vptq.kernels import cpu
+
+        if cpu.takes(lin, x) is not None:
+            return "cpu"
     return "torch"
 
 

@@ -349,3 +349,32 @@ def test_decode_benchmark_smoke(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert sum("| 2b-v6k4096" in line or "| 3b-v8k65536r256" in line for line in out) == 2 * 2 * 2
     assert re.fullmatch(r"min speedup vs fp32 at batch 1: \d+\.\d\d", out[-1]), out[-1]
+
+
+def test_block_benchmark_smoke(capsys):
+    """benchmarks/cpu_block_bench.py runs (a tiny block): the kernel ran, the quantized block's hidden
+    states matched the float block's (it exits otherwise), and the contract line ends the output."""
+    import re
+
+    from benchmarks import cpu_block_bench
+
+    before = cpu.STATS["cpu"]
+    cpu_block_bench.main(["--config", "tiny", "--formats", "2b-v6k4096,3b-v8k65536r256", "--threads", "1",
+                          "--prompt", "5", "--steps", "2", "--reps", "1", "--torch"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert cpu.STATS["cpu"] > before
+    rows = [line for line in out if line.startswith("| 2b-v6k4096") or line.startswith("| 3b-v8k65536r256")]
+    assert len(rows) == 2 and all(float(r.split("|")[7]) <= 1e-3 for r in rows)  # rel err column
+    assert re.fullmatch(r"min speedup vs fp32 per token \(one block, batch 1\): \d+\.\d\d", out[-1]), out[-1]
+
+
+def test_throughput_reports_the_cpu_route():
+    """metrics.json's per-layer `path` names the route that ran: "cpu" where the C++ kernel takes the
+    call, "torch" where it falls back (too many tokens, kernel=torch)."""
+    from runners.throughput import _route
+
+    q = make_vq(**CASES["v6_all"])
+    lin = QuantLinear(q, kernel="cpu")
+    assert _route(lin, torch.randn(1, q.in_features)) == "cpu"
+    assert _route(lin, torch.randn(cpu.MAX_TOKENS + 1, q.in_features)) == "torch"
+    assert _route(QuantLinear(q, kernel="torch"), torch.randn(1, q.in_features)) == "torch"

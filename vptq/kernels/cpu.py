@@ -406,17 +406,24 @@ def cpu_weight(qlinear) -> Optional[CpuWeight]:
     return cw
 
 
-def cpu_linear(qlinear, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """`KERNELS["cpu"]`: y = x Wᵀ + b through the C++ kernel, or None (the torch path)."""
+def takes(qlinear, x: torch.Tensor) -> Optional[CpuWeight]:
+    """The layer's kernel buffers if the kernel computes qlinear(x), else None (the torch path runs):
+    x on the CPU in a float dtype, 1 to MAX_TOKENS tokens, no autograd, the library built, the weight
+    supported."""
     tokens = x.numel() // qlinear.in_features if x.dim() and x.shape[-1] == qlinear.in_features else 0
     if (x.device.type != "cpu" or x.dtype not in DTYPES or not 0 < tokens <= MAX_TOKENS
             or qlinear.needs_grad(x) or library() is None):
-        STATS["torch"] += 1
         return None
-    cw = cpu_weight(qlinear)
+    return cpu_weight(qlinear)
+
+
+def cpu_linear(qlinear, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """`KERNELS["cpu"]`: y = x Wᵀ + b through the C++ kernel, or None (the torch path)."""
+    cw = takes(qlinear, x)
     if cw is None:
         STATS["torch"] += 1
         return None
+    tokens = x.numel() // cw.in_features
     y = matmul(cw, x.reshape(tokens, cw.in_features), qlinear.bias)  # (tokens, out)
     if not STATS["cpu"]:
         log.info("kernel=cpu: first call (%d tokens, %s loop)", tokens, isa())

@@ -82,13 +82,13 @@ static float half_to_float(uint16_t h) {
 
 static void tile_scalar(const VQPass& a, int tile) {
   const int R = a.R, VP = a.VP;
+  const int es = a.cb_f32 ? 4 : 2;  // bytes per codeword lane
   float acc[32], w[32];
   for (int r = 0; r < R; ++r) {
     const int row = tile * R + r;
     if (row >= a.nvec) break;
     for (int t = 0; t < a.T; ++t) {
       for (int i = 0; i < VP; ++i) acc[i] = 0.f;
-      const int es = a.cb_f32 ? 4 : 2;
       const char* cb = (const char*)a.cb;
       int gend = a.group_size;
       const uint16_t* ip = a.idx + (int64_t)tile * a.ncols * R + r;
