@@ -13,7 +13,7 @@ Each repetition times `--inner` back-to-back calls; a row reports the median rep
 default `--inner 1` every kernel call starts as it does in decode, its codebook and indices out of the
 caches (the fp32 call before it streamed 64-180 MB through them); `--inner 3` (the default until
 2026-12-07) lets the 2nd and 3rd calls find the 4-6 MB of indices in L3, which the fp32 weight never
-fits: 3-10 % faster kernel times on the v8 k65536 rows (docs/LOG.md). Indices
+fits: 0-20 % (mostly 2-4 %) faster kernel times on the v8 k65536 rows (docs/LOG.md). Indices
 and codebooks are random (decode time does not depend on their values). Each row also checks that
 the two outputs agree (relative error, float32). `--clock thread` measures the calling thread's CPU
 time instead of wall time (steadier beside other processes; meaningful with --threads 1 only).
@@ -91,8 +91,8 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, inner: int
 def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], threads: List[int], reps: int,
         inner: int, clock_name: str, plain: bool = False) -> float:
     import vptq.kernels  # noqa: F401  (registers kernel=cpu)
-    from vptq.kernels import cpu
     from runners.metrics import cpu_summary
+    from vptq.kernels import cpu
     from vptq.qlinear import QuantLinear
 
     clock = time.thread_time if clock_name == "thread" else time.perf_counter
