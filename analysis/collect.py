@@ -90,13 +90,29 @@ def _config_key_of(m: dict, row: dict) -> str:
     return "m" + hashlib.sha256(blob.encode()).hexdigest()[:15]
 
 
+def machine_of(env) -> Optional[str]:
+    """What a run's numbers depend on beyond its configuration: the GPU's name, or the CPU's name with
+    its family and model where recorded ("AMD EPYC (family 25 model 17)": a VM's "AMD EPYC" alone was a
+    Zen 3 one day and a Zen 4 the next); the recorded device string for older records; None without."""
+    env = env or {}
+    gpu = env.get("gpu")
+    if gpu and gpu.get("name"):
+        return gpu["name"]
+    c = env.get("cpu") or {}
+    ident = " ".join(f"{k} {c[f]}" for k, f in (("family", "family"), ("model", "model_number"))
+                     if c.get(f) is not None)
+    if c.get("model"):
+        return f"{c['model']} ({ident})" if ident else c["model"]
+    return env.get("device")
+
+
 def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """-> (finished runs, failed runs). Columns of the first: model, method, bits_target, settings,
     seed, calib ("data NxL"), kernel, eval_windows, config_key (equal for runs that differ only in
     the seed), bits_index, bits_total, quant_s, eval_s, threads (the job's torch threads), other_cpu
     (cores other processes used while it quantized; None in older records), reused_blocks (blocks loaded
     from checkpoints, not quantized by the run), peak_rss_gb, peak_gpu_gb, mem_gb (peak GPU memory
-    on GPU runs, else peak process RSS), device, the fair-comparison fields (protocol, finetune,
+    on GPU runs, else peak process RSS), device, machine (`machine_of`), the fair-comparison fields (protocol, finetune,
     variant, iters), finetune_settings (collect.finetune_str), ppl::<ds>@<seqlen> (each dataset's own seqlen) with ppl_lo::/ppl_hi:: (95%
     interval), kld::<ds>@<seqlen> (mean KL to the float model) with kld_se::, top1::<ds>@<seqlen> (%),
     ratio::<ds>@<seqlen> (PPL / the float model's PPL on the same windows, where the KL was scored),
@@ -127,6 +143,7 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
                     "peak_rss_gb": r.memory.peak_rss_gb, "peak_gpu_gb": r.memory.peak_gpu_gb,
                     "mem_gb": r.memory.peak_gpu_gb if r.memory.peak_gpu_gb is not None else r.memory.peak_rss_gb,
                     "device": (r.env or {}).get("device"),
+                    "machine": machine_of(r.env),
                     "protocol": r.hessian_protocol,
                     "finetune": cmp.finetune if r.format_version >= 2 else None,
                     "finetune_settings": finetune_str(r.finetune),

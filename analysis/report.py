@@ -81,6 +81,9 @@ def time_comparable(df: pd.DataFrame) -> Tuple[bool, List[str]]:
     why not: (ok, reasons). Times measured in unlike conditions are shown but not ranked."""
     sub = df[~df["method"].isin(REFERENCE_METHODS)] if "method" in df else df
     why = []
+    machines = _machines(sub)
+    if len(machines) > 1:
+        why.append(f"the rows ran on {len(machines)} different machines (the machine column)")
     if "threads" in sub and sub["threads"].dropna().nunique() > 1:
         why.append("the rows ran on different thread counts (" +
                    ", ".join(f"{t:g}" for t in sorted(sub["threads"].dropna().unique())) + "; the threads column)")
@@ -97,6 +100,13 @@ def time_comparable(df: pd.DataFrame) -> Tuple[bool, List[str]]:
         why.append(f"{reused} row(s) loaded quantized blocks from checkpoints of an earlier run (↺: their time "
                    "counts only the rest)")
     return not why, why
+
+
+def _machines(df: pd.DataFrame) -> List[str]:
+    """The distinct machines the rows ran on (collect.machine_of; a row over seeds may name several)."""
+    if "machine" not in df:
+        return []
+    return sorted({m for v in df["machine"].dropna() for m in str(v).split("; ") if m})
 
 
 def method_label(method: str, variant) -> str:
@@ -137,6 +147,8 @@ def columns_for(df: pd.DataFrame) -> List[Column]:
             if parts[0] == "mean":
                 parts[0] = "AvgQA"
             cols.append(Column(c, f"{' '.join(parts)} (%) ↑", "higher", "{:.1f}"))
+    if len(_machines(df)) > 1:
+        cols.append(Column("machine", "machine", None, "{}"))
     if "threads" in df and df["threads"].dropna().nunique() > 1:
         cols.append(Column("threads", "threads", None, "{:g}"))
     cols.append(Column("quant_s", "quant time (s) ↓", "lower" if time_comparable(df)[0] else None, "{:.1f}"))
@@ -170,6 +182,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         std = g[spread].std(ddof=1).reset_index(drop=True)
         for c in spread:
             out[f"{c}::std"] = std[c].values
+    if "machine" in df:  # the machines a row's seeds ran on
+        out["machine"] = g["machine"].agg(lambda v: "; ".join(sorted(set(v.dropna())))).values
     out["n_seeds"] = g.size().values
     out["method_label"] = [method_label(m, v) for m, v in zip(out["method"], out.get("variant", [None] * len(out)))]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
@@ -317,6 +331,12 @@ def notes(raw: pd.DataFrame, table: Optional[pd.DataFrame] = None) -> List[str]:
     if raw.filter(regex="^ratio::").notna().any().any():
         out.append("PPL ÷ float: each run's perplexity divided by the float model's on the same evaluation windows "
                    "(recorded with its KLD), then averaged over seeds; not ranked (it orders rows as the PPL column).")
+    machines = _machines(raw)
+    if len(machines) > 1:
+        out.append(f"The runs come from {len(machines)} machines ({'; '.join(machines)}; the machine column): the "
+                   "same configuration and seed reproduces codes and perplexity bit for bit only on the same machine "
+                   "(other CPUs and BLAS libraries sum in other orders, and quantization carries the difference on: "
+                   "1.1% of perplexity for VPTQ 2-bit between a Zen 3 and a Zen 4, docs/LOG.md 2026-12-07).")
     ok, why = time_comparable(table if table is not None else raw)
     if not ok:
         out.append("Quantization times are shown but not ranked: " + "; ".join(why) + ".")

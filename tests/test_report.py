@@ -232,3 +232,36 @@ def test_ppl_ratio_to_the_float_model_shown_beside_ppl_with_its_spread_and_not_r
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.startswith("| m | vptq")]
     assert sorted(r[ratio] for r in rows) == ["1.680 ± 0.080", "2.400"]  # std over (1.6, 1.68, 1.76); no bold
     assert "PPL ÷ float:" in md
+
+
+def test_runs_from_different_machines_are_named_and_their_times_not_ranked(tmp_path):
+    """Two CPUs with one marketing name (a VM's "AMD EPYC": Zen 3 and Zen 4) are told apart by the family
+    and model metrics.json records (env.cpu): the table gets a machine column, a note says that bitwise
+    reproducibility holds per machine, and quantization times are not ranked across them."""
+    from analysis.collect import machine_of
+
+    def env(model_number):
+        return {"env": {"threads": {"intra_op": 2}, "device": "cpu (AMD EPYC, 2 cores)",
+                        "cpu": {"model": "AMD EPYC", "family": "25", "model_number": model_number}}}
+
+    _run(tmp_path, "a", "gptq", 2.0, 2.06, 12.0, qtime=30.0, **env("1"))
+    _run(tmp_path, "b", "vptq", 2.0, 2.10, 7.5, qtime=60.0, **env("1"))
+    write_report(str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    assert "machine" not in [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    assert "come from" not in md and "different machines" not in md
+
+    _run(tmp_path, "c", "rtn", 2.0, 2.09, 99.0, qtime=1.0, **env("17"))
+    write_report(str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    head = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    assert _cells(md, "rtn", "2")[head.index("machine")] == "AMD EPYC (family 25 model 17)"
+    assert _cells(md, "gptq", "2")[head.index("machine")] == "AMD EPYC (family 25 model 1)"
+    assert "The runs come from 2 machines (AMD EPYC (family 25 model 1); AMD EPYC (family 25 model 17)" in md
+    assert "not ranked: the rows ran on 2 different machines" in md
+    assert "**" not in _cells(md, "rtn", "2")[head.index("quant time (s) ↓")]
+
+    assert machine_of({"gpu": {"name": "NVIDIA H200"}, "cpu": {"model": "x"}}) == "NVIDIA H200"
+    assert machine_of({"cpu": {"model": "AMD EPYC"}, "device": "cpu (AMD EPYC, 2 cores)"}) == "AMD EPYC"
+    assert machine_of({"device": "cpu (Intel, 8 cores)"}) == "cpu (Intel, 8 cores)"  # older records
+    assert machine_of(None) is None
