@@ -26,6 +26,8 @@ Formats (index bits per weight = bits per index / v; + codebook bits on these sh
     3b-v4k4096        v=4, k=4096             12 / 4 = 3.0
     3b-v8k65536r256   v=8, k=65536 + res 256  24 / 8 = 3.0   released VPTQ 3-bit models
     2b-v8k65536       v=8, k=65536            16 / 8 = 2.0   (optional: released 2-bit models)
+    2b-aqlm1x16       AQLM-style, M=1, 16-bit codes, g=8   16 / 8 = 2.0   AQLM's 1x16 (transposed layout:
+    2b-aqlm2x8        AQLM-style, M=2, 8-bit codes, g=8    16 / 8 = 2.0   AQLM's 2x8   vectors along the input)
 
 The last line is `min speedup vs fp32 at batch 1: X.XX` (over every batch-1 row: all shapes,
 formats and thread counts).
@@ -52,6 +54,8 @@ FORMATS: Dict[str, dict] = {
     "3b-v4k4096": dict(v=4, k=4096, k_res=0),
     "3b-v8k65536r256": dict(v=8, k=65536, k_res=256),
     "2b-v8k65536": dict(v=8, k=65536, k_res=0),
+    "2b-aqlm1x16": dict(aqlm=True, M=1, nbits=16, g=8),
+    "2b-aqlm2x8": dict(aqlm=True, M=2, nbits=8, g=8),
 }
 DEFAULT_FORMATS = "2b-v6k4096,3b-v4k4096,3b-v8k65536r256"
 SHAPES = {
@@ -61,10 +65,19 @@ SHAPES = {
 
 
 def make_weight(fmt: dict, out: int, inn: int, seed: int = 0):
-    """A random VQWeight (one group, official layout, float16 codebooks)."""
+    """A random VQWeight (one group, official layout, float16 codebooks), or AQLMWeight (`aqlm`)."""
     from vptq.vqweight import VQWeight
 
     g = torch.Generator().manual_seed(seed)
+    if fmt.get("aqlm"):
+        from baselines.aqlm import AQLMWeight
+
+        M, nbits, gs = fmt["M"], fmt["nbits"], fmt["g"]
+        if inn % gs:
+            raise SystemExit(f"{out}x{inn}: AQLM-style formats need in_features divisible by g={gs}")
+        codes = torch.randint(0, 2 ** nbits, (out, inn // gs, M), generator=g)
+        codebooks = torch.randn(M, 2 ** nbits, gs, generator=g) * 0.02
+        return AQLMWeight(codes, codebooks, torch.rand(out, generator=g) + 0.5, nbits)
     v, k, kr = fmt["v"], fmt["k"], fmt["k_res"]
     n = -(-out // v)
     kw = dict(out_features=out, in_features=inn, vector_len=v, num_centroids=k, group_num=1, group_size=inn,

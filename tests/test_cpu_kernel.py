@@ -344,10 +344,11 @@ def test_decode_benchmark_smoke(capsys):
 
     from benchmarks import cpu_decode_bench
 
-    cpu_decode_bench.main(["--shapes", "tiny", "--formats", "2b-v6k4096,3b-v8k65536r256", "--batches", "1,4",
-                           "--threads", "1", "--reps", "1", "--inner", "1"])
+    cpu_decode_bench.main(["--shapes", "tiny", "--formats", "2b-v6k4096,3b-v8k65536r256,2b-aqlm2x8", "--batches",
+                           "1,4", "--threads", "1", "--reps", "1", "--inner", "1"])
     out = capsys.readouterr().out.strip().splitlines()
-    assert sum("| 2b-v6k4096" in line or "| 3b-v8k65536r256" in line for line in out) == 2 * 2 * 2
+    names = ("| 2b-v6k4096", "| 3b-v8k65536r256", "| 2b-aqlm2x8")
+    assert sum(any(n in line for n in names) for line in out) == 3 * 2 * 2
     assert re.fullmatch(r"min speedup vs fp32 at batch 1: \d+\.\d\d", out[-1]), out[-1]
 
 
