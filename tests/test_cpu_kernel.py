@@ -379,3 +379,16 @@ def test_throughput_reports_the_cpu_route():
     assert _route(lin, torch.randn(1, q.in_features)) == "cpu"
     assert _route(lin, torch.randn(cpu.MAX_TOKENS + 1, q.in_features)) == "torch"
     assert _route(QuantLinear(q, kernel="torch"), torch.randn(1, q.in_features)) == "torch"
+
+
+def test_aqlm_reference_benchmark_says_what_it_needs(monkeypatch):
+    """benchmarks/aqlm_cpu_bench.py needs AQLM's own package (not a dependency of this project): without
+    it, one clear line that says so, before any timing."""
+    import sys
+
+    from benchmarks import aqlm_cpu_bench
+
+    monkeypatch.setitem(sys.modules, "aqlm", None)  # `import aqlm` raises ImportError
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")  # the script sets it; restored after the test
+    with pytest.raises(SystemExit, match="needs the aqlm package and numba"):
+        aqlm_cpu_bench.main(["--shapes", "tiny", "--reps", "1"])
