@@ -284,9 +284,10 @@ class CpuWeight:
     """The kernel's view of one weight. OUT mode (`transposed` False):
         y = Σ_passes (x'[:, col0:col0+ncols] "times" pass)[:, :out] + (x · wbias) + bias,
         x' = (x * scale)[:, perm]
-    perm (in,) int64, scale / wbias (in,) float32 by ORIGINAL column (None: identity / no norm).
-    IN mode (`transposed`, AQLM-style): x is zero-padded to (T, nj, VP), y = Σ_passes(...) * scale
-    + (Σ x) * wbias + bias, scale / wbias (out,) per output row."""
+    perm (in,) int64, scale / wbias (in,) float32 by ORIGINAL column (None: identity / no norm; wbias
+    also None where it is all zero). IN mode (`transposed`, AQLM-style): x is zero-padded to (T, nj, VP)
+    (used as it is where g == VP), y = Σ_passes(...) * scale + (Σ x) * wbias + bias, scale / wbias
+    (out,) per output row."""
 
     out_features: int
     in_features: int
@@ -311,6 +312,8 @@ def from_layout(lay: KernelLayout) -> CpuWeight:
     if q.centroids.device.type != "cpu":
         raise Unsupported(f"weight on {q.centroids.device.type}")
     norm = (None, None) if q.weight_scale is None else (q.weight_scale.float().cpu(), q.weight_bias.float().cpu())
+    if norm[1] is not None and not bool(norm[1].any()):  # e.g. AQLM-style: scales only, no per-row offset
+        norm = (norm[0], None)
     if lay.transposed:
         return _from_transposed(q, norm)
     passes = [out_pass(q.centroids, q.indices, q.outlier_size)]
@@ -351,19 +354,25 @@ def matmul(cw: CpuWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None, 
     if cw.transposed:
         p0 = cw.passes[0]
         nj = p0.ncols
-        xp = torch.zeros(T, nj, p0.vp)  # (T, nj, VP): x by input vector, zero lanes
-        xpad = xf if nj * cw.g == cw.in_features else torch.nn.functional.pad(xf, (0, nj * cw.g - cw.in_features))
-        xp[..., :cw.g] = xpad.reshape(T, nj, cw.g)
-        xp = xp.reshape(T, nj * p0.vp)
+        if cw.g == p0.vp and nj * cw.g == cw.in_features:  # x is already (T, nj, VP): no copy
+            xp = xf.contiguous()
+        else:
+            xp = torch.zeros(T, nj, p0.vp)  # (T, nj, VP): x by input vector, zero lanes
+            xpad = xf if nj * cw.g == cw.in_features else torch.nn.functional.pad(xf, (0, nj * cw.g - cw.in_features))
+            xp[..., :cw.g] = xpad.reshape(T, nj, cw.g)
+            xp = xp.reshape(T, nj * p0.vp)
         y = torch.zeros(T, cw.ydim)
         for p in cw.passes:
             p.run(lib, xp, y, nthreads, force_scalar)
         if cw.scale is not None:
-            y = y * cw.scale + xf.sum(1, keepdim=True) * cw.wbias
+            y.mul_(cw.scale)
+            if cw.wbias is not None:
+                y += xf.sum(1, keepdim=True) * cw.wbias
     else:
         bx = None
         if cw.scale is not None:
-            bx = xf @ cw.wbias  # (T,)
+            if cw.wbias is not None:
+                bx = xf @ cw.wbias  # (T,)
             xf = xf * cw.scale
         if cw.perm is not None:
             xf = xf[:, cw.perm]  # stored column order
