@@ -112,7 +112,8 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
     the seed), bits_index, bits_total, quant_s, eval_s, threads (the job's torch threads), other_cpu
     (cores other processes used while it quantized; None in older records), reused_blocks (blocks loaded
     from checkpoints, not quantized by the run), peak_rss_gb, peak_gpu_gb, mem_gb (peak GPU memory
-    on GPU runs, else peak process RSS), device, machine (`machine_of`), the fair-comparison fields (protocol, finetune,
+    on GPU runs, else peak process RSS), device, machine (`machine_of`), decode_tok_s (greedy decode at
+    batch 1 where `kernel.throughput` measured it, else None), the fair-comparison fields (protocol, finetune,
     variant, iters), finetune_settings (collect.finetune_str), ppl::<ds>@<seqlen> (each dataset's own seqlen) with ppl_lo::/ppl_hi:: (95%
     interval), kld::<ds>@<seqlen> (mean KL to the float model) with kld_se::, top1::<ds>@<seqlen> (%),
     ratio::<ds>@<seqlen> (PPL / the float model's PPL on the same windows, where the KL was scored),
@@ -134,6 +135,7 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
         row.update({"settings": settings_str(r.settings), "seed": r.seed,
                     "calib": f"{cal.get('data')} {cal.get('nsamples')}x{cal.get('seqlen')}" if cal else None,
                     "kernel": (r.kernel or {}).get("name"),
+                    "decode_tok_s": (r.kernel or {}).get("decode_tok_s"),
                     "eval_windows": _windows_str(ev.get("windows")),
                     "bits_index": r.bits.index, "bits_total": r.bits.total,
                     "quant_s": r.time.quantize_s, "eval_s": r.time.eval_s,

@@ -152,6 +152,8 @@ def columns_for(df: pd.DataFrame) -> List[Column]:
     if "threads" in df and df["threads"].dropna().nunique() > 1:
         cols.append(Column("threads", "threads", None, "{:g}"))
     cols.append(Column("quant_s", "quant time (s) ↓", "lower" if time_comparable(df)[0] else None, "{:.1f}"))
+    if "decode_tok_s" in df and df["decode_tok_s"].notna().any():  # one timing per run: shown, not ranked
+        cols.append(Column("decode_tok_s", "decode tok/s ↑", None, "{:.1f}"))
     if "mem_gb" in df and df["mem_gb"].notna().any():
         cols.append(Column("mem_gb", "mem (GB) ↓", "lower", "{:.2f}"))
     return cols
@@ -337,6 +339,11 @@ def notes(raw: pd.DataFrame, table: Optional[pd.DataFrame] = None) -> List[str]:
                    "same configuration and seed reproduces codes and perplexity bit for bit only on the same machine "
                    "(other CPUs and BLAS libraries sum in other orders, and quantization carries the difference on: "
                    "1.1% of perplexity for VPTQ 2-bit between a Zen 3 and a Zen 4, docs/LOG.md 2026-12-07).")
+    if "decode_tok_s" in raw and raw["decode_tok_s"].notna().any():
+        out.append("decode tok/s: greedy decode at batch 1 with the KV cache (`kernel.throughput=true`; the kernel "
+                   "column or the run's settings say which kernel), the float reference's on the same machine for "
+                   "scale; one timing per run, so shown but never ranked, and comparable only within one machine "
+                   "and thread count.")
     ok, why = time_comparable(table if table is not None else raw)
     if not ok:
         out.append("Quantization times are shown but not ranked: " + "; ".join(why) + ".")
