@@ -295,13 +295,15 @@ def test_bad_algorithm_options(field, value):
 
 
 def test_vqweight_holds_indices_narrow_and_rejects_out_of_range():
-    """uint8 for k <= 256, int16 for k <= 32768, int32 above; the same weight as from int64 indices."""
+    """uint8 for k <= 256, int16 for k <= 32768, uint16 for k <= 65536 (2 bytes, not 4, for the released
+    VPTQ 65536-entry codebooks), int32 above; the same weight as from int64 indices."""
     import pytest as _pytest
 
     from vptq.vqweight import VQWeight
 
     g = torch.Generator().manual_seed(0)
-    for k, dt in ((16, torch.uint8), (256, torch.uint8), (4096, torch.int16), (65536, torch.int32)):
+    for k, dt in ((16, torch.uint8), (256, torch.uint8), (4096, torch.int16), (32769, torch.uint16),
+                  (65536, torch.uint16), (65537, torch.int32)):
         idx = torch.randint(0, k, (1, 3, 8), generator=g)
         kw = dict(out_features=12, in_features=8, vector_len=4, num_centroids=k, group_num=1, group_size=8,
                   centroids=torch.randn(1, k, 4, generator=g).half(), indices=idx,

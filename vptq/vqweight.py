@@ -6,7 +6,7 @@ rows [r*v, (r+1)*v) hold centroid `centroids[g, indices[g, r, c]]` (+ the residu
 
 Stored tensors (G = group_num, v = vector_len, k = num_centroids, n = ceil(out/v)):
     centroids        (G, k, v)           float16
-    indices          (G, n, group_size)  in [0, k), uint8/int16/int32 in memory (`index_dtype`);
+    indices          (G, n, group_size)  in [0, k), uint8/int16/uint16/int32 in memory (`index_dtype`);
                                          stored packed, log2(k) bits each
     res_centroids    (G, k_r, v)         float16   | None        residual VQ (second stage)
     res_indices      (G, n, group_size)  in [0, k_r) (`index_dtype`)  packed with `indices`
@@ -38,8 +38,14 @@ from vptq.qweight import QuantizedWeight, Storage
 
 
 def index_dtype(k: int) -> torch.dtype:
-    """The in-memory integer type of indices into a k-entry codebook."""
-    return torch.uint8 if k <= 256 else (torch.int16 if k <= 32768 else torch.int32)
+    """The in-memory integer type of indices into a k-entry codebook: 1 byte up to 256 entries, 2 up to
+    65536 (torch.uint16 above 32768: torch has no arithmetic, min or max for it, but every consumer
+    widens indices first, and copies and views work on CPU and CUDA), else 4."""
+    if k <= 256:
+        return torch.uint8
+    if k <= 32768:
+        return torch.int16
+    return torch.uint16 if k <= 65536 else torch.int32
 
 
 def _gather_columns(centroids: torch.Tensor, indices: torch.Tensor, rows: int) -> torch.Tensor:
@@ -78,8 +84,8 @@ class VQWeight(QuantizedWeight):
 
     def __post_init__(self):
         # indices are held in memory in the narrowest integer type their codebook size allows
-        # (`index_dtype`: uint8 for k <= 256, int16 for k <= 32768, else int32): int64 was 8 bytes
-        # per v weights, 4x a 2-bit model's own size; every consumer widens them itself
+        # (`index_dtype`: uint8 for k <= 256, int16 for k <= 32768, uint16 for k <= 65536, else int32):
+        # int64 was 8 bytes per v weights, 4x a 2-bit model's own size; every consumer widens them itself
         for name, k in (("indices", self.num_centroids), ("res_indices", self.num_res_centroids),
                         ("outlier_indices", self.outlier_num_centroids)):
             t = getattr(self, name)
