@@ -98,9 +98,10 @@ def machine_of(env) -> Optional[str]:
     gpu = env.get("gpu")
     if gpu and gpu.get("name"):
         return gpu["name"]
+    from runners.metrics import cpu_ident
+
     c = env.get("cpu") or {}
-    ident = " ".join(f"{k} {c[f]}" for k, f in (("family", "family"), ("model", "model_number"))
-                     if c.get(f) is not None)
+    ident = cpu_ident(c, stepping=False)
     if c.get("model"):
         return f"{c['model']} ({ident})" if ident else c["model"]
     return env.get("device")

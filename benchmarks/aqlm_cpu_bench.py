@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 import time
 from typing import Dict, List, Tuple
@@ -37,10 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-SHAPES = {
-    "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
-    "tiny": [(64, 96), (40, 64)],
-}
+from benchmarks.cpu_decode_bench import SHAPES, load_average, time_interleaved  # noqa: E402
+
 M, NBITS, G = 2, 8, 8  # AQLM 2x8, in_group_size 8: 2 bits per weight
 
 
@@ -86,8 +83,8 @@ def run(shapes: List[Tuple[int, int]], reps: int) -> Dict[str, float]:
         raise SystemExit("kernel=cpu is unavailable here (no C++ compiler?)")
     print(f"CPU: {cpu_summary()}; torch {torch.__version__}; aqlm {metadata.version('aqlm')}; "
           f"numba {numba.__version__}; kernel=cpu loop: {cpu.isa()}")
-    print(f"date: {datetime.date.today().isoformat()}; load average at start: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; AQLM 2x8 g8, batch 1, one thread, median of {reps} "
+    print(f"date: {datetime.date.today().isoformat()}; load average at start: {load_average()}; "
+          f"AQLM 2x8 g8, batch 1, one thread, median of {reps} "
           "interleaved repetitions, one call each")
     header = (f"| {'shape (out x in)':>16} | {'fp32 ms':>8} | {'ours ms':>8} | {'aqlm ms':>8} | "
               f"{'ours/fp32':>9} | {'aqlm/fp32':>9} | {'ours err':>8} | {'aqlm err':>8} |")
@@ -105,13 +102,7 @@ def run(shapes: List[Tuple[int, int]], reps: int) -> Dict[str, float]:
             err = {n: float((fns[n]() - yr).norm() / yr.norm()) for n in ("ours", "aqlm")}  # + compile
             for f in fns.values():
                 f()
-            t = {n: [] for n in fns}
-            for _ in range(reps):
-                for n, f in fns.items():
-                    t0 = time.perf_counter()
-                    f()
-                    t[n].append(time.perf_counter() - t0)
-        med = {n: statistics.median(v) for n, v in t.items()}
+            med = time_interleaved(fns, reps, 1, time.perf_counter)
         sp = {n: med["fp32"] / med[n] for n in ("ours", "aqlm")}
         for n in sp:
             worst[n] = min(worst[n], sp[n])
@@ -119,7 +110,7 @@ def run(shapes: List[Tuple[int, int]], reps: int) -> Dict[str, float]:
               f"{med['aqlm'] * 1e3:8.3f} | {sp['ours']:8.2f}x | {sp['aqlm']:8.2f}x | {err['ours']:8.1e} | "
               f"{err['aqlm']:8.1e} |", flush=True)
         del ours_q, theirs, lin, W
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average at end: {load_average()}")
     return worst
 
 

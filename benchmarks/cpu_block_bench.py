@@ -37,7 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from benchmarks.cpu_decode_bench import FORMATS, make_weight  # noqa: E402
+from benchmarks.cpu_decode_bench import FORMATS, load_average, make_weight, parse_formats  # noqa: E402
 
 CONFIGS = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
@@ -121,8 +121,8 @@ def run(formats: List[str], config: str, threads: List[int], prompt: int, steps:
         raise SystemExit("kernel=cpu is unavailable here (no C++ compiler?): nothing to compare")
     n0 = torch.get_num_threads()
     print(f"CPU: {cpu_summary()}; torch {torch.__version__}; kernel=cpu loop: {cpu.isa()}")
-    print(f"date: {datetime.date.today().isoformat()}; load average at start: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; block: {config} {CONFIGS[config]}; prompt {prompt}, "
+    print(f"date: {datetime.date.today().isoformat()}; load average at start: {load_average()}; "
+          f"block: {config} {CONFIGS[config]}; prompt {prompt}, "
           f"{steps} decode steps x {reps} repetitions, median step")
     header = (f"| {'format':<16} | {'bits':>5} | {'threads':>7} | {'fp32 ms/tok':>11} | {'cpu ms/tok':>10} | "
               f"{'speedup':>7} | {'rel err':>7} |" + (f" {'torch ms/tok':>12} |" if with_torch else ""))
@@ -159,7 +159,7 @@ def run(formats: List[str], config: str, threads: List[int], prompt: int, steps:
                   + (f" {t['torch'] * 1e3:12.1f} |" if with_torch else ""), flush=True)
         del fp, qm, tm
     torch.set_num_threads(n0)
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average at end: {load_average()}")
     return worst
 
 
@@ -173,10 +173,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--torch", action="store_true", help="also time kernel=torch (dequantize on every call)")
     a = ap.parse_args(argv)
-    formats = [f for f in a.formats.split(",") if f]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        ap.error(f"unknown format(s) {bad}; valid: {', '.join(FORMATS)}")
+    formats = parse_formats(ap, a.formats)
     if not 1 <= a.prompt <= 64:
         ap.error(f"--prompt {a.prompt}: between 1 and 64 (the kernel's prefill limit, vptq.kernels.cpu.MAX_TOKENS)")
     if a.steps < 1 or a.reps < 1:

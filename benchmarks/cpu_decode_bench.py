@@ -89,6 +89,20 @@ def make_weight(fmt: dict, out: int, inn: int, seed: int = 0):
     return VQWeight(**kw)
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages, for a benchmark's header and footer."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def parse_formats(ap: argparse.ArgumentParser, text: str) -> List[str]:
+    """--formats "a,b" -> ["a", "b"], or the parser's one-line error naming the unknown ones and the valid."""
+    formats = [f for f in text.split(",") if f]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        ap.error(f"unknown format(s) {bad}; valid: {', '.join(FORMATS)}")
+    return formats
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, inner: int, clock) -> Dict[str, float]:
     """Median seconds per call of each fn, repetitions interleaved across fns (drift hits all alike)."""
     times: Dict[str, List[float]] = {n: [] for n in fns}
@@ -115,8 +129,7 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
     n0 = torch.get_num_threads()
     print(f"CPU: {cpu_summary()}; torch {torch.__version__}; "
           f"kernel=cpu loop: {isa} (library ready in {t_build:.1f} s)")
-    print(f"date: {datetime.date.today().isoformat()}; load average at start: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; clock: {clock_name}; "
+    print(f"date: {datetime.date.today().isoformat()}; load average at start: {load_average()}; clock: {clock_name}; "
           f"median of {reps} interleaved repetitions x {inner} calls, warm-up excluded")
     if isa == "unavailable":
         raise SystemExit("kernel=cpu is unavailable here (no C++ compiler?): nothing to compare")
@@ -165,7 +178,7 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
                           + (f" {t['plain'] * 1e3:8.3f} | {t['plain'] / t['cpu']:6.2f}x |" if plain else ""), flush=True)
             del W, lin, lin_plain, q
     torch.set_num_threads(n0)
-    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average at end: {load_average()}")
     return worst
 
 
@@ -180,10 +193,7 @@ def main(argv=None) -> None:
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
     ap.add_argument("--plain", action="store_true", help="also time the kernel without its compact small codebooks")
     a = ap.parse_args(argv)
-    formats = [f for f in a.formats.split(",") if f]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        ap.error(f"unknown format(s) {bad}; valid: {', '.join(FORMATS)}")
+    formats = parse_formats(ap, a.formats)
     if a.shapes in SHAPES:
         shapes = SHAPES[a.shapes]
     else:

@@ -196,12 +196,18 @@ def cpu_identity(cpuinfo: str = CPUINFO, sysfs: str = CACHE_SYSFS) -> Dict[str, 
     return info
 
 
+def cpu_ident(c: Dict[str, Any], stepping: bool = True) -> str:
+    """"family 25 model 17 stepping 1" from a `cpu_identity` dict (recorded ones too: fields it lacks
+    are left out); "" when none is known."""
+    fields = (("family", "family"), ("model", "model_number")) + ((("stepping", "stepping"),) if stepping else ())
+    return " ".join(f"{name} {c[key]}" for name, key in fields if c.get(key) is not None)
+
+
 def cpu_summary() -> str:
     """One line for a benchmark's header, e.g. "AMD EPYC, 2 logical CPUs (AuthenticAMD family 25 model 17
     stepping 1; L1d 32K, L2 1024K, L3 32768K per instance; avx2 fma f16c avx512f ...)"."""
     c = cpu_identity()
-    ident = " ".join(f"{k} {c[k2]}" for k, k2 in (("family", "family"), ("model", "model_number"),
-                                                  ("stepping", "stepping")) if c[k2] is not None)
+    ident = cpu_ident(c)
     caches = ", ".join(f"{k} {v}" for k, v in c["caches"].items())
     parts = [p for p in (" ".join(x for x in (c["vendor"] or "", ident) if x),
                          f"{caches} per instance" if caches else "", " ".join(c["flags"])) if p]
