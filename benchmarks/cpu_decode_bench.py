@@ -17,9 +17,11 @@ fits: 0-20 % (mostly 2-4 %) faster kernel times on the v8 k65536 rows (docs/LOG.
 and codebooks are random (decode time does not depend on their values). Each row also checks that
 the two outputs agree (relative error, float32). `--clock thread` measures the calling thread's CPU
 time instead of wall time (steadier beside other processes; meaningful with --threads 1 only).
-`--plain` adds a third timed route, interleaved with the other two: the same kernel with small
-codebooks left in float16 and indices as codeword numbers (`vptq.kernels.cpu.COMPACT` off), and the
-ratio plain / cpu ("compact").
+`--plain` adds a timed route, interleaved with the others: the same kernel with small codebooks left
+in float16 and indices as codeword numbers (`vptq.kernels.cpu.COMPACT` off), and the ratio plain / cpu.
+`--tiled` adds one with the VPTQ layout's indices copied into the kernel's tiled uint16 layout
+(`vptq.kernels.cpu.DIRECT` off: the route before 2026-12-07, which doubled the indices' memory), and
+the ratio tiled / cpu.
 
 Formats (index bits per weight = bits per index / v; + codebook bits on these shapes):
     2b-v6k4096        v=6, k=4096             12 / 6 = 2.0   VPTQ paper's 2-bit setting
@@ -58,6 +60,7 @@ FORMATS: Dict[str, dict] = {
     "2b-aqlm2x8": dict(aqlm=True, M=2, nbits=8, g=8),
 }
 DEFAULT_FORMATS = "2b-v6k4096,3b-v4k4096,3b-v8k65536r256"
+ALTS = {"plain": "COMPACT", "tiled": "DIRECT"}  # extra timed routes: the vptq.kernels.cpu switch they turn off
 SHAPES = {
     "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "tiny": [(64, 96), (40, 64)],  # smoke run of this script
@@ -116,7 +119,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, inner: int
 
 
 def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], threads: List[int], reps: int,
-        inner: int, clock_name: str, plain: bool = False) -> float:
+        inner: int, clock_name: str, alts: Tuple[str, ...] = ()) -> float:
     import vptq.kernels  # noqa: F401  (registers kernel=cpu)
     from runners.metrics import cpu_summary
     from vptq.kernels import cpu
@@ -135,7 +138,7 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
         raise SystemExit("kernel=cpu is unavailable here (no C++ compiler?): nothing to compare")
     header = (f"| {'shape (out x in)':>16} | {'format':<16} | {'bits':>7} | {'batch':>5} | {'threads':>7} | "
               f"{'fp32 ms':>8} | {'cpu ms':>8} | {'speedup':>7} | {'rel err':>7} |"
-              + (f" {'plain ms':>8} | {'compact':>7} |" if plain else ""))
+              + "".join(f" {a + ' ms':>9} | {a + '/cpu':>9} |" for a in alts))
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     worst = float("inf")
@@ -144,7 +147,7 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
             q = make_weight(FORMATS[name], out, inn)
             bits = q.storage().per_weight()["total"]
             lin = QuantLinear(q, kernel="cpu")
-            lin_plain = QuantLinear(q, kernel="cpu") if plain else None
+            lin_alt = {a: QuantLinear(q, kernel="cpu") for a in alts}
             W = q.dequantize(torch.float32)  # (out, in) the fp32 baseline's weight (the same numbers)
             for nt in threads:
                 torch.set_num_threads(nt)
@@ -157,15 +160,16 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
                             raise SystemExit(f"kernel=cpu did not take {out}x{inn} {name} batch {b}")
                         err = float((y - yr).norm() / yr.norm())
                         fns = {"fp32": lambda: F.linear(x, W), "cpu": lambda: lin(x)}
-                        if plain:
-                            cpu.COMPACT = False  # its buffers are built (and cached) on this first call
+                        for a, la in lin_alt.items():
+                            flag = ALTS[a]
+                            setattr(cpu, flag, False)  # its buffers are built (and cached) on this first call
                             try:
-                                err_p = float((lin_plain(x) - yr).norm() / yr.norm())
+                                err_a = float((la(x) - yr).norm() / yr.norm())
                             finally:
-                                cpu.COMPACT = True
-                            if err_p > 1e-4:
-                                raise SystemExit(f"plain route wrong on {out}x{inn} {name}: rel err {err_p:.1e}")
-                            fns["plain"] = lambda: lin_plain(x)
+                                setattr(cpu, flag, True)
+                            if err_a > 1e-4:
+                                raise SystemExit(f"{a} route wrong on {out}x{inn} {name}: rel err {err_a:.1e}")
+                            fns[a] = (lambda la: lambda: la(x))(la)
                         for f in fns.values():  # warm-up
                             f()
                             f()
@@ -175,8 +179,8 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
                         worst = min(worst, sp)
                     print(f"| {f'{out} x {inn}':>16} | {name:<16} | {bits:7.2f} | {b:5d} | {nt:7d} | "
                           f"{t['fp32'] * 1e3:8.3f} | {t['cpu'] * 1e3:8.3f} | {sp:6.2f}x | {err:7.1e} |"
-                          + (f" {t['plain'] * 1e3:8.3f} | {t['plain'] / t['cpu']:6.2f}x |" if plain else ""), flush=True)
-            del W, lin, lin_plain, q
+                          + "".join(f" {t[a] * 1e3:9.3f} | {t[a] / t['cpu']:8.2f}x |" for a in alts), flush=True)
+            del W, lin, lin_alt, q
     torch.set_num_threads(n0)
     print(f"load average at end: {load_average()}")
     return worst
@@ -192,6 +196,7 @@ def main(argv=None) -> None:
     ap.add_argument("--inner", type=int, default=1, help="calls per timed repetition (1: each call cold)")
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
     ap.add_argument("--plain", action="store_true", help="also time the kernel without its compact small codebooks")
+    ap.add_argument("--tiled", action="store_true", help="also time the kernel on a tiled copy of the indices")
     a = ap.parse_args(argv)
     formats = parse_formats(ap, a.formats)
     if a.shapes in SHAPES:
@@ -206,7 +211,8 @@ def main(argv=None) -> None:
     threads = [int(t) for t in a.threads.split(",")]
     if a.clock == "thread" and threads != [1]:
         ap.error("--clock thread measures one thread's CPU time: use it with --threads 1")
-    worst = run(formats, shapes, batches, threads, a.reps, a.inner, a.clock, a.plain)
+    worst = run(formats, shapes, batches, threads, a.reps, a.inner, a.clock,
+                tuple(n for n in ALTS if getattr(a, n)))
     if worst == float("inf"):
         print("min speedup vs fp32 at batch 1: n/a (no batch-1 rows)")
     else:

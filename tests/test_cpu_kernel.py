@@ -113,8 +113,10 @@ def test_scalar_loop_and_threads(case):
     assert torch.equal(cpu.matmul(cwb, xb, nthreads=1), cpu.matmul(cwb, xb, nthreads=2))
 
 
-def test_bound_catches_a_wrong_index():
-    """One wrong gather (an index off by one in the kernel's buffer) breaks the bound."""
+def test_bound_catches_a_wrong_index(monkeypatch):
+    """One wrong gather (an index off by one in the kernel's own tiled copy: by default the kernel reads
+    the weight's indices, which the torch path reads too) breaks the bound."""
+    monkeypatch.setattr(cpu, "DIRECT", False)
     q = make_vq(**CASES["v6_k37_pad"])
     x = torch.randn(1, q.in_features)
     lin = QuantLinear(q, kernel="cpu")
@@ -131,10 +133,11 @@ def test_bound_catches_a_wrong_index():
 
 @pytest.mark.parametrize("case", ["v6_all", "v3_k32_res4", "v12_k4096_res4096", "v8_k65536"])
 def test_compact_codebooks_change_nothing(monkeypatch, case):
-    """Small codebooks as float32 and indices as byte offsets (`cpu.COMPACT`) compute the same products
-    in the same order as float16 codebooks indexed by codeword: bitwise the same output, on the AVX2 and
-    on the scalar loop; every combination of the two reached (F32_CODEBOOK_BYTES raised: a float32
-    codebook too large for byte offsets)."""
+    """Small codebooks as float32 and indices as byte offsets (`cpu.COMPACT`, in the tiled copy: the
+    route with `cpu.DIRECT` off) compute the same products in the same order as float16 codebooks
+    indexed by codeword: bitwise the same output, on the AVX2 and on the scalar loop; every combination
+    of the two reached (F32_CODEBOOK_BYTES raised: a float32 codebook too large for byte offsets)."""
+    monkeypatch.setattr(cpu, "DIRECT", False)
     q = make_vq(**CASES[case])
     x = torch.randn(3, q.in_features)
     lay = vptq.kernels.layout_of(q)
@@ -155,6 +158,60 @@ def test_compact_codebooks_change_nothing(monkeypatch, case):
               "v12_k4096_res4096": {(torch.float16, False), (torch.float32, False)},  # 4096 x 32 B > 16 bits
               "v8_k65536": {(torch.float16, False), (torch.float32, False)}}[case]
     assert seen == expect
+
+
+DIRECT_CASES = {  # every index type the weight holds, groups, padding rows, and the halved row programs
+    "v6_all": CASES["v6_all"],  # uint8 main, residual and outlier indices, perm, norms, 2 groups
+    "v12_k4096_res4096": CASES["v12_k4096_res4096"],  # int16, VP = 16
+    "v8_k65536": CASES["v8_k65536"],  # uint16; a 1 MB codebook (> the kernel's BIG_CODEBOOK)
+    "v4_k40000_res256_groups": dict(out=44, inn=24, v=4, k=40000, groups=3, k_res=256),  # uint16 + uint8, 3 groups
+    "v8_k20000_tiles": dict(out=130, inn=40, v=8, k=20000, groups=2),  # int16, > BIG_CODEBOOK, 3 tiles
+}
+
+
+@pytest.mark.parametrize("case", list(DIRECT_CASES))
+def test_direct_indices_match_the_tiled_copy(monkeypatch, case):
+    """The default route reads the weight's own indices in place (`cpu.DIRECT`): no index bytes of its
+    own (`nbytes` counts codebooks only, and not a float16 codebook with v == VP, which it reads in place
+    too), the same tensor as the VQWeight's; and it computes the same
+    products in the same order as the tiled copy did: bitwise the same output, 1 to 9 tokens (the
+    4/2/1-token programs, and the one-token programs with half the rows for big codebooks), one and two
+    threads, AVX2 and scalar."""
+    q = make_vq(**DIRECT_CASES[case])
+    lay = vptq.kernels.layout_of(q)
+    direct = cpu.from_layout(lay)
+    assert all(p.direct for p in direct.passes)
+    own = [(q.indices, q.centroids)] + ([(q.res_indices, q.res_centroids)] if q.num_res_centroids else []) + (
+        [(q.outlier_indices, q.outlier_centroids)] if q.outlier_size else [])
+    assert [p.idx.data_ptr() for p in direct.passes] == [i.data_ptr() for i, _ in own]
+    shared = [p.codebook.data_ptr() == c.data_ptr() for p, (_, c) in zip(direct.passes, own)]
+    assert shared == [p.shared_codebook for p in direct.passes]
+    assert shared[0] == (q.vector_len in cpu.LANES)  # float16, v == VP: the weight's own codebook, not a copy
+    assert direct.nbytes() == sum(0 if p.shared_codebook else p.codebook.numel() * p.codebook.element_size()
+                                  for p in direct.passes) + sum(
+        0 if t is None else t.numel() * t.element_size() for t in (direct.perm, direct.scale, direct.wbias))
+    monkeypatch.setattr(cpu, "DIRECT", False)
+    tiled = cpu.from_layout(lay)
+    assert not any(p.direct for p in tiled.passes)
+    for T in (1, 2, 3, 4, 9):
+        x = torch.randn(T, q.in_features)
+        want = cpu.matmul(tiled, x, nthreads=1)
+        assert torch.equal(cpu.matmul(direct, x, nthreads=1), want)
+        assert torch.equal(cpu.matmul(direct, x, nthreads=2), want)
+        assert torch.equal(cpu.matmul(direct, x, force_scalar=True), cpu.matmul(tiled, x, force_scalar=True))
+    check_close(cpu.matmul(direct, x), QuantLinear(q).forward(x).detach(), x, q)
+
+
+def test_direct_rejects_a_transposed_pass():
+    """The in-place index layout is the VPTQ (OUT) layout only: the library refuses it for a transposed
+    pass instead of reading the wrong rows."""
+    q = make_vq(**CASES["v6_k37_pad"])
+    cw = cpu.from_layout(vptq.kernels.layout_of(q))
+    p = cw.passes[0]
+    assert p.direct
+    bad = dataclasses.replace(p, in_mode=True, _args=None)
+    with pytest.raises(RuntimeError, match="rejected its arguments"):
+        bad.run(cpu.library(), torch.zeros(1, q.in_features), torch.zeros(1, cw.ydim), 1)
 
 
 def test_small_float32_codebook_runs_on_the_kernel():

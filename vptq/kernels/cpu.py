@@ -15,8 +15,11 @@ along the input dimension, `vptq.qweight.KernelLayout(transposed=True)`) run the
 products: y[t, o] = s[o] · Σ_j x[t, j*g:(j+1)*g] · C[I[o, j]] (+ C_1[...] as a second pass).
 
 Buffers per pass (`Pass`), built once per weight and cached on the `QuantLinear`:
-    idx       (ntiles, ncols, R) uint16   R = TILE_ROWS vector rows of a tile adjacent per column;
-                                          byte offsets where they fit 16 bits ((k-1) * VP * 2 or 4 < 2^16)
+    idx       VPTQ layout (`DIRECT`): the weight's own (G, n, gs) uint8 / int16 / uint16 indices, read in
+              place, R = TILE_ROWS vector rows of a tile as R streams: the kernel adds no index bytes
+              to the model's memory. Else (transposed layouts, `DIRECT` off) a tiled copy
+              (ntiles, ncols, R) uint16, a tile's R rows adjacent per column, byte offsets where they
+              fit 16 bits ((k-1) * VP * 2 or 4 < 2^16)
     codebook  (G, k, VP)         float16  codewords zero-padded to VP in {4, 8, 16, 32} lanes; float32
                                           where that is <= F32_CODEBOOK_BYTES (the residual's 256)
 Arithmetic is float32 (float16 codebooks convert exactly; a small float32 codebook is used as it is,
@@ -72,6 +75,12 @@ MAX_K = 65536  # uint16 indices
 # vector). Measured in docs/LOG.md; benchmarks/cpu_decode_bench.py --plain times the kernel without them.
 F32_CODEBOOK_BYTES = 16384
 COMPACT = True
+# OUT-layout passes read the weight's own uint8 / int16 / uint16 indices in place (no copy: the kernel
+# adds only its codebooks to the model's memory) instead of a tiled uint16 copy, which doubled the
+# indices' memory (a 2-bit v=6 k=4096 layer: 2 bytes per 6 weights more) and was no faster: 1.0-1.5x
+# slower for k=4096, within -4..+13 % for k=65536 (docs/LOG.md 2026-12-07, 22:00; cpu_decode_bench --tiled).
+DIRECT = True
+DIRECT_DTYPES = (torch.uint8, torch.int16, torch.uint16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATS: Counter = Counter()  # route -> calls ("cpu", "torch"); tests check the kernel really ran
 
@@ -85,7 +94,7 @@ class _Pass(ctypes.Structure):
                 ("R", ctypes.c_int32), ("VP", ctypes.c_int32), ("v", ctypes.c_int32), ("cb", ctypes.c_void_p),
                 ("cb_gstride", ctypes.c_int64), ("group_size", ctypes.c_int32), ("y", ctypes.c_void_p),
                 ("ldy", ctypes.c_int64), ("nvec", ctypes.c_int32), ("nthreads", ctypes.c_int32),
-                ("cb_f32", ctypes.c_int32), ("idx_bytes", ctypes.c_int32)]
+                ("cb_f32", ctypes.c_int32), ("idx_bytes", ctypes.c_int32), ("idx_mode", ctypes.c_int32)]
 
 
 class BuildError(RuntimeError):
@@ -178,9 +187,10 @@ def isa() -> str:
 # ---------------------------------------------------------------------------------- buffers
 @dataclass(eq=False)
 class Pass:
-    """One codebook over a range of input columns (csrc/vq_cpu.cpp). idx (ntiles, ncols, R) uint16
-    codeword numbers or byte offsets (`idx_bytes`), codebook (G, k, VP) float16 or float32; columns
-    [col0, col0 + ncols) of x' (OUT) or all of x (IN)."""
+    """One codebook over a range of input columns (csrc/vq_cpu.cpp), columns [col0, col0 + ncols) of x'
+    (OUT) or all of x (IN); codebook (G, k, VP) float16 or float32. idx: the weight's own (G, nvec,
+    group_size) uint8 / int16 / uint16 indices, read in place (`direct`: OUT layout, codeword numbers),
+    or a tiled copy (ntiles, ncols, R) uint16 of codeword numbers or byte offsets (`idx_bytes`)."""
 
     idx: torch.Tensor
     codebook: torch.Tensor
@@ -190,6 +200,7 @@ class Pass:
     nvec: int  # vector rows (OUT) / output rows (IN)
     in_mode: bool
     idx_bytes: bool = False
+    direct: bool = False
     _args: Optional[bytes] = None  # the constant fields of its struct VQPass (pointers into idx, codebook)
 
     @property
@@ -198,20 +209,29 @@ class Pass:
 
     @property
     def ncols(self) -> int:
-        return self.idx.shape[1]
+        return self.idx.shape[0] * self.idx.shape[2] if self.direct else self.idx.shape[1]
+
+    @property
+    def ntiles(self) -> int:
+        return -(-self.nvec // TILE_ROWS) if self.direct else self.idx.shape[0]
+
+    shared_codebook: bool = False  # `codebook` is the weight's own tensor
 
     def nbytes(self) -> int:
-        return self.idx.numel() * 2 + self.codebook.numel() * self.codebook.element_size()
+        """Bytes the kernel's buffers add to the weight's own tensors."""
+        own = 0 if self.direct else self.idx.numel() * 2
+        return own + (0 if self.shared_codebook else self.codebook.numel() * self.codebook.element_size())
 
     def run(self, lib, x: torch.Tensor, y: torch.Tensor, nthreads: int, force_scalar: bool = False) -> int:
         """y (T, ldy) float32 += this pass of x (T, ldx) float32 (both with unit column stride)."""
         if self._args is None:  # the fields that do not change between calls, set once
-            self._args = bytes(_Pass(in_mode=int(self.in_mode), idx=self.idx.data_ptr(), ntiles=self.idx.shape[0],
-                                     ncols=self.ncols, R=self.idx.shape[2], VP=self.vp, v=self.v,
+            mode = 0 if not self.direct else 2 if self.idx.element_size() == 1 else 1
+            self._args = bytes(_Pass(in_mode=int(self.in_mode), idx=self.idx.data_ptr(), ntiles=self.ntiles,
+                                     ncols=self.ncols, R=TILE_ROWS, VP=self.vp, v=self.v,
                                      cb=self.codebook.data_ptr(), cb_gstride=self.codebook.shape[1] * self.vp,
                                      group_size=self.group_size, nvec=self.nvec,
                                      cb_f32=int(self.codebook.dtype == torch.float32),
-                                     idx_bytes=int(self.idx_bytes)))
+                                     idx_bytes=int(self.idx_bytes), idx_mode=mode))
         a = _Pass.from_buffer_copy(self._args)  # per call: calls may overlap (ctypes drops the GIL)
         a.T, a.x, a.ldx = x.shape[0], x.data_ptr() + 4 * self.col0, x.stride(0)
         a.y, a.ldy, a.nthreads = y.data_ptr(), y.stride(0), nthreads
@@ -231,11 +251,15 @@ def lanes(v: int) -> int:
 
 def _codebook(centroids: torch.Tensor, f32: bool = False) -> torch.Tensor:
     """(G, k, v) -> (G, k, VP) float16 (codebooks must be float16-exact), or float32 (`f32`: any
-    codebook), zero-padded lanes."""
+    codebook), zero-padded lanes. A contiguous float16 codebook with v == VP (v = 4, 8, 16, 32) is used
+    as it is, not copied (the released formats' 1 MB v=8 k=65536 codebooks)."""
     G, k, v = centroids.shape
     if k > MAX_K:
         raise Unsupported(f"codebook of {k} entries > {MAX_K} (uint16 indices)")
-    c = centroids.detach().cpu()
+    c = centroids.detach()
+    if not f32 and c.dtype == torch.float16 and v == lanes(v) and c.device.type == "cpu" and c.is_contiguous():
+        return c
+    c = c.cpu()
     if f32:
         c = c.float()
     else:
@@ -264,17 +288,31 @@ def _tiles(idx: torch.Tensor, scale: int = 1) -> torch.Tensor:
 def _pass(centroids: torch.Tensor, idx: torch.Tensor, **kw) -> Pass:
     """A Pass of codebook `centroids` (G, k, v) and indices idx (rows, ncols), in the compact form where
     it applies (F32_CODEBOOK_BYTES, byte offsets)."""
+    cb, shared = _pass_codebook(centroids)
+    stride = cb.shape[-1] * cb.element_size()  # bytes per codeword
+    offsets = COMPACT and (centroids.shape[1] - 1) * stride < 65536
+    return Pass(idx=_tiles(idx, stride if offsets else 1), codebook=cb, idx_bytes=offsets, shared_codebook=shared,
+                **kw)
+
+
+def _pass_codebook(centroids: torch.Tensor):
+    """-> (the pass's codebook: float32 where COMPACT and small, else float16; whether it is `centroids`'
+    own storage)."""
     k, vp = centroids.shape[1], lanes(centroids.shape[2])
     cb = _codebook(centroids, f32=COMPACT and k * vp * 4 <= F32_CODEBOOK_BYTES)
-    stride = vp * cb.element_size()  # bytes per codeword
-    offsets = COMPACT and (k - 1) * stride < 65536
-    return Pass(idx=_tiles(idx, stride if offsets else 1), codebook=cb, idx_bytes=offsets, **kw)
+    return cb, cb.data_ptr() == centroids.data_ptr()
 
 
 def out_pass(centroids: torch.Tensor, indices: torch.Tensor, col0: int) -> Pass:
     """A pass of the VPTQ layout: centroids (G, k, v), indices (G, n, gs) for stored columns
-    [col0, col0 + G*gs); codebook g serves columns g*gs .. (g+1)*gs - 1."""
+    [col0, col0 + G*gs); codebook g serves columns g*gs .. (g+1)*gs - 1. Reads `indices` in place where
+    `DIRECT` and their dtype allow it, else a tiled copy."""
     G, n, gs = indices.shape
+    if (DIRECT and indices.dtype in DIRECT_DTYPES and indices.device.type == "cpu" and indices.is_contiguous()
+            and n and gs):
+        cb, shared = _pass_codebook(centroids)
+        return Pass(idx=indices, codebook=cb, v=centroids.shape[-1], group_size=gs, col0=col0, nvec=n,
+                    in_mode=False, direct=True, shared_codebook=shared)
     idx = indices.permute(1, 0, 2).reshape(n, G * gs)  # (n, G*gs): vector row r, stored column c
     return _pass(centroids, idx, v=centroids.shape[-1], group_size=max(gs, 1), col0=col0, nvec=n, in_mode=False)
 

@@ -11,10 +11,13 @@
 //   IN  (AQLM-style: vectors along the INPUT dimension, x given zero-padded as (T, ncols, VP)):
 //     y[t, r]       += sum_c dot(x[t, c, 0:VP], cb[0][idx[r, c]][0:VP])
 //
-// Buffers (built once per weight by cpu.py):
-//   idx  (ntiles, ncols, R) uint16   the R rows of one tile adjacent for each column (rows past nvec: 0):
-//                                    codeword numbers, or byte offsets into the group's codebook
-//                                    (`idx_bytes`, where every offset fits 16 bits: no shift per vector)
+// Buffers (cpu.py):
+//   idx  the weight's own indices, read in place (OUT, `idx_mode` 1 / 2): (G, nvec, group_size) uint16 /
+//        uint8 codeword numbers, row r of group g at idx[(g * nvec + r) * group_size]: a tile's R rows are
+//        R streams, one index per column each; no copy of the indices is kept.
+//        Or a tiled copy (`idx_mode` 0; IN, and OUT with `idx_bytes`): (ntiles, ncols, R) uint16, the R rows
+//        of one tile adjacent for each column (rows past nvec: 0), codeword numbers or byte offsets into
+//        the group's codebook (`idx_bytes`, where every offset fits 16 bits: no shift per vector)
 //   cb   (G, k, VP)         float16  codewords zero-padded from v to VP lanes (VP in {4, 8, 16, 32}); or
 //                           float32  (`cb_f32`, small codebooks: one load+FMA per vector, no conversion)
 // One program computes RS rows x TT tokens of one tile over all columns with the accumulators in
@@ -30,6 +33,8 @@
 // of the work), in a torch process the libgomp torch loaded, `nthreads` given by the caller.
 #include <stdint.h>
 #include <string.h>
+
+#include <type_traits>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define VQ_X86 1
@@ -42,7 +47,7 @@ struct VQPass {
   int32_t T;             // tokens
   const float* x;        // OUT: column c of token t at x[t*ldx + c]; IN: x[t*ldx + c*VP .. + VP)
   int64_t ldx;
-  const uint16_t* idx;   // (ntiles, ncols, R)
+  const void* idx;       // idx_mode 0: (ntiles, ncols, R) uint16; 1 / 2: (G, nvec, group_size) uint16 / uint8
   int32_t ntiles, ncols, R;
   int32_t VP, v;         // lanes per codeword (padded), lanes stored per row (OUT)
   const void* cb;        // (G, k, VP) float16 bits (or float32: cb_f32)
@@ -54,6 +59,7 @@ struct VQPass {
   int32_t nthreads;
   int32_t cb_f32;        // 1: cb holds float32 codewords (small codebooks), 0: float16 bits
   int32_t idx_bytes;     // 1: idx holds byte offsets into the group's codebook, 0: codeword numbers
+  int32_t idx_mode;      // 0: tiled uint16 copy; 1 / 2: the weight's own (G, nvec, group_size) uint16 / uint8
 };
 
 int vq_cpu_isa(void);
@@ -80,6 +86,13 @@ static float half_to_float(uint16_t h) {
   return f;
 }
 
+// index of row r of `tile`, column c (r < R, tile * R + r < nvec)
+static int64_t index_at(const VQPass& a, int tile, int r, int c) {
+  if (a.idx_mode == 0) return ((const uint16_t*)a.idx)[((int64_t)tile * a.ncols + c) * a.R + r];
+  const int64_t g = c / a.group_size, e = (g * a.nvec + (int64_t)tile * a.R + r) * a.group_size + c % a.group_size;
+  return a.idx_mode == 1 ? ((const uint16_t*)a.idx)[e] : ((const uint8_t*)a.idx)[e];
+}
+
 static void tile_scalar(const VQPass& a, int tile) {
   const int R = a.R, VP = a.VP;
   const int es = a.cb_f32 ? 4 : 2;  // bytes per codeword lane
@@ -91,13 +104,13 @@ static void tile_scalar(const VQPass& a, int tile) {
       for (int i = 0; i < VP; ++i) acc[i] = 0.f;
       const char* cb = (const char*)a.cb;
       int gend = a.group_size;
-      const uint16_t* ip = a.idx + (int64_t)tile * a.ncols * R + r;
-      for (int c = 0; c < a.ncols; ++c, ip += R) {
+      for (int c = 0; c < a.ncols; ++c) {
         if (c == gend) {
           cb += a.cb_gstride * es;
           gend += a.group_size;
         }
-        const char* wp = cb + (a.idx_bytes ? (int64_t)ip[0] : (int64_t)ip[0] * VP * es);
+        const int64_t ix = index_at(a, tile, r, c);
+        const char* wp = cb + (a.idx_bytes ? ix : ix * VP * es);
         for (int i = 0; i < VP; ++i) {
           if (a.cb_f32) {
             memcpy(&w[i], wp + 4 * i, 4);
@@ -175,7 +188,7 @@ template <> struct Vec<4> {
 // rows r0 .. r0+RS of `tile` x tokens t0 .. t0+TT; NV registers of L lanes per codeword (VP = L*NV).
 // Every loop over RS/TT/NV is unrolled, so `acc` lives in registers (an indexed access would make GCC
 // keep it in memory and store it on every column: measured 2x slower).
-template <int L, int NV, int RS, int TT, bool IN, bool F32, bool OFF>
+template <int L, int NV, int RS, int TT, bool IN, bool F32, bool OFF, int IM>
 VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   typedef Vec<L> V;
   typedef typename V::T reg;
@@ -189,12 +202,23 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   constexpr int ES = F32 ? 4 : 2;  // bytes per codeword lane
   const char* cb = (const char*)a.cb;
   int gend = gs;
-  const uint16_t* ip = a.idx + (int64_t)tile * ncols * R + r0;
+  typedef typename std::conditional<IM == 2, uint8_t, uint16_t>::type IT;
+  // IM 0: the tile's R rows adjacent per column; 1 / 2: R rows of the weight's (G, nvec, gs) indices, each
+  // its own stream (rows past nvec read row nvec - 1: not stored)
+  const IT* ip = (const IT*)a.idx + (IM == 0 ? (int64_t)tile * ncols * R + r0 : 0);
+  int64_t roff[RS];
+  VQ_UNROLL for (int r = 0; r < RS; ++r) {
+    const int row = tile * R + r0 + r;
+    roff[r] = IM == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * gs;
+  }
+  const int cstep = IM == 0 ? R : 1;
+  const int64_t gjump = IM == 0 ? 0 : (int64_t)(a.nvec - 1) * gs;  // row r's end in group g -> its start in g+1
   const float* xp = a.x + (int64_t)t0 * ldx;
-  for (int c = 0; c < ncols; ++c, ip += R) {
+  for (int c = 0; c < ncols; ++c, ip += cstep) {
     if (c == gend) {  // next group: its own codebook
       cb += gstride * ES;
       gend += gs;
+      ip += gjump;
     }
     reg xv[TT][IN ? NV : 1];
     VQ_UNROLL for (int t = 0; t < TT; ++t) {
@@ -205,7 +229,7 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
       }
     }
     VQ_UNROLL for (int r = 0; r < RS; ++r) {
-      const char* wp = cb + (OFF ? (size_t)ip[r] : (size_t)ip[r] * (VP * ES));
+      const char* wp = cb + (OFF ? (size_t)ip[roff[r]] : (size_t)ip[roff[r]] * (VP * ES));
       VQ_UNROLL for (int j = 0; j < NV; ++j) {
         const reg w = F32 ? V::load((const float*)wp + j * L) : V::loadh((const uint16_t*)wp + j * L);
         VQ_UNROLL for (int t = 0; t < TT; ++t) acc[r][t][j] = V::fma(w, xv[t][IN ? j : 0], acc[r][t][j]);
@@ -232,37 +256,56 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   }
 }
 
-// RS rows per program from the token chunk and the codeword width: RS*TT*NV <= 8 accumulators
-template <int L, int NV, int TT, bool IN, bool F32, bool OFF>
+// RS rows per program from the token chunk and the codeword width: RS*TT*NV <= 8 accumulators. One token
+// reading the weight's own indices from a codebook larger than BIG_CODEBOOK bytes (IM 3 / 4: IM 1 / 2 with
+// such a codebook): RS/2 rows, half as many index streams beside the codebook's cache misses (measured,
+// docs/LOG.md 2026-12-07 22:00)
+static const int64_t BIG_CODEBOOK = 256 * 1024;
+
+template <int L, int NV, int TT, bool IN, bool F32, bool OFF, int IM>
 VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
   constexpr int RS0 = 8 / (TT * NV);
-  constexpr int RS = RS0 < 1 ? 1 : RS0;
-  for (int r0 = 0; r0 < a.R; r0 += RS) tile_avx2<L, NV, RS, TT, IN, F32, OFF>(a, tile, r0, t0);
+  constexpr int RS1 = RS0 < 1 ? 1 : RS0;
+  constexpr int RS = RS1 > 1 && IM > 2 && TT == 1 ? RS1 / 2 : RS1;
+  constexpr int IMI = IM > 2 ? IM - 2 : IM;  // the index layout
+  for (int r0 = 0; r0 < a.R; r0 += RS) tile_avx2<L, NV, RS, TT, IN, F32, OFF, IMI>(a, tile, r0, t0);
 }
 
 // tokens in chunks of 4, then 2, then 1
-template <int L, int NV, bool IN, bool F32, bool OFF>
+template <int L, int NV, bool IN, bool F32, bool OFF, int IM>
 VQ_AVX2 static void tile_tokens(const VQPass& a, int tile) {
   int t0 = 0;
-  for (; t0 + 4 <= a.T; t0 += 4) tile_rows<L, NV, 4, IN, F32, OFF>(a, tile, t0);
+  for (; t0 + 4 <= a.T; t0 += 4) tile_rows<L, NV, 4, IN, F32, OFF, IM>(a, tile, t0);
   if (a.T - t0 >= 2) {
-    tile_rows<L, NV, 2, IN, F32, OFF>(a, tile, t0);
+    tile_rows<L, NV, 2, IN, F32, OFF, IM>(a, tile, t0);
     t0 += 2;
   }
-  if (a.T - t0 >= 1) tile_rows<L, NV, 1, IN, F32, OFF>(a, tile, t0);
+  if (a.T - t0 >= 1) tile_rows<L, NV, 1, IN, F32, OFF, IM>(a, tile, t0);
 }
 
 typedef void (*tile_fn)(const VQPass&, int);
 
-template <int L, int NV, bool F32, bool OFF>
+// tiled copies: IN or OUT, codeword numbers or byte offsets; the weight's own indices: OUT, codeword numbers
+template <int L, int NV, bool F32>
 static tile_fn pick_mode(const VQPass& a) {
-  return a.in_mode ? &tile_tokens<L, NV, true, F32, OFF> : &tile_tokens<L, NV, false, F32, OFF>;
+  switch (a.idx_mode) {
+    case 0:
+      if (a.in_mode) return a.idx_bytes ? &tile_tokens<L, NV, true, F32, true, 0> : &tile_tokens<L, NV, true, F32, false, 0>;
+      return a.idx_bytes ? &tile_tokens<L, NV, false, F32, true, 0> : &tile_tokens<L, NV, false, F32, false, 0>;
+    case 1:
+    case 2: {
+      if (a.in_mode || a.idx_bytes) return nullptr;
+      const bool big = a.cb_gstride * (F32 ? 4 : 2) > BIG_CODEBOOK;
+      if (a.idx_mode == 1) return big ? &tile_tokens<L, NV, false, F32, false, 3> : &tile_tokens<L, NV, false, F32, false, 1>;
+      return big ? &tile_tokens<L, NV, false, F32, false, 4> : &tile_tokens<L, NV, false, F32, false, 2>;
+    }
+    default: return nullptr;
+  }
 }
 
 template <int L, int NV>
 static tile_fn pick_cb(const VQPass& a) {
-  if (a.cb_f32) return a.idx_bytes ? pick_mode<L, NV, true, true>(a) : pick_mode<L, NV, true, false>(a);
-  return a.idx_bytes ? pick_mode<L, NV, false, true>(a) : pick_mode<L, NV, false, false>(a);
+  return a.cb_f32 ? pick_mode<L, NV, true>(a) : pick_mode<L, NV, false>(a);
 }
 
 static tile_fn pick_avx2(const VQPass& a) {
@@ -291,7 +334,8 @@ int vq_cpu_isa(void) {
 int vq_cpu_pass(const VQPass* ap, int force_scalar) {
   const VQPass& a = *ap;
   if (a.T < 1 || a.R < 1 || a.VP < 1 || a.VP > 32 || a.v < 1 || a.v > a.VP || a.group_size < 1 || a.ntiles < 0 ||
-      a.ncols < 0)
+      a.ncols < 0 || a.idx_mode < 0 || a.idx_mode > 2 ||
+      (a.idx_mode != 0 && (a.in_mode || a.idx_bytes || a.nvec < 1 || a.ncols % a.group_size != 0)))
     return -1;
   void (*fn)(const VQPass&, int) = tile_scalar;
   int isa = 0;
