@@ -9,7 +9,10 @@ synchronized, medians):
     executes it: time (us), achieved GB/s for the bytes the layer must read (its stored
     quantized weight, `QuantizedWeight.storage()`, plus x and y), the fraction of the device's
     memory-bandwidth roofline (`PEAK_GBPS`; null on CPU or an unknown device), and the same
-    shape through a dense `F.linear` in the model's dtype for comparison.
+    shape through a dense `F.linear` in the model's dtype for comparison;
+  * the memory the decoding model holds (`resident_bytes`): its parameters, buffers and quantized
+    weights' tensors, and what the kernels built from them and keep (`kernel_buffer_bytes`: e.g.
+    kernel=cpu's float32 small codebooks, Triton's packed indices), each storage counted once.
 """
 from __future__ import annotations
 
@@ -160,6 +163,46 @@ def layer_timings(model, device: torch.device, reps: int = 20) -> Dict[str, Dict
     return out
 
 
+def _tensors(obj, depth: int = 0):
+    """Every tensor in obj: a tensor, or nested in tuples, lists, dicts and dataclass-like objects."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 8 and isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o, depth + 1)
+    elif depth < 8 and isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o, depth + 1)
+    elif depth < 8 and hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        for o in vars(obj).values():
+            yield from _tensors(o, depth + 1)
+
+
+def resident_bytes(model) -> Dict[str, int]:
+    """Bytes of the tensors the model holds, each storage once: `model_bytes` (parameters, buffers,
+    quantized weights' tensors) and `kernel_buffer_bytes` (storages only the QuantLinears' kernel caches
+    reach: what a kernel added to the model's memory)."""
+    from vptq.qlinear import QuantLinear
+
+    seen: set = set()
+
+    def add(ts) -> int:
+        n = 0
+        for t in ts:
+            st = t.untyped_storage()
+            key = (t.device, st.data_ptr())
+            if st.nbytes() and key not in seen:
+                seen.add(key)
+                n += st.nbytes()
+        return n
+
+    model_b = add(t for m in model.modules() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)))
+    qlins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    model_b += add(t for m in qlins for t in _tensors(vars(m.qweight)))
+    kernel_b = add(t for m in qlins for t in _tensors(m.kernel_cache))
+    return {"model_bytes": model_b, "kernel_buffer_bytes": kernel_b}
+
+
 def measure(model, device, *, prompt_tokens: int = 16, decode_tokens: int = 32, warmup_tokens: int = 4,
             seed: int = 0, layer_reps: int = 20) -> Dict[str, Any]:
     """The `kernel` entries of metrics.json: device, roofline bandwidth, decode tok/s, layers."""
@@ -170,4 +213,5 @@ def measure(model, device, *, prompt_tokens: int = 16, decode_tokens: int = 32, 
     res.update(decode_tokens_per_s(model, device, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
                                    warmup_tokens=warmup_tokens, seed=seed))
     res["layers"] = layer_timings(model, device, layer_reps)
+    res["resident_bytes"] = resident_bytes(model)  # after decode: the kernels' buffers are built
     return res

@@ -353,6 +353,47 @@ def test_tiny_model_decodes_through_the_kernel():
     assert float((got - ref).norm() / ref.norm()) < 1e-5
 
 
+def test_resident_bytes_count_what_the_kernel_adds(monkeypatch):
+    """`runners.throughput.resident_bytes` (metrics.json kernel.resident_bytes): the model's own tensors,
+    each storage once, and what kernel=cpu adds after a decode step. Reading the weight's indices in
+    place adds exactly the tiled copies' bytes less than the old route (`cpu.DIRECT` off)."""
+    from runners.throughput import resident_bytes
+    from tests.test_throughput import set_kernel, tiny_vq_model
+
+    model, _ = tiny_vq_model()
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    own = {id(t): t for m in model.modules() for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
+    own.update({id(t): t for m in layers for t in vars(m.qweight).values() if isinstance(t, torch.Tensor)})
+    by_hand = sum(t.numel() * t.element_size() for t in own.values())
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), generator=torch.Generator().manual_seed(0))
+
+    def after_one_token():
+        for m in layers:
+            m.kernel_cache.clear()
+        set_kernel(model, "cpu")
+        try:
+            with torch.no_grad():
+                model(ids, use_cache=False)
+        finally:
+            set_kernel(model, "torch")
+        return resident_bytes(model)
+
+    try:
+        for m in layers:
+            m.kernel_cache.clear()
+        assert resident_bytes(model) == {"model_bytes": by_hand, "kernel_buffer_bytes": 0}
+        direct = after_one_token()
+        passes = [p for m in layers for p in m.kernel_cache["cpu"][2].passes]
+        assert all(p.direct for p in passes) and direct["model_bytes"] == by_hand
+        monkeypatch.setattr(cpu, "DIRECT", False)
+        tiled = after_one_token()
+        copies = sum(p.idx.numel() * p.idx.element_size() for m in layers for p in m.kernel_cache["cpu"][2].passes)
+        assert copies > 0 and tiled["kernel_buffer_bytes"] - direct["kernel_buffer_bytes"] == copies
+    finally:
+        for m in layers:
+            m.kernel_cache.clear()
+
+
 def test_dense_weights_one_dequantization_per_layer_same_perplexity():
     """Inside dense_weights each QuantLinear dequantizes once for the whole evaluation (outside: on
     every forward) and the perplexity is bitwise the same; the dense weights are freed on exit."""

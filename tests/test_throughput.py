@@ -121,6 +121,7 @@ def test_harness_writes_throughput_metrics(tmp_path):
     lay = k["layers"]["mlp.down_proj"]
     assert lay["shape"] == [64, 160] and lay["path"] == "torch"  # RTN weights: no Triton kernel, CPU
     assert lay["time_us"] > 0 and lay["gbps"] > 0 and lay["roofline"] is None
+    assert k["resident_bytes"]["model_bytes"] > 0 and k["resident_bytes"]["kernel_buffer_bytes"] >= 0
 
 
 def test_peak_bandwidth_lookup_reaches_every_entry():
