@@ -437,16 +437,19 @@ def test_dense_weights_filters_and_nesting():
 
 
 def test_decode_benchmark_smoke(capsys):
-    """benchmarks/cpu_decode_bench.py runs (tiny shapes) and ends with its contract line."""
+    """benchmarks/cpu_decode_bench.py runs (tiny shapes, with the --plain and --tiled routes) and ends
+    with its contract line."""
     import re
 
     from benchmarks import cpu_decode_bench
 
     cpu_decode_bench.main(["--shapes", "tiny", "--formats", "2b-v6k4096,3b-v8k65536r256,2b-aqlm2x8", "--batches",
-                           "1,4", "--threads", "1", "--reps", "1", "--inner", "1"])
+                           "1,4", "--threads", "1", "--reps", "1", "--inner", "1", "--tiled", "--plain"])
     out = capsys.readouterr().out.strip().splitlines()
     names = ("| 2b-v6k4096", "| 3b-v8k65536r256", "| 2b-aqlm2x8")
-    assert sum(any(n in line for n in names) for line in out) == 3 * 2 * 2
+    rows = [line for line in out if any(n in line for n in names)]
+    assert len(rows) == 3 * 2 * 2 and all(len(r.split("|")) == 15 for r in rows)  # + plain, tiled: ms and ratio
+    assert cpu.COMPACT is True and cpu.DIRECT is True  # the switches are restored
     assert re.fullmatch(r"min speedup vs fp32 at batch 1: \d+\.\d\d", out[-1]), out[-1]
 
 
@@ -490,3 +493,31 @@ def test_aqlm_reference_benchmark_says_what_it_needs(monkeypatch):
     monkeypatch.setenv("NUMBA_NUM_THREADS", "1")  # the script sets it; restored after the test
     with pytest.raises(SystemExit, match="needs the aqlm package and numba"):
         aqlm_cpu_bench.main(["--shapes", "tiny", "--reps", "1"])
+
+
+def test_model_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/cpu_model_bench.py runs on an exported tiny model (float, in-place and tiled routes),
+    reports that the tiled route's kernel holds more memory than the in-place one, and ends with its
+    contract line."""
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from benchmarks import cpu_model_bench
+    from tests.test_format import vq_tiny_llama
+    from vptq.format import export_vptq
+
+    model, tok = vq_tiny_llama(seed=1)
+    folder = export_vptq(model, tok, str(tmp_path / "q"))
+    conf = AutoConfig.from_pretrained(folder)
+    del conf.quantization_config
+    AutoModelForCausalLM.from_config(conf).save_pretrained(str(tmp_path / "f"))  # safetensors
+    before = cpu.STATS["cpu"]
+    cpu_model_bench.main(["--model", folder, "--float", str(tmp_path / "f"), "--tiled", "--tokens", "2", "--reps",
+                          "1", "--threads", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert cpu.STATS["cpu"] > before
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out if re.match(r"\| (float|cpu|tiled) ", line)}
+    assert set(rows) == {"float", "cpu", "tiled"}
+    assert float(rows["tiled"][6]) > float(rows["cpu"][6])  # kernel MB: the tiled copies
+    assert re.fullmatch(r"cpu decode speedup vs float: \d+\.\d\d", out[-1]), out[-1]
