@@ -98,14 +98,14 @@ def main(argv=None) -> None:
                                         warmup_tokens=4)
                 times[n].append(r["decode_ms_per_token"])
     ms = {n: statistics.median(t) for n, t in times.items()}
-    header = f"| {'route':<6} | {'ms/token':>8} | {'tok/s':>6} | {'vs float':>8} | {'model MB':>8} | {'kernel MB':>9} |"
+    header = f"| {'route':<6} | {'ms/token':>8} | {'tok/s':>6} | {'vs float':>8} | {'model MiB':>9} | {'kernel MiB':>10} |"
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for n, m in models.items():
         rb = resident_bytes(m)
         vs = f"{ms['float'] / ms[n]:7.2f}x" if "float" in ms else f"{'n/a':>8}"
-        print(f"| {n:<6} | {ms[n]:8.2f} | {1e3 / ms[n]:6.1f} | {vs} | {rb['model_bytes'] / 2**20:8.1f} | "
-              f"{rb['kernel_buffer_bytes'] / 2**20:9.2f} |")
+        print(f"| {n:<6} | {ms[n]:8.2f} | {1e3 / ms[n]:6.1f} | {vs} | {rb['model_bytes'] / 2**20:9.1f} | "
+              f"{rb['kernel_buffer_bytes'] / 2**20:10.2f} |")
     print(f"load average at end: {load_average()}")
     print("cpu decode speedup vs float: " + (f"{ms['float'] / ms['cpu']:.2f}" if "float" in ms else "n/a"))
 
