@@ -21,8 +21,9 @@
 //   cb   (G, k, VP)         float16  codewords zero-padded from v to VP lanes (VP in {4, 8, 16, 32}); or
 //                           float32  (`cb_f32`, small codebooks: one load+FMA per vector, no conversion)
 // One program computes RS rows x TT tokens of one tile over all columns with the accumulators in
-// registers (RS*TT*NV <= 8), then adds them to y; rows at or past nvec (the last tile's padding) are not
-// stored, nor lanes at or past v (OUT). Measured on Zen3 (docs/LOG.md): float16 codebooks beat float32
+// registers (RS*TT*NV <= 8; VP = 4 in the OUT layout: two rows per 8-lane register, `tile_pair`), then adds
+// them to y; rows at or past nvec (the last tile's padding) are not stored, nor lanes at or past v (OUT).
+// Measured on Zen3 (docs/LOG.md): float16 codebooks beat float32
 // ones from k = 4096 up (half the cache footprint); float32 + byte offsets make the 256-entry residual
 // pass 12-18% faster (a few % of a layer); one codebook per pass beats main + residual fused in one loop
 // (fewer instructions per long-latency gather when a 65536-entry codebook misses L2).
@@ -256,6 +257,65 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   }
 }
 
+// VP == 4 (v <= 4), OUT layout: two rows per 8-lane register (row 2p in lanes 0-3, row 2p+1 in lanes
+// 4-7), so one float16 conversion and one FMA serve two vectors (the 4-lane loop spent one of each per
+// vector; measured, docs/LOG.md 2026-12-07 22:30). The same products, in the same order per lane.
+template <int RS, int TT, bool F32, bool OFF, int IM>
+VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
+  static_assert(RS % 2 == 0, "rows come in pairs");
+  constexpr int NP = RS / 2, VP = 4, ES = F32 ? 4 : 2;
+  const int R = a.R, ncols = a.ncols, gs = a.group_size;
+  const int64_t gstride = a.cb_gstride, ldx = a.ldx;
+  __m256 acc[NP][TT];
+  VQ_UNROLL for (int p = 0; p < NP; ++p)
+    VQ_UNROLL for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_setzero_ps();
+  const char* cb = (const char*)a.cb;
+  int gend = gs;
+  typedef typename std::conditional<IM == 2, uint8_t, uint16_t>::type IT;
+  const IT* ip = (const IT*)a.idx + (IM == 0 ? (int64_t)tile * ncols * R + r0 : 0);
+  int64_t roff[RS];
+  VQ_UNROLL for (int r = 0; r < RS; ++r) {
+    const int row = tile * R + r0 + r;
+    roff[r] = IM == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * gs;
+  }
+  const int cstep = IM == 0 ? R : 1;
+  const int64_t gjump = IM == 0 ? 0 : (int64_t)(a.nvec - 1) * gs;
+  const float* xp = a.x + (int64_t)t0 * ldx;
+  for (int c = 0; c < ncols; ++c, ip += cstep) {
+    if (c == gend) {
+      cb += gstride * ES;
+      gend += gs;
+      ip += gjump;
+    }
+    __m256 xv[TT];
+    VQ_UNROLL for (int t = 0; t < TT; ++t) xv[t] = _mm256_broadcast_ss(xp + t * ldx + c);
+    VQ_UNROLL for (int p = 0; p < NP; ++p) {
+      const char* w0 = cb + (OFF ? (size_t)ip[roff[2 * p]] : (size_t)ip[roff[2 * p]] * (VP * ES));
+      const char* w1 = cb + (OFF ? (size_t)ip[roff[2 * p + 1]] : (size_t)ip[roff[2 * p + 1]] * (VP * ES));
+      __m256 w;
+      if (F32) {
+        w = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps((const float*)w0)), _mm_loadu_ps((const float*)w1), 1);
+      } else {
+        const __m128d lo = _mm_castsi128_pd(_mm_loadl_epi64((const __m128i*)w0));
+        w = _mm256_cvtph_ps(_mm_castpd_si128(_mm_loadh_pd(lo, (const double*)w1)));
+      }
+      VQ_UNROLL for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_fmadd_ps(w, xv[t], acc[p][t]);
+    }
+  }
+  const __m128i mask = Vec<4>::first(a.v);
+  VQ_UNROLL for (int p = 0; p < NP; ++p) {
+    VQ_UNROLL for (int h = 0; h < 2; ++h) {
+      const int row = tile * R + r0 + 2 * p + h;
+      if (row >= a.nvec) continue;
+      VQ_UNROLL for (int t = 0; t < TT; ++t) {
+        float* yp = a.y + (int64_t)(t0 + t) * a.ldy + (int64_t)row * a.v;
+        const __m128 s = h ? _mm256_extractf128_ps(acc[p][t], 1) : _mm256_castps256_ps128(acc[p][t]);
+        _mm_maskstore_ps(yp, mask, _mm_add_ps(_mm_maskload_ps(yp, mask), s));
+      }
+    }
+  }
+}
+
 // RS rows per program from the token chunk and the codeword width: RS*TT*NV <= 8 accumulators. One token
 // reading the weight's own indices from a codebook larger than BIG_CODEBOOK bytes (IM 3 / 4: IM 1 / 2 with
 // such a codebook): RS/2 rows, half as many index streams beside the codebook's cache misses (measured,
@@ -268,6 +328,12 @@ VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
   constexpr int RS1 = RS0 < 1 ? 1 : RS0;
   constexpr int RS = RS1 > 1 && IM > 2 && TT == 1 ? RS1 / 2 : RS1;
   constexpr int IMI = IM > 2 ? IM - 2 : IM;  // the index layout
+  if constexpr (L == 4 && NV == 1 && !IN) {  // two rows per register: 16 rows' worth of accumulators
+    constexpr int RP0 = 16 / TT > 8 ? 8 : 16 / TT;
+    constexpr int RP = IM > 2 && TT == 1 ? RP0 / 2 : RP0;
+    for (int r0 = 0; r0 < a.R; r0 += RP) tile_pair<RP, TT, F32, OFF, IMI>(a, tile, r0, t0);
+    return;
+  }
   for (int r0 = 0; r0 < a.R; r0 += RS) tile_avx2<L, NV, RS, TT, IN, F32, OFF, IMI>(a, tile, r0, t0);
 }
 
