@@ -65,7 +65,7 @@ def run_both(q, x, bias=None):
 
 # ---------------------------------------------------------------- VPTQ layout: every feature
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16, 64])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16, 64, 256])
 @pytest.mark.parametrize("case", list(CASES))
 def test_vq_matches_torch(case, tokens, dtype):
     q = make_vq(**CASES[case])

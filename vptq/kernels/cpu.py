@@ -1,4 +1,4 @@
-"""`kernel=cpu`: decode (1 to `MAX_TOKENS` = 64 tokens) of quantized linears on the CPU, straight from
+"""`kernel=cpu`: decode and prefill (1 to `MAX_TOKENS` = 256 tokens) of quantized linears on the CPU, straight from
 the indices, without the dense weight: a gather-FMA GEMV in C++ (csrc/vq_cpu.cpp) built on first use.
 
 Why this route (measured on a 2-core AMD EPYC Zen3, docs/LOG.md): at one token an fp32 `F.linear` is
@@ -61,11 +61,13 @@ log = logging.getLogger("vq-bench")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "vq_cpu.cpp")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 OPENMP = ("-fopenmp",)
-# Up to this many tokens the kernel runs (decode, short prefills). Its cost grows with the tokens; the
-# torch path's is one dequantization (150-330 ms for a 4096x4096 layer here) + F.linear: the kernel is
-# still 4x faster at 64 tokens (39 vs 168 ms, v=6 k=4096, one thread), but slower than F.linear with a
-# weight already dense (32 ms), which `vptq.qlinear.dense_weights` provides for evaluation.
-MAX_TOKENS = 64
+# Up to this many tokens the kernel runs (decode, prefills). Its cost grows with the tokens, ~0.5 ms per
+# token for a 4096x4096 layer; the torch path's is one dequantization (~120-160 ms) + F.linear (0.13-0.33
+# ms per token), so the kernel is faster up to ~500-700 tokens (Zen 4, one and two threads; at 256
+# tokens 127 against 209 ms, v=6 k=4096, one thread: docs/LOG.md 2026-12-07 22:40), and never holds a
+# dense weight. Slower than F.linear with a weight already dense, which `vptq.qlinear.dense_weights`
+# provides for evaluation.
+MAX_TOKENS = 256
 TILE_ROWS = 8  # R: vector rows per tile (the kernel's register tiles divide it)
 LANES = (4, 8, 16, 32)  # VP: codeword lanes the kernel has loops for
 MAX_K = 65536  # uint16 indices
