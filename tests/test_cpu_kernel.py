@@ -202,6 +202,26 @@ def test_direct_indices_match_the_tiled_copy(monkeypatch, case):
     check_close(cpu.matmul(direct, x), QuantLinear(q).forward(x).detach(), x, q)
 
 
+@pytest.mark.parametrize("case,field,bad", [("v6_k37_pad", "indices", 60), ("v4_k40000_res256_groups", "indices", 50000),
+                                            ("v6_all", "outlier_indices", 7)])
+def test_out_of_range_index_raises_like_the_torch_path(case, field, bad):
+    """An index past its codebook (a malformed file: 37 entries packed in 6 bits) is refused with the
+    value and the valid range, on both index routes, where the kernel would read past the codebook."""
+    cfg = dict(DIRECT_CASES, **CASES).get(case)
+    q = make_vq(**cfg)
+    getattr(q, field).view(-1)[3] = bad
+    x = torch.randn(1, q.in_features)
+    with pytest.raises(IndexError):
+        QuantLinear(q)(x)  # the torch path's gather
+    for direct in (True, False):
+        cpu.DIRECT = direct
+        try:
+            with torch.no_grad(), pytest.raises(ValueError, match=f"an index {bad} into a .*valid indices are 0.."):
+                QuantLinear(q, kernel="cpu")(x)
+        finally:
+            cpu.DIRECT = True
+
+
 def test_direct_rejects_a_transposed_pass():
     """The in-place index layout is the VPTQ (OUT) layout only: the library refuses it for a transposed
     pass instead of reading the wrong rows."""

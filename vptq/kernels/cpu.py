@@ -287,9 +287,21 @@ def _tiles(idx: torch.Tensor, scale: int = 1) -> torch.Tensor:
     return out.reshape(nt, TILE_ROWS, ncols).permute(0, 2, 1).to(torch.uint16).contiguous()  # (nt, ncols, R)
 
 
+def check_indices(idx: torch.Tensor, k: int) -> None:
+    """The kernel gathers without bounds checks: indices outside [0, k) (e.g. a file packing a 37-entry
+    codebook's indices in 6 bits) raise here, as the torch path's gather does, instead of reading past
+    the codebook."""
+    if idx.numel():
+        lo, hi = (idx.to(torch.int32) if idx.dtype == torch.uint16 else idx).aminmax()
+        if int(lo) < 0 or int(hi) >= k:
+            bad = int(hi) if int(hi) >= k else int(lo)
+            raise ValueError(f"an index {bad} into a {k}-entry codebook: valid indices are 0..{k - 1}")
+
+
 def _pass(centroids: torch.Tensor, idx: torch.Tensor, **kw) -> Pass:
     """A Pass of codebook `centroids` (G, k, v) and indices idx (rows, ncols), in the compact form where
     it applies (F32_CODEBOOK_BYTES, byte offsets)."""
+    check_indices(idx, centroids.shape[1])
     cb, shared = _pass_codebook(centroids)
     stride = cb.shape[-1] * cb.element_size()  # bytes per codeword
     offsets = COMPACT and (centroids.shape[1] - 1) * stride < 65536
@@ -310,6 +322,7 @@ def out_pass(centroids: torch.Tensor, indices: torch.Tensor, col0: int) -> Pass:
     [col0, col0 + G*gs); codebook g serves columns g*gs .. (g+1)*gs - 1. Reads `indices` in place where
     `DIRECT` and their dtype allow it, else a tiled copy."""
     G, n, gs = indices.shape
+    check_indices(indices, centroids.shape[1])
     if (DIRECT and indices.dtype in DIRECT_DTYPES and indices.device.type == "cpu" and indices.is_contiguous()
             and n and gs):
         cb, shared = _pass_codebook(centroids)
