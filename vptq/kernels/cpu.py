@@ -64,7 +64,7 @@ OPENMP = ("-fopenmp",)
 # Up to this many tokens the kernel runs (decode, prefills). Its cost grows with the tokens, ~0.5 ms per
 # token for a 4096x4096 layer; the torch path's is one dequantization (~120-160 ms) + F.linear (0.13-0.33
 # ms per token), so the kernel is faster up to ~500-700 tokens (Zen 4, one and two threads; at 256
-# tokens 127 against 209 ms, v=6 k=4096, one thread: docs/LOG.md 2026-12-07 22:40), and never holds a
+# tokens 127 against 209 ms, v=6 k=4096, one thread: docs/LOG.md, 2026-12-07 21:50 UTC session), and never holds a
 # dense weight. Slower than F.linear with a weight already dense, which `vptq.qlinear.dense_weights`
 # provides for evaluation.
 MAX_TOKENS = 256
@@ -79,8 +79,9 @@ F32_CODEBOOK_BYTES = 16384
 COMPACT = True
 # OUT-layout passes read the weight's own uint8 / int16 / uint16 indices in place (no copy: the kernel
 # adds only its codebooks to the model's memory) instead of a tiled uint16 copy, which doubled the
-# indices' memory (a 2-bit v=6 k=4096 layer: 2 bytes per 6 weights more) and was no faster: 1.0-1.5x
-# slower for k=4096, within -4..+13 % for k=65536 (docs/LOG.md 2026-12-07, 22:00; cpu_decode_bench --tiled).
+# indices' memory (a 2-bit v=6 k=4096 layer: 2 bytes per 6 weights more) and was no faster: 1.03-1.31x
+# slower for k=4096 at batch 1, 0.86-1.20x for k=65536 (docs/benchmarks.md 2026-12-07 22:24,
+# cpu_decode_bench --tiled).
 DIRECT = True
 DIRECT_DTYPES = (torch.uint8, torch.int16, torch.uint16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -203,6 +204,7 @@ class Pass:
     in_mode: bool
     idx_bytes: bool = False
     direct: bool = False
+    shared_codebook: bool = False  # `codebook` is the weight's own tensor
     _args: Optional[bytes] = None  # the constant fields of its struct VQPass (pointers into idx, codebook)
 
     @property
@@ -216,8 +218,6 @@ class Pass:
     @property
     def ntiles(self) -> int:
         return -(-self.nvec // TILE_ROWS) if self.direct else self.idx.shape[0]
-
-    shared_codebook: bool = False  # `codebook` is the weight's own tensor
 
     def nbytes(self) -> int:
         """Bytes the kernel's buffers add to the weight's own tensors."""
@@ -300,8 +300,7 @@ def check_indices(idx: torch.Tensor, k: int) -> None:
 
 def _pass(centroids: torch.Tensor, idx: torch.Tensor, **kw) -> Pass:
     """A Pass of codebook `centroids` (G, k, v) and indices idx (rows, ncols), in the compact form where
-    it applies (F32_CODEBOOK_BYTES, byte offsets)."""
-    check_indices(idx, centroids.shape[1])
+    it applies (F32_CODEBOOK_BYTES, byte offsets). Indices checked by the caller (`check_indices`)."""
     cb, shared = _pass_codebook(centroids)
     stride = cb.shape[-1] * cb.element_size()  # bytes per codeword
     offsets = COMPACT and (centroids.shape[1] - 1) * stride < 65536
@@ -386,6 +385,7 @@ def _from_transposed(q, norm) -> CpuWeight:
     out_f, in_f, g = q.in_features, q.out_features, q.vector_len
 
     def in_pass(centroids, indices):  # indices (1, nj, out): vector j of output row o
+        check_indices(indices, centroids.shape[1])
         return _pass(centroids, indices[0].t(), v=g, group_size=indices.shape[1], col0=0, nvec=out_f, in_mode=True)
 
     passes = [in_pass(q.centroids, q.indices)]

@@ -259,7 +259,7 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
 
 // VP == 4 (v <= 4), OUT layout: two rows per 8-lane register (row 2p in lanes 0-3, row 2p+1 in lanes
 // 4-7), so one float16 conversion and one FMA serve two vectors (the 4-lane loop spent one of each per
-// vector; measured, docs/LOG.md 2026-12-07 22:30). The same products, in the same order per lane.
+// vector; measured, docs/LOG.md, 2026-12-07 21:50 UTC session). The same products, in the same order per lane.
 template <int RS, int TT, bool F32, bool OFF, int IM>
 VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
   static_assert(RS % 2 == 0, "rows come in pairs");
@@ -319,7 +319,7 @@ VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
 // RS rows per program from the token chunk and the codeword width: RS*TT*NV <= 8 accumulators. One token
 // reading the weight's own indices from a codebook larger than BIG_CODEBOOK bytes (IM 3 / 4: IM 1 / 2 with
 // such a codebook): RS/2 rows, half as many index streams beside the codebook's cache misses (measured,
-// docs/LOG.md 2026-12-07 22:00)
+// docs/LOG.md, 2026-12-07 21:50 UTC session)
 static const int64_t BIG_CODEBOOK = 256 * 1024;
 
 template <int L, int NV, int TT, bool IN, bool F32, bool OFF, int IM>
