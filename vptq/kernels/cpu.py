@@ -352,6 +352,9 @@ class CpuWeight:
     g: int = 0  # IN mode: vector length along the input
 
     def nbytes(self) -> int:
+        """Bytes the buffers add to the weight's own tensors: the passes' (`Pass.nbytes`), and perm /
+        scale / wbias counted as the int64 / float32 copies they are unless the weight already held
+        them so (`runners.throughput.resident_bytes` counts storages exactly)."""
         n = sum(p.nbytes() for p in self.passes)
         for t in (self.perm, self.scale, self.wbias):
             n += 0 if t is None else t.numel() * t.element_size()
