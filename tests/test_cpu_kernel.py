@@ -169,18 +169,22 @@ DIRECT_CASES = {  # every index type the weight holds, groups, padding rows, and
 }
 
 
+@pytest.mark.parametrize("l2", [0, 1 << 30], ids=["l2_unknown", "l2_1G"])
 @pytest.mark.parametrize("case", list(DIRECT_CASES))
-def test_direct_indices_match_the_tiled_copy(monkeypatch, case):
+def test_direct_indices_match_the_tiled_copy(monkeypatch, case, l2):
     """The default route reads the weight's own indices in place (`cpu.DIRECT`): no index bytes of its
     own (`nbytes` counts codebooks only, and not a float16 codebook with v == VP, which it reads in place
     too), the same tensor as the VQWeight's; and it computes the same
     products in the same order as the tiled copy did: bitwise the same output, 1 to 9 tokens (the
-    4/2/1-token programs, and the one-token programs with half the rows for big codebooks), one and two
-    threads, AVX2 and scalar."""
+    4/2/1-token programs, and the one-token programs with half the rows for codebooks that nearly fill
+    the L2), one and two threads, AVX2 and scalar."""
+    monkeypatch.setattr(cpu, "_L2", [l2])  # a codebook over BIG_CODEBOOK that fits this L2: half rows
     q = make_vq(**DIRECT_CASES[case])
     lay = vptq.kernels.layout_of(q)
     direct = cpu.from_layout(lay)
     assert all(p.direct for p in direct.passes)
+    big = case in ("v8_k65536", "v4_k40000_res256_groups", "v8_k20000_tiles")
+    assert [p.half_rows for p in direct.passes] == [bool(l2) and big and i == 0 for i in range(len(direct.passes))]
     own = [(q.indices, q.centroids)] + ([(q.res_indices, q.res_centroids)] if q.num_res_centroids else []) + (
         [(q.outlier_indices, q.outlier_centroids)] if q.outlier_size else [])
     assert [p.idx.data_ptr() for p in direct.passes] == [i.data_ptr() for i, _ in own]
@@ -541,3 +545,18 @@ def test_model_benchmark_smoke(tmp_path, capsys):
     assert set(rows) == {"float", "cpu", "tiled"}
     assert float(rows["tiled"][6]) > float(rows["cpu"][6])  # kernel MB: the tiled copies
     assert re.fullmatch(r"cpu decode speedup vs float: \d+\.\d\d", out[-1]), out[-1]
+
+
+@pytest.mark.parametrize("entries,want", [([("1", "Data", "32K"), ("2", "Unified", "1024K")], 1 << 20),
+                                          ([("2", "Unified", "2M")], 2 << 20), ([("1", "Data", "48K")], 0), ([], 0)])
+def test_l2_bytes_from_sysfs(tmp_path, monkeypatch, entries, want):
+    """The L2 size that picks half-row programs comes from sysfs (K / M suffixes); 0 where it is absent."""
+    for i, (level, kind, size) in enumerate(entries):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(level + "\n")
+        (d / "type").write_text(kind + "\n")
+        (d / "size").write_text(size + "\n")
+    monkeypatch.setattr(cpu, "CACHE_SYSFS", str(tmp_path))
+    monkeypatch.setattr(cpu, "_L2", [])
+    assert cpu.l2_bytes() == want

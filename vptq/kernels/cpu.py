@@ -40,6 +40,7 @@ target by function attributes and chosen at run time, every other CPU runs a por
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import logging
 import os
@@ -84,6 +85,14 @@ COMPACT = True
 # cpu_decode_bench --tiled).
 DIRECT = True
 DIRECT_DTYPES = (torch.uint8, torch.int16, torch.uint16)
+# With the weight's own indices, a tile's 8 rows are 8 streams. Where a pass's codebook is over
+# BIG_CODEBOOK bytes but within the core's L2 (it nearly fills it), one-token programs run 4 rows, whose
+# streams leave the codebook more of the L2; a codebook larger than the L2 misses it anyway and runs 8
+# rows, more gathers in flight. Zen 4, 1 MB L2, cold calls: a 1 MB codebook 5-12 % faster with 4 rows; a
+# 2 MB one (v8 k65536 as float32, standing in for the Zen 3's 1 MB codebook in a 512 KB L2) 11-19 %
+# faster with 8 (docs/LOG.md, 2026-12-07 21:50 UTC session).
+BIG_CODEBOOK = 256 * 1024
+CACHE_SYSFS = "/sys/devices/system/cpu/cpu0/cache"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATS: Counter = Counter()  # route -> calls ("cpu", "torch"); tests check the kernel really ran
 
@@ -97,7 +106,8 @@ class _Pass(ctypes.Structure):
                 ("R", ctypes.c_int32), ("VP", ctypes.c_int32), ("v", ctypes.c_int32), ("cb", ctypes.c_void_p),
                 ("cb_gstride", ctypes.c_int64), ("group_size", ctypes.c_int32), ("y", ctypes.c_void_p),
                 ("ldy", ctypes.c_int64), ("nvec", ctypes.c_int32), ("nthreads", ctypes.c_int32),
-                ("cb_f32", ctypes.c_int32), ("idx_bytes", ctypes.c_int32), ("idx_mode", ctypes.c_int32)]
+                ("cb_f32", ctypes.c_int32), ("idx_bytes", ctypes.c_int32), ("idx_mode", ctypes.c_int32),
+                ("half_rows", ctypes.c_int32)]
 
 
 class BuildError(RuntimeError):
@@ -205,6 +215,7 @@ class Pass:
     idx_bytes: bool = False
     direct: bool = False
     shared_codebook: bool = False  # `codebook` is the weight's own tensor
+    half_rows: bool = False  # direct: one-token programs of 4 rows (BIG_CODEBOOK)
     _args: Optional[bytes] = None  # the constant fields of its struct VQPass (pointers into idx, codebook)
 
     @property
@@ -233,7 +244,8 @@ class Pass:
                                      cb=self.codebook.data_ptr(), cb_gstride=self.codebook.shape[1] * self.vp,
                                      group_size=self.group_size, nvec=self.nvec,
                                      cb_f32=int(self.codebook.dtype == torch.float32),
-                                     idx_bytes=int(self.idx_bytes), idx_mode=mode))
+                                     idx_bytes=int(self.idx_bytes), idx_mode=mode,
+                                     half_rows=int(self.half_rows)))
         a = _Pass.from_buffer_copy(self._args)  # per call: calls may overlap (ctypes drops the GIL)
         a.T, a.x, a.ldx = x.shape[0], x.data_ptr() + 4 * self.col0, x.stride(0)
         a.y, a.ldy, a.nthreads = y.data_ptr(), y.stride(0), nthreads
@@ -241,6 +253,34 @@ class Pass:
         if r < 0:
             raise RuntimeError(f"vq_cpu_pass rejected its arguments: {[(f, getattr(a, f)) for f, _ in a._fields_]}")
         return r
+
+
+_L2: list = []
+
+
+def l2_bytes() -> int:
+    """The L2 cache of cpu0 in bytes, from sysfs (0 where it does not say: no pass runs half rows)."""
+    if not _L2:
+        size = 0
+        for d in sorted(glob.glob(os.path.join(CACHE_SYSFS, "index[0-9]*"))):
+            try:
+                with open(os.path.join(d, "level")) as f:
+                    level = f.read().strip()
+                with open(os.path.join(d, "type")) as f:
+                    kind = f.read().strip()
+                with open(os.path.join(d, "size")) as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            if level == "2" and kind in ("Unified", "Data"):
+                mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+                try:
+                    size = int(text.rstrip("KMG")) * mult
+                except ValueError:
+                    pass
+                break
+        _L2.append(size)
+    return _L2[0]
 
 
 def lanes(v: int) -> int:
@@ -325,8 +365,10 @@ def out_pass(centroids: torch.Tensor, indices: torch.Tensor, col0: int) -> Pass:
     if (DIRECT and indices.dtype in DIRECT_DTYPES and indices.device.type == "cpu" and indices.is_contiguous()
             and n and gs):
         cb, shared = _pass_codebook(centroids)
+        cb_bytes = cb[0].numel() * cb.element_size()  # one group's codebook
         return Pass(idx=indices, codebook=cb, v=centroids.shape[-1], group_size=gs, col0=col0, nvec=n,
-                    in_mode=False, direct=True, shared_codebook=shared)
+                    in_mode=False, direct=True, shared_codebook=shared,
+                    half_rows=BIG_CODEBOOK < cb_bytes <= l2_bytes())
     idx = indices.permute(1, 0, 2).reshape(n, G * gs)  # (n, G*gs): vector row r, stored column c
     return _pass(centroids, idx, v=centroids.shape[-1], group_size=max(gs, 1), col0=col0, nvec=n, in_mode=False)
 

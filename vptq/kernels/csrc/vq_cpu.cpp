@@ -61,6 +61,7 @@ struct VQPass {
   int32_t cb_f32;        // 1: cb holds float32 codewords (small codebooks), 0: float16 bits
   int32_t idx_bytes;     // 1: idx holds byte offsets into the group's codebook, 0: codeword numbers
   int32_t idx_mode;      // 0: tiled uint16 copy; 1 / 2: the weight's own (G, nvec, group_size) uint16 / uint8
+  int32_t half_rows;     // idx_mode 1 / 2: one-token programs of half the rows (cpu.py decides: codebook vs L2)
 };
 
 int vq_cpu_isa(void);
@@ -317,10 +318,9 @@ VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
 }
 
 // RS rows per program from the token chunk and the codeword width: RS*TT*NV <= 8 accumulators. One token
-// reading the weight's own indices from a codebook larger than BIG_CODEBOOK bytes (IM 3 / 4: IM 1 / 2 with
-// such a codebook): RS/2 rows, half as many index streams beside the codebook's cache misses (measured,
-// docs/LOG.md, 2026-12-07 21:50 UTC session)
-static const int64_t BIG_CODEBOOK = 256 * 1024;
+// reading the weight's own indices with `half_rows` (IM 3 / 4: IM 1 / 2 so marked; cpu.py sets it for a
+// codebook that nearly fills the L2): RS/2 rows, half as many index streams competing with the codebook
+// for the L2 (measured, docs/LOG.md, 2026-12-07 21:50 UTC session)
 
 template <int L, int NV, int TT, bool IN, bool F32, bool OFF, int IM>
 VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
@@ -361,7 +361,7 @@ static tile_fn pick_mode(const VQPass& a) {
     case 1:
     case 2: {
       if (a.in_mode || a.idx_bytes) return nullptr;
-      const bool big = a.cb_gstride * (F32 ? 4 : 2) > BIG_CODEBOOK;
+      const bool big = a.half_rows != 0;
       if (a.idx_mode == 1) return big ? &tile_tokens<L, NV, false, F32, false, 3> : &tile_tokens<L, NV, false, F32, false, 1>;
       return big ? &tile_tokens<L, NV, false, F32, false, 4> : &tile_tokens<L, NV, false, F32, false, 2>;
     }
