@@ -21,7 +21,8 @@ time instead of wall time (steadier beside other processes; meaningful with --th
 in float16 and indices as codeword numbers (`vptq.kernels.cpu.COMPACT` off), and the ratio plain / cpu.
 `--tiled` adds one with the VPTQ layout's indices copied into the kernel's tiled uint16 layout
 (`vptq.kernels.cpu.DIRECT` off: the route before 2026-12-07, which doubled the indices' memory), and
-the ratio tiled / cpu.
+the ratio tiled / cpu. `--unfused` adds one with AQLM-style M = 2 weights as two passes over x
+(`vptq.kernels.cpu.FUSE_IN` off: the route before 2026-12-07, 23:10 UTC).
 
 Formats (index bits per weight = bits per index / v; + codebook bits on these shapes):
     2b-v6k4096        v=6, k=4096             12 / 6 = 2.0   VPTQ paper's 2-bit setting
@@ -60,7 +61,7 @@ FORMATS: Dict[str, dict] = {
     "2b-aqlm2x8": dict(aqlm=True, M=2, nbits=8, g=8),
 }
 DEFAULT_FORMATS = "2b-v6k4096,3b-v4k4096,3b-v8k65536r256"
-ALTS = {"plain": "COMPACT", "tiled": "DIRECT"}  # extra timed routes: the vptq.kernels.cpu switch they turn off
+ALTS = {"plain": "COMPACT", "tiled": "DIRECT", "unfused": "FUSE_IN"}  # extra timed routes: the vptq.kernels.cpu switch they turn off
 SHAPES = {
     "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "tiny": [(64, 96), (40, 64)],  # smoke run of this script
@@ -197,6 +198,7 @@ def main(argv=None) -> None:
     ap.add_argument("--clock", choices=("wall", "thread"), default="wall")
     ap.add_argument("--plain", action="store_true", help="also time the kernel without its compact small codebooks")
     ap.add_argument("--tiled", action="store_true", help="also time the kernel on a tiled copy of the indices")
+    ap.add_argument("--unfused", action="store_true", help="also time AQLM-style M=2 weights as two passes")
     a = ap.parse_args(argv)
     formats = parse_formats(ap, a.formats)
     if a.shapes in SHAPES:

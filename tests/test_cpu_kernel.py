@@ -274,6 +274,31 @@ def test_aqlm_matches_torch(M, nbits, g, dtype):
     assert bool(((y.double() - yr.double()).abs() <= tol).all())
 
 
+@pytest.mark.parametrize("M,nbits,g", [(2, 8, 8), (2, 4, 12), (2, 8, 3)])
+def test_aqlm_two_codebooks_in_one_loop(monkeypatch, M, nbits, g):
+    """AQLM's M = 2 runs one loop adding both codewords before the FMA (`cpu.FUSE_IN`): one pass holding
+    the second codebook's buffers (counted in nbytes), within the rounding bound of the torch path on
+    the AVX2 and the scalar loop, the same on one and two threads, and within the bound of the two-pass
+    route it replaced."""
+    q = make_aqlm(M, nbits, g, out=37, n=5)
+    lay = vptq.kernels.layout_of(q)
+    fused = cpu.from_layout(lay)
+    assert len(fused.passes) == 1 and fused.passes[0].second is not None
+    p = fused.passes[0]
+    assert fused.nbytes() == p.idx.numel() * 2 + p.codebook.numel() * p.codebook.element_size() + \
+        p.second.idx.numel() * 2 + p.second.codebook.numel() * p.second.codebook.element_size() + 4 * q.out_features
+    monkeypatch.setattr(cpu, "FUSE_IN", False)
+    two = cpu.from_layout(lay)
+    assert len(two.passes) == 2
+    x = torch.randn(5, q.in_features)
+    A = x.double().abs() @ q.dequantize(torch.float64).abs().T
+    tol = 2 * (q.in_features + 4) * 2.0 ** -24 * A
+    ref = QuantLinear(q).forward(x).detach()
+    for y in (cpu.matmul(fused, x), cpu.matmul(fused, x, force_scalar=True), cpu.matmul(two, x)):
+        assert bool(((y.double() - ref.double()).abs() <= tol).all())
+    assert torch.equal(cpu.matmul(fused, x, nthreads=1), cpu.matmul(fused, x, nthreads=2))
+
+
 def test_aqlm_three_codebooks_falls_back():
     q = make_aqlm(3, 4, 8)
     lin = QuantLinear(q, kernel="cpu")

@@ -40,6 +40,7 @@ target by function attributes and chosen at run time, every other CPU runs a por
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import glob
 import hashlib
 import logging
@@ -92,6 +93,9 @@ DIRECT_DTYPES = (torch.uint8, torch.int16, torch.uint16)
 # 2 MB one (v8 k65536 as float32, standing in for the Zen 3's 1 MB codebook in a 512 KB L2) 11-19 %
 # faster with 8 (docs/LOG.md, 2026-12-07 21:50 UTC session).
 BIG_CODEBOOK = 256 * 1024
+# Transposed layouts with two codebooks (AQLM's M = 2) run one loop that adds both codewords before the
+# FMA, instead of two passes over x (measured in docs/LOG.md, 2026-12-07 21:50 UTC session).
+FUSE_IN = True
 CACHE_SYSFS = "/sys/devices/system/cpu/cpu0/cache"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATS: Counter = Counter()  # route -> calls ("cpu", "torch"); tests check the kernel really ran
@@ -107,7 +111,7 @@ class _Pass(ctypes.Structure):
                 ("cb_gstride", ctypes.c_int64), ("group_size", ctypes.c_int32), ("y", ctypes.c_void_p),
                 ("ldy", ctypes.c_int64), ("nvec", ctypes.c_int32), ("nthreads", ctypes.c_int32),
                 ("cb_f32", ctypes.c_int32), ("idx_bytes", ctypes.c_int32), ("idx_mode", ctypes.c_int32),
-                ("half_rows", ctypes.c_int32)]
+                ("half_rows", ctypes.c_int32), ("idx2", ctypes.c_void_p), ("cb2", ctypes.c_void_p)]
 
 
 class BuildError(RuntimeError):
@@ -216,6 +220,7 @@ class Pass:
     direct: bool = False
     shared_codebook: bool = False  # `codebook` is the weight's own tensor
     half_rows: bool = False  # direct: one-token programs of 4 rows (BIG_CODEBOOK)
+    second: Optional["Pass"] = None  # IN: a second codebook's pass summed into each codeword in this loop
     _args: Optional[bytes] = None  # the constant fields of its struct VQPass (pointers into idx, codebook)
 
     @property
@@ -233,19 +238,22 @@ class Pass:
     def nbytes(self) -> int:
         """Bytes the kernel's buffers add to the weight's own tensors."""
         own = 0 if self.direct else self.idx.numel() * 2
+        own += 0 if self.second is None else self.second.nbytes()
         return own + (0 if self.shared_codebook else self.codebook.numel() * self.codebook.element_size())
 
     def run(self, lib, x: torch.Tensor, y: torch.Tensor, nthreads: int, force_scalar: bool = False) -> int:
         """y (T, ldy) float32 += this pass of x (T, ldx) float32 (both with unit column stride)."""
         if self._args is None:  # the fields that do not change between calls, set once
-            mode = 0 if not self.direct else 2 if self.idx.element_size() == 1 else 1
+            mode = 5 if self.second is not None else 0 if not self.direct else 2 if self.idx.element_size() == 1 else 1
+            two = self.second
             self._args = bytes(_Pass(in_mode=int(self.in_mode), idx=self.idx.data_ptr(), ntiles=self.ntiles,
                                      ncols=self.ncols, R=TILE_ROWS, VP=self.vp, v=self.v,
                                      cb=self.codebook.data_ptr(), cb_gstride=self.codebook.shape[1] * self.vp,
                                      group_size=self.group_size, nvec=self.nvec,
                                      cb_f32=int(self.codebook.dtype == torch.float32),
                                      idx_bytes=int(self.idx_bytes), idx_mode=mode,
-                                     half_rows=int(self.half_rows)))
+                                     half_rows=int(self.half_rows), idx2=two.idx.data_ptr() if two else None,
+                                     cb2=two.codebook.data_ptr() if two else None))
         a = _Pass.from_buffer_copy(self._args)  # per call: calls may overlap (ctypes drops the GIL)
         a.T, a.x, a.ldx = x.shape[0], x.data_ptr() + 4 * self.col0, x.stride(0)
         a.y, a.ldy, a.nthreads = y.data_ptr(), y.stride(0), nthreads
@@ -435,7 +443,12 @@ def _from_transposed(q, norm) -> CpuWeight:
 
     passes = [in_pass(q.centroids, q.indices)]
     if q.num_res_centroids:
-        passes.append(in_pass(q.res_centroids, q.res_indices))
+        p1 = in_pass(q.res_centroids, q.res_indices)
+        p0 = passes[0]
+        if FUSE_IN and p0.codebook.dtype == p1.codebook.dtype and p0.vp == p1.vp and p0.idx_bytes == p1.idx_bytes:
+            passes = [dataclasses.replace(p0, second=p1)]  # one loop: w = C_0[i] + C_1[j]
+        else:
+            passes.append(p1)
     return CpuWeight(out_f, in_f, passes, out_f, None, *norm, transposed=True, g=g)
 
 

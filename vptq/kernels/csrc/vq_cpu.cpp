@@ -62,6 +62,8 @@ struct VQPass {
   int32_t idx_bytes;     // 1: idx holds byte offsets into the group's codebook, 0: codeword numbers
   int32_t idx_mode;      // 0: tiled uint16 copy; 1 / 2: the weight's own (G, nvec, group_size) uint16 / uint8
   int32_t half_rows;     // idx_mode 1 / 2: one-token programs of half the rows (cpu.py decides: codebook vs L2)
+  const void* idx2;      // idx_mode 5 (IN only): a second tiled uint16 index stream, laid out as idx, and
+  const void* cb2;       // its codebook (k2, VP), same lanes and dtype: w = cb[idx] + cb2[idx2] (AQLM's M = 2)
 };
 
 int vq_cpu_isa(void);
@@ -90,7 +92,7 @@ static float half_to_float(uint16_t h) {
 
 // index of row r of `tile`, column c (r < R, tile * R + r < nvec)
 static int64_t index_at(const VQPass& a, int tile, int r, int c) {
-  if (a.idx_mode == 0) return ((const uint16_t*)a.idx)[((int64_t)tile * a.ncols + c) * a.R + r];
+  if (a.idx_mode == 0 || a.idx_mode == 5) return ((const uint16_t*)a.idx)[((int64_t)tile * a.ncols + c) * a.R + r];
   const int64_t g = c / a.group_size, e = (g * a.nvec + (int64_t)tile * a.R + r) * a.group_size + c % a.group_size;
   return a.idx_mode == 1 ? ((const uint16_t*)a.idx)[e] : ((const uint8_t*)a.idx)[e];
 }
@@ -113,13 +115,20 @@ static void tile_scalar(const VQPass& a, int tile) {
         }
         const int64_t ix = index_at(a, tile, r, c);
         const char* wp = cb + (a.idx_bytes ? ix : ix * VP * es);
+        const int64_t ix2 = a.idx_mode == 5 ? ((const uint16_t*)a.idx2)[((int64_t)tile * a.ncols + c) * a.R + r] : 0;
+        const char* wp2 = (const char*)a.cb2 + (a.idx_bytes ? ix2 : ix2 * VP * es);
         for (int i = 0; i < VP; ++i) {
-          if (a.cb_f32) {
-            memcpy(&w[i], wp + 4 * i, 4);
-          } else {
-            uint16_t h;
-            memcpy(&h, wp + 2 * i, 2);
-            w[i] = half_to_float(h);
+          for (int s = 0; s < (a.idx_mode == 5 ? 2 : 1); ++s) {
+            const char* p = s ? wp2 : wp;
+            float f;
+            if (a.cb_f32) {
+              memcpy(&f, p + 4 * i, 4);
+            } else {
+              uint16_t h;
+              memcpy(&h, p + 2 * i, 2);
+              f = half_to_float(h);
+            }
+            w[i] = s ? w[i] + f : f;
           }
         }
         if (!a.in_mode) {
@@ -204,19 +213,23 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   constexpr int ES = F32 ? 4 : 2;  // bytes per codeword lane
   const char* cb = (const char*)a.cb;
   int gend = gs;
-  typedef typename std::conditional<IM == 2, uint8_t, uint16_t>::type IT;
-  // IM 0: the tile's R rows adjacent per column; 1 / 2: R rows of the weight's (G, nvec, gs) indices, each
+  constexpr bool DUO = IM == 5;       // a second codebook summed into each codeword (IN, tiled)
+  constexpr int IA = DUO ? 0 : IM;    // how idx is addressed
+  typedef typename std::conditional<IA == 2, uint8_t, uint16_t>::type IT;
+  // IA 0: the tile's R rows adjacent per column; 1 / 2: R rows of the weight's (G, nvec, gs) indices, each
   // its own stream (rows past nvec read row nvec - 1: not stored)
-  const IT* ip = (const IT*)a.idx + (IM == 0 ? (int64_t)tile * ncols * R + r0 : 0);
+  const IT* ip = (const IT*)a.idx + (IA == 0 ? (int64_t)tile * ncols * R + r0 : 0);
+  const uint16_t* ip2 = DUO ? (const uint16_t*)a.idx2 + (int64_t)tile * ncols * R + r0 : nullptr;
+  const char* cb2 = (const char*)a.cb2;
   int64_t roff[RS];
   VQ_UNROLL for (int r = 0; r < RS; ++r) {
     const int row = tile * R + r0 + r;
-    roff[r] = IM == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * gs;
+    roff[r] = IA == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * gs;
   }
-  const int cstep = IM == 0 ? R : 1;
-  const int64_t gjump = IM == 0 ? 0 : (int64_t)(a.nvec - 1) * gs;  // row r's end in group g -> its start in g+1
+  const int cstep = IA == 0 ? R : 1;
+  const int64_t gjump = IA == 0 ? 0 : (int64_t)(a.nvec - 1) * gs;  // row r's end in group g -> its start in g+1
   const float* xp = a.x + (int64_t)t0 * ldx;
-  for (int c = 0; c < ncols; ++c, ip += cstep) {
+  for (int c = 0; c < ncols; ++c, ip += cstep, ip2 += DUO ? cstep : 0) {
     if (c == gend) {  // next group: its own codebook
       cb += gstride * ES;
       gend += gs;
@@ -232,8 +245,10 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
     }
     VQ_UNROLL for (int r = 0; r < RS; ++r) {
       const char* wp = cb + (OFF ? (size_t)ip[roff[r]] : (size_t)ip[roff[r]] * (VP * ES));
+      const char* wp2 = DUO ? cb2 + (OFF ? (size_t)ip2[r] : (size_t)ip2[r] * (VP * ES)) : nullptr;
       VQ_UNROLL for (int j = 0; j < NV; ++j) {
-        const reg w = F32 ? V::load((const float*)wp + j * L) : V::loadh((const uint16_t*)wp + j * L);
+        reg w = F32 ? V::load((const float*)wp + j * L) : V::loadh((const uint16_t*)wp + j * L);
+        if (DUO) w = V::add(w, F32 ? V::load((const float*)wp2 + j * L) : V::loadh((const uint16_t*)wp2 + j * L));
         VQ_UNROLL for (int t = 0; t < TT; ++t) acc[r][t][j] = V::fma(w, xv[t][IN ? j : 0], acc[r][t][j]);
       }
     }
@@ -326,8 +341,8 @@ template <int L, int NV, int TT, bool IN, bool F32, bool OFF, int IM>
 VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
   constexpr int RS0 = 8 / (TT * NV);
   constexpr int RS1 = RS0 < 1 ? 1 : RS0;
-  constexpr int RS = RS1 > 1 && IM > 2 && TT == 1 ? RS1 / 2 : RS1;
-  constexpr int IMI = IM > 2 ? IM - 2 : IM;  // the index layout
+  constexpr int RS = RS1 > 1 && (IM == 3 || IM == 4) && TT == 1 ? RS1 / 2 : RS1;
+  constexpr int IMI = IM == 3 || IM == 4 ? IM - 2 : IM;  // the index layout (5: two tiled streams)
   if constexpr (L == 4 && NV == 1 && !IN) {  // two rows per register: 16 rows' worth of accumulators
     constexpr int RP0 = 16 / TT > 8 ? 8 : 16 / TT;
     constexpr int RP = IM > 2 && TT == 1 ? RP0 / 2 : RP0;
@@ -365,6 +380,9 @@ static tile_fn pick_mode(const VQPass& a) {
       if (a.idx_mode == 1) return big ? &tile_tokens<L, NV, false, F32, false, 3> : &tile_tokens<L, NV, false, F32, false, 1>;
       return big ? &tile_tokens<L, NV, false, F32, false, 4> : &tile_tokens<L, NV, false, F32, false, 2>;
     }
+    case 5:
+      if (!a.in_mode) return nullptr;
+      return a.idx_bytes ? &tile_tokens<L, NV, true, F32, true, 5> : &tile_tokens<L, NV, true, F32, false, 5>;
     default: return nullptr;
   }
 }
@@ -400,8 +418,9 @@ int vq_cpu_isa(void) {
 int vq_cpu_pass(const VQPass* ap, int force_scalar) {
   const VQPass& a = *ap;
   if (a.T < 1 || a.R < 1 || a.VP < 1 || a.VP > 32 || a.v < 1 || a.v > a.VP || a.group_size < 1 || a.ntiles < 0 ||
-      a.ncols < 0 || a.idx_mode < 0 || a.idx_mode > 2 ||
-      (a.idx_mode != 0 && (a.in_mode || a.idx_bytes || a.nvec < 1 || a.ncols % a.group_size != 0)))
+      a.ncols < 0 || a.idx_mode < 0 || (a.idx_mode > 2 && a.idx_mode != 5) ||
+      (a.idx_mode == 5 && (!a.in_mode || !a.idx2 || !a.cb2)) ||
+      ((a.idx_mode == 1 || a.idx_mode == 2) && (a.in_mode || a.idx_bytes || a.nvec < 1 || a.ncols % a.group_size != 0)))
     return -1;
   void (*fn)(const VQPass&, int) = tile_scalar;
   int isa = 0;
