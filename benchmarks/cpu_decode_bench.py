@@ -22,7 +22,7 @@ in float16 and indices as codeword numbers (`vptq.kernels.cpu.COMPACT` off), and
 `--tiled` adds one with the VPTQ layout's indices copied into the kernel's tiled uint16 layout
 (`vptq.kernels.cpu.DIRECT` off: the route before 2026-12-07, which doubled the indices' memory), and
 the ratio tiled / cpu. `--unfused` adds one with AQLM-style M = 2 weights as two passes over x
-(`vptq.kernels.cpu.FUSE_IN` off: the route before 2026-12-07, 23:10 UTC).
+(`vptq.kernels.cpu.FUSE_IN` off: the route before 2026-12-07, 22:55 UTC).
 
 Formats (index bits per weight = bits per index / v; + codebook bits on these shapes):
     2b-v6k4096        v=6, k=4096             12 / 6 = 2.0   VPTQ paper's 2-bit setting
