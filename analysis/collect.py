@@ -107,6 +107,14 @@ def machine_of(env) -> Optional[str]:
     return env.get("device")
 
 
+def _resident_mib(kernel) -> "float | None":
+    """MiB of kernel.resident_bytes (model tensors + kernel buffers), None where it was not measured."""
+    rb = (kernel or {}).get("resident_bytes")
+    if not rb:
+        return None
+    return (rb.get("model_bytes", 0) + rb.get("kernel_buffer_bytes", 0)) / 2 ** 20
+
+
 def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """-> (finished runs, failed runs). Columns of the first: model, method, bits_target, settings,
     seed, calib ("data NxL"), kernel, eval_windows, config_key (equal for runs that differ only in
@@ -114,7 +122,8 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
     (cores other processes used while it quantized; None in older records), reused_blocks (blocks loaded
     from checkpoints, not quantized by the run), peak_rss_gb, peak_gpu_gb, mem_gb (peak GPU memory
     on GPU runs, else peak process RSS), device, machine (`machine_of`), decode_tok_s (greedy decode at
-    batch 1 where `kernel.throughput` measured it, else None), the fair-comparison fields (protocol, finetune,
+    batch 1 where `kernel.throughput` measured it, else None), decode_mib (MiB the decoding model held,
+    its kernels' buffers included: `kernel.resident_bytes`, else None), the fair-comparison fields (protocol, finetune,
     variant, iters), finetune_settings (collect.finetune_str), ppl::<ds>@<seqlen> (each dataset's own seqlen) with ppl_lo::/ppl_hi:: (95%
     interval), kld::<ds>@<seqlen> (mean KL to the float model) with kld_se::, top1::<ds>@<seqlen> (%),
     ratio::<ds>@<seqlen> (PPL / the float model's PPL on the same windows, where the KL was scored),
@@ -137,6 +146,7 @@ def to_frame(runs: List[dict]) -> Tuple[pd.DataFrame, pd.DataFrame]:
                     "calib": f"{cal.get('data')} {cal.get('nsamples')}x{cal.get('seqlen')}" if cal else None,
                     "kernel": (r.kernel or {}).get("name"),
                     "decode_tok_s": (r.kernel or {}).get("decode_tok_s"),
+                    "decode_mib": _resident_mib(r.kernel),
                     "eval_windows": _windows_str(ev.get("windows")),
                     "bits_index": r.bits.index, "bits_total": r.bits.total,
                     "quant_s": r.time.quantize_s, "eval_s": r.time.eval_s,

@@ -154,6 +154,8 @@ def columns_for(df: pd.DataFrame) -> List[Column]:
     cols.append(Column("quant_s", "quant time (s) ↓", "lower" if time_comparable(df)[0] else None, "{:.1f}"))
     if "decode_tok_s" in df and df["decode_tok_s"].notna().any():  # one timing per run: shown, not ranked
         cols.append(Column("decode_tok_s", "decode tok/s ↑", None, "{:.1f}"))
+    if "decode_mib" in df and df["decode_mib"].notna().any():  # what the decoding model holds
+        cols.append(Column("decode_mib", "decode MiB ↓", None, "{:.1f}"))
     if "mem_gb" in df and df["mem_gb"].notna().any():
         cols.append(Column("mem_gb", "mem (GB) ↓", "lower", "{:.2f}"))
     return cols
@@ -344,6 +346,10 @@ def notes(raw: pd.DataFrame, table: Optional[pd.DataFrame] = None) -> List[str]:
                    "column or the run's settings say which kernel), the float reference's on the same machine for "
                    "scale; one timing per run, so shown but never ranked, and comparable only within one machine "
                    "and thread count.")
+    if "decode_mib" in raw and raw["decode_mib"].notna().any():
+        out.append("decode MiB: the memory the decoding model held, each tensor storage once: its parameters, "
+                   "quantized weights and the buffers its kernels built (`kernel.resident_bytes`); not the "
+                   "process's RSS.")
     ok, why = time_comparable(table if table is not None else raw)
     if not ok:
         out.append("Quantization times are shown but not ranked: " + "; ".join(why) + ".")

@@ -270,8 +270,9 @@ def test_runs_from_different_machines_are_named_and_their_times_not_ranked(tmp_p
 def test_decode_throughput_shown_never_ranked(tmp_path):
     """Where kernel.throughput measured decode, the table shows tok/s per row (the float reference's too)
     with a note, and never bolds one: a single timing per run has no known noise."""
+    rb = {"model_bytes": 100 * 2 ** 20, "kernel_buffer_bytes": 2 ** 19}
     _run(tmp_path, "f", "fp16", None, 16.0, 13.4, kernel={"name": "cpu", "decode_tok_s": 17.0})
-    _run(tmp_path, "a", "vptq", 2.0, 2.07, 34.0, kernel={"name": "cpu", "decode_tok_s": 32.1})
+    _run(tmp_path, "a", "vptq", 2.0, 2.07, 34.0, kernel={"name": "cpu", "decode_tok_s": 32.1, "resident_bytes": rb})
     _run(tmp_path, "b", "gptq", 2.0, 2.10, 60.0, kernel={"name": "cpu", "decode_tok_s": 29.9})
     write_report(str(tmp_path))
     md = (tmp_path / "results.md").read_text()
@@ -280,6 +281,10 @@ def test_decode_throughput_shown_never_ranked(tmp_path):
     assert _cells(md, "vptq", "2")[col] == "32.1" and _cells(md, "gptq", "2")[col] == "29.9"
     assert _cells(md, "fp16", "—")[col] == "17.0"
     assert "decode tok/s: greedy decode at batch 1" in md
+    mib = head.index("decode MiB ↓")  # kernel.resident_bytes, where recorded: model + kernel buffers
+    assert _cells(md, "vptq", "2")[mib] == "100.5" and "**" not in _cells(md, "vptq", "2")[mib]
+    assert _cells(md, "gptq", "2")[mib] == "—"  # not measured
+    assert "decode MiB: the memory the decoding model held" in md
 
     for d in ("f", "a", "b"):  # no throughput measured: no column, no note
         m = json.loads((tmp_path / d / "metrics.json").read_text())
@@ -287,4 +292,4 @@ def test_decode_throughput_shown_never_ranked(tmp_path):
         (tmp_path / d / "metrics.json").write_text(json.dumps(m))
     write_report(str(tmp_path))
     md = (tmp_path / "results.md").read_text()
-    assert "decode tok/s" not in md
+    assert "decode tok/s" not in md and "decode MiB" not in md
