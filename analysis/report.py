@@ -349,7 +349,7 @@ def notes(raw: pd.DataFrame, table: Optional[pd.DataFrame] = None) -> List[str]:
     if "decode_mib" in raw and raw["decode_mib"].notna().any():
         out.append("decode MiB: the memory the decoding model held, each tensor storage once: its parameters, "
                    "quantized weights and the buffers its kernels built (`kernel.resident_bytes`); not the "
-                   "process's RSS.")
+                   "process's RSS; not ranked: it depends on the kernel as much as on the method.")
     ok, why = time_comparable(table if table is not None else raw)
     if not ok:
         out.append("Quantization times are shown but not ranked: " + "; ".join(why) + ".")
