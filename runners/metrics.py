@@ -11,6 +11,8 @@ import time
 import logging
 from typing import Any, Dict, Optional, Tuple
 
+from vptq.sysinfo import CACHE_SYSFS, cache_sizes
+
 log = logging.getLogger("vq-bench")
 METRICS_FILE = "metrics.json"
 
@@ -145,27 +147,6 @@ _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "av
 
 
 CPUINFO = "/proc/cpuinfo"
-CACHE_SYSFS = "/sys/devices/system/cpu/cpu0/cache"
-
-
-def _cache_sizes(sysfs: str = CACHE_SYSFS) -> Dict[str, str]:
-    """cpu0's data/unified caches from sysfs: {"L1d": "32K", "L2": "1024K", "L3": "32768K"} (per
-    instance; {} where sysfs does not say)."""
-    out: Dict[str, str] = {}
-    for d in sorted(glob.glob(os.path.join(sysfs, "index[0-9]*"))):
-        try:
-            with open(os.path.join(d, "level")) as f:
-                level = f.read().strip()
-            with open(os.path.join(d, "type")) as f:
-                kind = f.read().strip()
-            with open(os.path.join(d, "size")) as f:
-                size = f.read().strip()
-        except OSError:
-            continue
-        if kind == "Instruction":
-            continue
-        out[f"L{level}" + ("d" if kind == "Data" else "")] = size
-    return out
 
 
 def cpu_identity(cpuinfo: str = CPUINFO, sysfs: str = CACHE_SYSFS) -> Dict[str, Any]:
@@ -176,7 +157,7 @@ def cpu_identity(cpuinfo: str = CPUINFO, sysfs: str = CACHE_SYSFS) -> Dict[str, 
 
     info: Dict[str, Any] = {"model": _cpu_model(), "arch": platform.machine(), "cores": os.cpu_count(),
                             "vendor": None, "family": None, "model_number": None, "stepping": None,
-                            "caches": _cache_sizes(sysfs), "flags": []}
+                            "caches": cache_sizes(sysfs), "flags": []}
     keys = {"vendor_id": "vendor", "cpu family": "family", "model": "model_number", "stepping": "stepping",
             "CPU implementer": "vendor", "CPU part": "model_number", "CPU variant": "stepping"}
     try:

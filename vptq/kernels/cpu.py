@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import glob
 import hashlib
 import logging
 import os
@@ -57,6 +56,7 @@ import torch
 
 from vptq.kernels.layout import Unsupported, layout_of, same_stamp, weight_stamp
 from vptq.qweight import KernelLayout
+from vptq.sysinfo import CACHE_SYSFS, cache_sizes, size_bytes
 
 log = logging.getLogger("vq-bench")
 
@@ -96,7 +96,6 @@ BIG_CODEBOOK = 256 * 1024
 # Transposed layouts with two codebooks (AQLM's M = 2) run one loop that adds both codewords before the
 # FMA, instead of two passes over x (measured in docs/LOG.md, 2026-12-07 21:50 UTC session).
 FUSE_IN = True
-CACHE_SYSFS = "/sys/devices/system/cpu/cpu0/cache"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATS: Counter = Counter()  # route -> calls ("cpu", "torch"); tests check the kernel really ran
 
@@ -269,25 +268,8 @@ _L2: list = []
 def l2_bytes() -> int:
     """The L2 cache of cpu0 in bytes, from sysfs (0 where it does not say: no pass runs half rows)."""
     if not _L2:
-        size = 0
-        for d in sorted(glob.glob(os.path.join(CACHE_SYSFS, "index[0-9]*"))):
-            try:
-                with open(os.path.join(d, "level")) as f:
-                    level = f.read().strip()
-                with open(os.path.join(d, "type")) as f:
-                    kind = f.read().strip()
-                with open(os.path.join(d, "size")) as f:
-                    text = f.read().strip().upper()
-            except OSError:
-                continue
-            if level == "2" and kind in ("Unified", "Data"):
-                mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-                try:
-                    size = int(text.rstrip("KMG")) * mult
-                except ValueError:
-                    pass
-                break
-        _L2.append(size)
+        sizes = cache_sizes(CACHE_SYSFS)
+        _L2.append(size_bytes(sizes.get("L2") or sizes.get("L2d") or ""))
     return _L2[0]
 
 
