@@ -196,6 +196,46 @@ template <> struct Vec<4> {
   }
 };
 
+// One index stream walked column by column for RS rows of a tile, with the codebook it indexes (the group's:
+// it advances every group_size columns). IA 0: a tiled uint16 copy (ntiles, ncols, R), the tile's rows
+// adjacent per column; 1 / 2: the weight's own (G, nvec, gs) uint16 / uint8 indices, each row its own
+// stream (rows past nvec read row nvec - 1: not stored). OFF: the indices are byte offsets into the codebook.
+template <int IA, int RS, int VP, int ES, bool OFF>
+struct Stream {
+  typedef typename std::conditional<IA == 2, uint8_t, uint16_t>::type IT;
+  const IT* ip;
+  const char* cb;
+  int64_t roff[RS];
+  int64_t gstride, gjump;  // bytes from one group's codebook to the next; row r's end in group g -> its start in g+1
+  int gend, gs, cstep;
+  VQ_AVX2 inline Stream(const VQPass& a, const void* idx, const void* codebook, int tile, int r0)
+      : ip((const IT*)idx + (IA == 0 ? (int64_t)tile * a.ncols * a.R + r0 : 0)),
+        cb((const char*)codebook),
+        gstride(a.cb_gstride * ES),
+        gjump(IA == 0 ? 0 : (int64_t)(a.nvec - 1) * a.group_size),
+        gend(a.group_size),
+        gs(a.group_size),
+        cstep(IA == 0 ? a.R : 1) {
+    VQ_UNROLL for (int r = 0; r < RS; ++r) {
+      const int row = tile * a.R + r0 + r;
+      roff[r] = IA == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * a.group_size;
+    }
+  }
+  // at column c (every column, in order): where c starts a group, that group's codebook and indices
+  VQ_AVX2 inline void at(int c) {
+    if (c == gend) {
+      cb += gstride;
+      gend += gs;
+      ip += gjump;
+    }
+  }
+  VQ_AVX2 inline void next() { ip += cstep; }
+  // row r's codeword at the current column
+  VQ_AVX2 inline const char* word(int r) const {
+    return cb + (OFF ? (size_t)ip[roff[r]] : (size_t)ip[roff[r]] * (VP * ES));
+  }
+};
+
 // rows r0 .. r0+RS of `tile` x tokens t0 .. t0+TT; NV registers of L lanes per codeword (VP = L*NV).
 // Every loop over RS/TT/NV is unrolled, so `acc` lives in registers (an indexed access would make GCC
 // keep it in memory and store it on every column: measured 2x slower).
@@ -204,37 +244,19 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   typedef Vec<L> V;
   typedef typename V::T reg;
   constexpr int VP = L * NV;
-  const int R = a.R, ncols = a.ncols, gs = a.group_size;
-  const int64_t gstride = a.cb_gstride, ldx = a.ldx;
+  const int R = a.R, ncols = a.ncols;
+  const int64_t ldx = a.ldx;
   reg acc[RS][TT][NV];
   VQ_UNROLL for (int r = 0; r < RS; ++r)
     VQ_UNROLL for (int t = 0; t < TT; ++t)
       VQ_UNROLL for (int j = 0; j < NV; ++j) acc[r][t][j] = V::zero();
   constexpr int ES = F32 ? 4 : 2;  // bytes per codeword lane
-  const char* cb = (const char*)a.cb;
-  int gend = gs;
-  constexpr bool DUO = IM == 5;       // a second codebook summed into each codeword (IN, tiled)
-  constexpr int IA = DUO ? 0 : IM;    // how idx is addressed
-  typedef typename std::conditional<IA == 2, uint8_t, uint16_t>::type IT;
-  // IA 0: the tile's R rows adjacent per column; 1 / 2: R rows of the weight's (G, nvec, gs) indices, each
-  // its own stream (rows past nvec read row nvec - 1: not stored)
-  const IT* ip = (const IT*)a.idx + (IA == 0 ? (int64_t)tile * ncols * R + r0 : 0);
-  const uint16_t* ip2 = DUO ? (const uint16_t*)a.idx2 + (int64_t)tile * ncols * R + r0 : nullptr;
-  const char* cb2 = (const char*)a.cb2;
-  int64_t roff[RS];
-  VQ_UNROLL for (int r = 0; r < RS; ++r) {
-    const int row = tile * R + r0 + r;
-    roff[r] = IA == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * gs;
-  }
-  const int cstep = IA == 0 ? R : 1;
-  const int64_t gjump = IA == 0 ? 0 : (int64_t)(a.nvec - 1) * gs;  // row r's end in group g -> its start in g+1
+  constexpr bool DUO = IM == 5;    // a second codebook summed into each codeword (IN, tiled)
+  Stream<DUO ? 0 : IM, RS, VP, ES, OFF> s(a, a.idx, a.cb, tile, r0);
+  Stream<0, RS, VP, ES, OFF> s2(a, DUO ? a.idx2 : a.idx, DUO ? a.cb2 : a.cb, tile, r0);  // DUO only; one group
   const float* xp = a.x + (int64_t)t0 * ldx;
-  for (int c = 0; c < ncols; ++c, ip += cstep, ip2 += DUO ? cstep : 0) {
-    if (c == gend) {  // next group: its own codebook
-      cb += gstride * ES;
-      gend += gs;
-      ip += gjump;
-    }
+  for (int c = 0; c < ncols; ++c, s.next(), s2.next()) {
+    s.at(c);
     reg xv[TT][IN ? NV : 1];
     VQ_UNROLL for (int t = 0; t < TT; ++t) {
       if (IN) {
@@ -244,8 +266,8 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
       }
     }
     VQ_UNROLL for (int r = 0; r < RS; ++r) {
-      const char* wp = cb + (OFF ? (size_t)ip[roff[r]] : (size_t)ip[roff[r]] * (VP * ES));
-      const char* wp2 = DUO ? cb2 + (OFF ? (size_t)ip2[r] : (size_t)ip2[r] * (VP * ES)) : nullptr;
+      const char* wp = s.word(r);
+      const char* wp2 = DUO ? s2.word(r) : nullptr;
       VQ_UNROLL for (int j = 0; j < NV; ++j) {
         reg w = F32 ? V::load((const float*)wp + j * L) : V::loadh((const uint16_t*)wp + j * L);
         if (DUO) w = V::add(w, F32 ? V::load((const float*)wp2 + j * L) : V::loadh((const uint16_t*)wp2 + j * L));
@@ -280,34 +302,20 @@ template <int RS, int TT, bool F32, bool OFF, int IM>
 VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
   static_assert(RS % 2 == 0, "rows come in pairs");
   constexpr int NP = RS / 2, VP = 4, ES = F32 ? 4 : 2;
-  const int R = a.R, ncols = a.ncols, gs = a.group_size;
-  const int64_t gstride = a.cb_gstride, ldx = a.ldx;
+  const int R = a.R, ncols = a.ncols;
+  const int64_t ldx = a.ldx;
   __m256 acc[NP][TT];
   VQ_UNROLL for (int p = 0; p < NP; ++p)
     VQ_UNROLL for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_setzero_ps();
-  const char* cb = (const char*)a.cb;
-  int gend = gs;
-  typedef typename std::conditional<IM == 2, uint8_t, uint16_t>::type IT;
-  const IT* ip = (const IT*)a.idx + (IM == 0 ? (int64_t)tile * ncols * R + r0 : 0);
-  int64_t roff[RS];
-  VQ_UNROLL for (int r = 0; r < RS; ++r) {
-    const int row = tile * R + r0 + r;
-    roff[r] = IM == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * gs;
-  }
-  const int cstep = IM == 0 ? R : 1;
-  const int64_t gjump = IM == 0 ? 0 : (int64_t)(a.nvec - 1) * gs;
+  Stream<IM, RS, VP, ES, OFF> s(a, a.idx, a.cb, tile, r0);
   const float* xp = a.x + (int64_t)t0 * ldx;
-  for (int c = 0; c < ncols; ++c, ip += cstep) {
-    if (c == gend) {
-      cb += gstride * ES;
-      gend += gs;
-      ip += gjump;
-    }
+  for (int c = 0; c < ncols; ++c, s.next()) {
+    s.at(c);
     __m256 xv[TT];
     VQ_UNROLL for (int t = 0; t < TT; ++t) xv[t] = _mm256_broadcast_ss(xp + t * ldx + c);
     VQ_UNROLL for (int p = 0; p < NP; ++p) {
-      const char* w0 = cb + (OFF ? (size_t)ip[roff[2 * p]] : (size_t)ip[roff[2 * p]] * (VP * ES));
-      const char* w1 = cb + (OFF ? (size_t)ip[roff[2 * p + 1]] : (size_t)ip[roff[2 * p + 1]] * (VP * ES));
+      const char* w0 = s.word(2 * p);
+      const char* w1 = s.word(2 * p + 1);
       __m256 w;
       if (F32) {
         w = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps((const float*)w0)), _mm_loadu_ps((const float*)w1), 1);
@@ -336,7 +344,6 @@ VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
 // reading the weight's own indices with `half_rows` (IM 3 / 4: IM 1 / 2 so marked; cpu.py sets it for a
 // codebook that nearly fills the L2): RS/2 rows, half as many index streams competing with the codebook
 // for the L2 (measured, docs/LOG.md, 2026-12-07 21:50 UTC session)
-
 template <int L, int NV, int TT, bool IN, bool F32, bool OFF, int IM>
 VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
   constexpr int RS0 = 8 / (TT * NV);
