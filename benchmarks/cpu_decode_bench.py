@@ -38,6 +38,7 @@ formats and thread counts).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -107,6 +108,20 @@ def parse_formats(ap: argparse.ArgumentParser, text: str) -> List[str]:
     return formats
 
 
+@contextlib.contextmanager
+def cpu_switch(flag: str, value: bool):
+    """`vptq.kernels.cpu.<flag>` (COMPACT, DIRECT, FUSE_IN) set to `value` for the body, then restored: the
+    kernel buffers a layer builds inside keep that route (they are cached on the layer)."""
+    from vptq.kernels import cpu
+
+    old = getattr(cpu, flag)
+    setattr(cpu, flag, value)
+    try:
+        yield
+    finally:
+        setattr(cpu, flag, old)
+
+
 def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, inner: int, clock) -> Dict[str, float]:
     """Median seconds per call of each fn, repetitions interleaved across fns (drift hits all alike)."""
     times: Dict[str, List[float]] = {n: [] for n in fns}
@@ -162,12 +177,8 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
                         err = float((y - yr).norm() / yr.norm())
                         fns = {"fp32": lambda: F.linear(x, W), "cpu": lambda: lin(x)}
                         for a, la in lin_alt.items():
-                            flag = ALTS[a]
-                            setattr(cpu, flag, False)  # its buffers are built (and cached) on this first call
-                            try:
+                            with cpu_switch(ALTS[a], False):  # its buffers are built (and cached) on this call
                                 err_a = float((la(x) - yr).norm() / yr.norm())
-                            finally:
-                                setattr(cpu, flag, True)
                             if err_a > 1e-4:
                                 raise SystemExit(f"{a} route wrong on {out}x{inn} {name}: rel err {err_a:.1e}")
                             fns[a] = (lambda la: lambda: la(x))(la)

@@ -45,18 +45,13 @@ def load_float(spec: str):
 def load_quantized(folder: str, direct: bool = True):
     """The quantized model with kernel=cpu and its kernel buffers built (one token through it)."""
     import vptq.kernels  # noqa: F401  (registers kernel=cpu)
+    from benchmarks.cpu_decode_bench import cpu_switch
     from vptq.format import load_vptq
-    from vptq.kernels import cpu
 
     model, _ = load_vptq(folder, device="cpu", kernel="cpu")
     model.eval()
-    old = cpu.DIRECT
-    cpu.DIRECT = direct
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 1, dtype=torch.long), use_cache=False)
-    finally:
-        cpu.DIRECT = old
+    with cpu_switch("DIRECT", direct), torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long), use_cache=False)
     return model
 
 
