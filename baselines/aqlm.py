@@ -94,6 +94,7 @@ import logging
 import math
 import random
 import re
+import sys
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -309,7 +310,15 @@ class AQLMWeight(QuantizedWeight):
         vq = VQWeight(out_features=self.in_features, in_features=self.out_features, vector_len=self.in_group_size,
                       num_centroids=k, group_num=1, group_size=self.out_features, centroids=self.codebooks[0:1],
                       indices=codes[..., 0], weight_scale=self.scales, weight_bias=torch.zeros_like(self.scales), **res)
-        return KernelLayout(vq, transposed=True)
+        return KernelLayout(vq, transposed=True, codes=self.stored_codes())
+
+    def stored_codes(self) -> Optional[torch.Tensor]:
+        """The stored bit stream viewed as the (out, n, M) codes, without a copy, where B = 8 or 16 makes it
+        whole little-endian bytes / words (`pack_codes`); else None."""
+        p = self.packed_codes
+        if self.nbits not in (8, 16) or not p.is_contiguous() or p.storage_offset() % 2 or sys.byteorder != "little":
+            return None
+        return (p if self.nbits == 8 else p.view(torch.uint16)).view(self.codes_shape)
 
 
 # ----------------------------------------------------------------------------- numerics

@@ -226,16 +226,20 @@ def test_out_of_range_index_raises_like_the_torch_path(case, field, bad):
             cpu.DIRECT = True
 
 
-def test_direct_rejects_a_transposed_pass():
-    """The in-place index layout is the VPTQ (OUT) layout only: the library refuses it for a transposed
-    pass instead of reading the wrong rows."""
-    q = make_vq(**CASES["v6_k37_pad"])
+def test_library_rejects_layouts_it_cannot_read():
+    """In place, a transposed pass has one group (AQLM's codes), and split uint16 codes and a second stream
+    are transposed-only: the library refuses anything else instead of reading the wrong rows."""
+    q = make_vq(**CASES["v6_all"])  # two groups
     cw = cpu.from_layout(vptq.kernels.layout_of(q))
     p = cw.passes[0]
-    assert p.direct
-    bad = dataclasses.replace(p, in_mode=True, _args=None)
-    with pytest.raises(RuntimeError, match="rejected its arguments"):
-        bad.run(cpu.library(), torch.zeros(1, q.in_features), torch.zeros(1, cw.ydim), 1)
+    assert p.direct and p.group_size < p.ncols
+    a = make_aqlm(2, 8, 8)
+    pa = cpu.from_layout(vptq.kernels.layout_of(a)).passes[0]
+    assert pa.split
+    for bad in (dataclasses.replace(p, in_mode=True, _args=None), dataclasses.replace(p, split=True, second=pa, _args=None),
+                dataclasses.replace(p, second=p, _args=None), dataclasses.replace(pa, in_mode=False, _args=None)):
+        with pytest.raises(RuntimeError, match="rejected its arguments"):
+            bad.run(cpu.library(), torch.zeros(1, max(q.in_features, a.in_features)), torch.zeros(1, 64), 1)
 
 
 def test_small_float32_codebook_runs_on_the_kernel():
@@ -285,8 +289,8 @@ def test_aqlm_two_codebooks_in_one_loop(monkeypatch, M, nbits, g):
     fused = cpu.from_layout(lay)
     assert len(fused.passes) == 1 and fused.passes[0].second is not None
     p = fused.passes[0]
-    assert fused.nbytes() == p.idx.numel() * 2 + p.codebook.numel() * p.codebook.element_size() + \
-        p.second.idx.numel() * 2 + p.second.codebook.numel() * p.second.codebook.element_size() + 4 * q.out_features
+    assert fused.nbytes() == sum((0 if s.direct else s.idx.numel() * 2) + s.codebook.numel() * s.codebook.element_size()
+                                 for s in (p, p.second)) + 4 * q.out_features
     monkeypatch.setattr(cpu, "FUSE_IN", False)
     two = cpu.from_layout(lay)
     assert len(two.passes) == 2
@@ -297,6 +301,54 @@ def test_aqlm_two_codebooks_in_one_loop(monkeypatch, M, nbits, g):
     for y in (cpu.matmul(fused, x), cpu.matmul(fused, x, force_scalar=True), cpu.matmul(two, x)):
         assert bool(((y.double() - ref.double()).abs() <= tol).all())
     assert torch.equal(cpu.matmul(fused, x, nthreads=1), cpu.matmul(fused, x, nthreads=2))
+
+
+AQLM_OWN = {"1x8": (1, 8, 8), "1x16": (1, 16, 8), "2x8": (2, 8, 8), "2x8_g3": (2, 8, 3), "2x16_g4": (2, 16, 4),
+            "1x16_g4": (1, 16, 4)}
+
+
+@pytest.mark.parametrize("case", list(AQLM_OWN))
+def test_aqlm_codes_read_in_place(monkeypatch, case):
+    """AQLM-style 8-bit codes (and 16-bit ones on request) are read where the weight stores them
+    (`KernelLayout.codes`): the
+    passes point into `packed_codes` and add no index bytes (2x8: both codes of a vector as one uint16,
+    `split`); bitwise the output of the tiled copy (`cpu.DIRECT` off: the same products in the same
+    order), 1 to 9 tokens, one and two threads, AVX2 and scalar; within the rounding bound of the torch
+    path."""
+    M, nbits, g = AQLM_OWN[case]
+    if nbits == 16:  # in place on request (`cpu.DIRECT_IN_DTYPES`): the default keeps a tiled copy of 16-bit codes
+        assert not any(p.direct for p in cpu.from_layout(vptq.kernels.layout_of(make_aqlm(M, nbits, g))).passes)
+        monkeypatch.setattr(cpu, "DIRECT_IN_DTYPES", (torch.uint8, torch.uint16))
+    q = make_aqlm(M, nbits, g, out=37, n=5)
+    lay = vptq.kernels.layout_of(q)
+    assert lay.codes.data_ptr() == q.packed_codes.data_ptr() and tuple(lay.codes.shape) == (37, 5, M)
+    assert torch.equal(lay.codes.to(torch.int64), q.codes())
+    own = cpu.from_layout(lay)
+    p = own.passes[0]
+    assert len(own.passes) == 1 and p.direct and p.idx.data_ptr() == q.packed_codes.data_ptr() and p.half_rows
+    assert p.split == (case.startswith("2x8")) and (p.second is not None) == (M == 2)
+    assert own.nbytes() == sum(s.codebook.numel() * s.codebook.element_size() * (not s.shared_codebook)
+                               for s in [p] + ([p.second] if p.second else [])) + 4 * q.out_features
+    monkeypatch.setattr(cpu, "DIRECT", False)
+    tiled = cpu.from_layout(lay)
+    assert not any(s.direct for s in tiled.passes) and tiled.nbytes() - own.nbytes() == 2 * 40 * 5 * M  # rows padded to 5 tiles
+    for T in (1, 2, 3, 4, 9):
+        x = torch.randn(T, q.in_features)
+        want = cpu.matmul(tiled, x, nthreads=1)
+        assert torch.equal(cpu.matmul(own, x, nthreads=1), want)
+        assert torch.equal(cpu.matmul(own, x, nthreads=2), want)
+        assert torch.equal(cpu.matmul(own, x, force_scalar=True), cpu.matmul(tiled, x, force_scalar=True))
+    A = x.double().abs() @ q.dequantize(torch.float64).abs().T
+    tol = 2 * (q.in_features + 4) * 2.0 ** -24 * A
+    assert bool(((cpu.matmul(own, x).double() - QuantLinear(q).forward(x).detach().double()).abs() <= tol).all())
+
+
+def test_aqlm_other_code_widths_are_copied():
+    """Codes of other widths (packed across byte boundaries) have no in-place view: a tiled copy."""
+    q = make_aqlm(2, 6, 8)
+    lay = vptq.kernels.layout_of(q)
+    assert lay.codes is None and q.stored_codes() is None
+    assert not any(p.direct for p in cpu.from_layout(lay).passes)
 
 
 def test_aqlm_three_codebooks_falls_back():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -57,10 +57,14 @@ class KernelLayout:
 
     weight: a `vptq.vqweight.VQWeight` (the official VPTQ layout) equal to the weight itself, or,
     when `transposed`, to its transpose (e.g. an AQLM-style weight: vectors along the input
-    dimension are the VPTQ layout of Wᵀ)."""
+    dimension are the VPTQ layout of Wᵀ).
+    codes: `transposed` only, optional: the weight's own stored codes viewed as (out, nj, M) uint8 or
+    uint16, code m of output row o's input vector j equal to `weight`'s (res_)indices[0, j, o]; kernel=cpu
+    reads them in place instead of keeping a copy (None: it copies `weight`'s indices)."""
 
     weight: "QuantizedWeight"
     transposed: bool = False
+    codes: Optional[torch.Tensor] = None
 
 
 class QuantizedWeight(abc.ABC):

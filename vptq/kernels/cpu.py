@@ -15,11 +15,12 @@ along the input dimension, `vptq.qweight.KernelLayout(transposed=True)`) run the
 products: y[t, o] = s[o] · Σ_j x[t, j*g:(j+1)*g] · C[I[o, j]] (+ C_1[...] as a second pass).
 
 Buffers per pass (`Pass`), built once per weight and cached on the `QuantLinear`:
-    idx       VPTQ layout (`DIRECT`): the weight's own (G, n, gs) uint8 / int16 / uint16 indices, read in
-              place, R = TILE_ROWS vector rows of a tile as R streams: the kernel adds no index bytes
-              to the model's memory. Else (transposed layouts, `DIRECT` off) a tiled copy
-              (ntiles, ncols, R) uint16, a tile's R rows adjacent per column, byte offsets where they
-              fit 16 bits ((k-1) * VP * 2 or 4 < 2^16)
+    idx       (`DIRECT`) the weight's own indices, read in place, R = TILE_ROWS rows of a tile as R
+              streams: the kernel adds no index bytes to the model's memory. VPTQ layout: the (G, n, gs)
+              uint8 / int16 / uint16 indices; transposed: the stored codes the weight's layout offers
+              (`KernelLayout.codes`: AQLM's 8- and 16-bit codes, (out, nj, M)). Else (other transposed
+              layouts, `DIRECT` off) a tiled copy (ntiles, ncols, R) uint16, a tile's R rows adjacent per
+              column, byte offsets where they fit 16 bits ((k-1) * VP * 2 or 4 < 2^16)
     codebook  (G, k, VP)         float16  codewords zero-padded to VP in {4, 8, 16, 32} lanes; float32
                                           where that is <= F32_CODEBOOK_BYTES (the residual's 256)
 Arithmetic is float32 (float16 codebooks convert exactly; a small float32 codebook is used as it is,
@@ -81,11 +82,17 @@ F32_CODEBOOK_BYTES = 16384
 COMPACT = True
 # OUT-layout passes read the weight's own uint8 / int16 / uint16 indices in place (no copy: the kernel
 # adds only its codebooks to the model's memory) instead of a tiled uint16 copy, which doubled the
-# indices' memory (a 2-bit v=6 k=4096 layer: 2 bytes per 6 weights more) and was no faster: 1.03-1.31x
-# slower for k=4096 at batch 1, 0.86-1.20x for k=65536 (docs/benchmarks.md 2026-12-07 22:24,
-# cpu_decode_bench --tiled).
+# indices' memory (a 2-bit v=6 k=4096 layer: 2 bytes per 6 weights more) and was no faster: the copy took
+# 1.00-1.68x the in-place time for k=4096 at batch 1, 0.89-1.21x for k=65536 (docs/benchmarks.md,
+# 2026-12-07 23:56 UTC, cpu_decode_bench --tiled).
 DIRECT = True
 DIRECT_DTYPES = (torch.uint8, torch.int16, torch.uint16)
+# Transposed layouts (AQLM's stored codes, `KernelLayout.codes`) are read in place for these code dtypes
+# only. 8-bit codes: half the tiled copy's index bytes; 2x8 1.06-1.30x faster in place (both codes in one
+# load, `SPLIT`), 1x8 0.86-1.13x the copy's time. 16-bit codes (1x16): as many bytes as the copy, and
+# 5-30 % slower in place on cold calls (an address register per row's stream against constant offsets in
+# one stream), so they keep the tiled copy (docs/LOG.md, 2026-12-07 23:43 UTC session).
+DIRECT_IN_DTYPES = (torch.uint8,)
 # With the weight's own indices, a tile's 8 rows are 8 streams. Where a pass's codebook is over
 # BIG_CODEBOOK bytes but within the core's L2 (it nearly fills it), one-token programs run 4 rows, whose
 # streams leave the codebook more of the L2; a codebook larger than the L2 misses it anyway and runs 8
@@ -93,9 +100,17 @@ DIRECT_DTYPES = (torch.uint8, torch.int16, torch.uint16)
 # 2 MB one (v8 k65536 as float32, standing in for the Zen 3's 1 MB codebook in a 512 KB L2) 11-19 %
 # faster with 8 (docs/LOG.md, 2026-12-07 21:50 UTC session).
 BIG_CODEBOOK = 256 * 1024
+# Transposed layouts reading the weight's own codes (AQLM's) run one-token programs of 4 rows whatever the
+# codebook: 8 rows were slower for 1x16, 2x8 and 1x8 codes, 2 rows slower for 2x8 and 1x8 (docs/LOG.md,
+# 2026-12-07 23:43 UTC session).
+IN_HALF_ROWS = True
 # Transposed layouts with two codebooks (AQLM's M = 2) run one loop that adds both codewords before the
 # FMA, instead of two passes over x (measured in docs/LOG.md, 2026-12-07 21:50 UTC session).
 FUSE_IN = True
+# AQLM's 2x8 codes read in place: both 8-bit codes of a vector in one uint16 load, split in registers, instead
+# of two byte streams (which were up to 30 % slower than the tiled copy; docs/LOG.md, 2026-12-07 23:43 UTC
+# session).
+SPLIT = True
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATS: Counter = Counter()  # route -> calls ("cpu", "torch"); tests check the kernel really ran
 
@@ -110,7 +125,8 @@ class _Pass(ctypes.Structure):
                 ("cb_gstride", ctypes.c_int64), ("group_size", ctypes.c_int32), ("y", ctypes.c_void_p),
                 ("ldy", ctypes.c_int64), ("nvec", ctypes.c_int32), ("nthreads", ctypes.c_int32),
                 ("cb_f32", ctypes.c_int32), ("idx_bytes", ctypes.c_int32), ("idx_mode", ctypes.c_int32),
-                ("half_rows", ctypes.c_int32), ("idx2", ctypes.c_void_p), ("cb2", ctypes.c_void_p)]
+                ("half_rows", ctypes.c_int32), ("idx2", ctypes.c_void_p), ("cb2", ctypes.c_void_p),
+                ("idx_cstride", ctypes.c_int32)]
 
 
 class BuildError(RuntimeError):
@@ -204,9 +220,11 @@ def isa() -> str:
 @dataclass(eq=False)
 class Pass:
     """One codebook over a range of input columns (csrc/vq_cpu.cpp), columns [col0, col0 + ncols) of x'
-    (OUT) or all of x (IN); codebook (G, k, VP) float16 or float32. idx: the weight's own (G, nvec,
-    group_size) uint8 / int16 / uint16 indices, read in place (`direct`: OUT layout, codeword numbers),
-    or a tiled copy (ntiles, ncols, R) uint16 of codeword numbers or byte offsets (`idx_bytes`)."""
+    (OUT) or all of x (IN); codebook (G, k, VP) float16 or float32. idx: the weight's own indices, read
+    in place (`direct`, codeword numbers): OUT, VPTQ's (G, nvec, group_size) uint8 / int16 / uint16; IN,
+    AQLM's stored codes (nvec, ncols, M) uint8 / uint16, this pass's codebook being code `ioff` of M
+    (`cstride`). Or a tiled copy (ntiles, ncols, R) uint16 of codeword numbers or byte offsets
+    (`idx_bytes`)."""
 
     idx: torch.Tensor
     codebook: torch.Tensor
@@ -219,6 +237,10 @@ class Pass:
     direct: bool = False
     shared_codebook: bool = False  # `codebook` is the weight's own tensor
     half_rows: bool = False  # direct: one-token programs of 4 rows (BIG_CODEBOOK)
+    cstride: int = 1  # direct: index elements from one column to the next of a row (AQLM's M)
+    ioff: int = 0  # direct: this stream's first index element in idx (AQLM's code m)
+    split: bool = False  # direct, with `second`: idx (nvec, ncols, 1) uint16 words of two uint8 codes, low byte
+    # this pass's, high byte second's (AQLM's 2x8 codes, one load for both)
     second: Optional["Pass"] = None  # IN: a second codebook's pass summed into each codeword in this loop
     _args: Optional[bytes] = None  # the constant fields of its struct VQPass (pointers into idx, codebook)
 
@@ -228,7 +250,9 @@ class Pass:
 
     @property
     def ncols(self) -> int:
-        return self.idx.shape[0] * self.idx.shape[2] if self.direct else self.idx.shape[1]
+        if self.direct and not self.in_mode:
+            return self.idx.shape[0] * self.idx.shape[2]
+        return self.idx.shape[1]
 
     @property
     def ntiles(self) -> int:
@@ -243,16 +267,17 @@ class Pass:
     def run(self, lib, x: torch.Tensor, y: torch.Tensor, nthreads: int, force_scalar: bool = False) -> int:
         """y (T, ldy) float32 += this pass of x (T, ldx) float32 (both with unit column stride)."""
         if self._args is None:  # the fields that do not change between calls, set once
-            mode = 5 if self.second is not None else 0 if not self.direct else 2 if self.idx.element_size() == 1 else 1
+            mode = 0 if not self.direct else 3 if self.split else 2 if self.idx.element_size() == 1 else 1
             two = self.second
-            self._args = bytes(_Pass(in_mode=int(self.in_mode), idx=self.idx.data_ptr(), ntiles=self.ntiles,
+            self._args = bytes(_Pass(in_mode=int(self.in_mode), idx=self._stream(), ntiles=self.ntiles,
                                      ncols=self.ncols, R=TILE_ROWS, VP=self.vp, v=self.v,
                                      cb=self.codebook.data_ptr(), cb_gstride=self.codebook.shape[1] * self.vp,
                                      group_size=self.group_size, nvec=self.nvec,
                                      cb_f32=int(self.codebook.dtype == torch.float32),
                                      idx_bytes=int(self.idx_bytes), idx_mode=mode,
-                                     half_rows=int(self.half_rows), idx2=two.idx.data_ptr() if two else None,
-                                     cb2=two.codebook.data_ptr() if two else None))
+                                     half_rows=int(self.half_rows),
+                                     idx2=two._stream() if two and not self.split else None,
+                                     cb2=two.codebook.data_ptr() if two else None, idx_cstride=self.cstride))
         a = _Pass.from_buffer_copy(self._args)  # per call: calls may overlap (ctypes drops the GIL)
         a.T, a.x, a.ldx = x.shape[0], x.data_ptr() + 4 * self.col0, x.stride(0)
         a.y, a.ldy, a.nthreads = y.data_ptr(), y.stride(0), nthreads
@@ -260,6 +285,10 @@ class Pass:
         if r < 0:
             raise RuntimeError(f"vq_cpu_pass rejected its arguments: {[(f, getattr(a, f)) for f, _ in a._fields_]}")
         return r
+
+    def _stream(self) -> int:
+        """Address of this pass's first index."""
+        return self.idx.data_ptr() + self.ioff * self.idx.element_size()
 
 
 _L2: list = []
@@ -352,15 +381,25 @@ def out_pass(centroids: torch.Tensor, indices: torch.Tensor, col0: int) -> Pass:
     `DIRECT` and their dtype allow it, else a tiled copy."""
     G, n, gs = indices.shape
     check_indices(indices, centroids.shape[1])
-    if (DIRECT and indices.dtype in DIRECT_DTYPES and indices.device.type == "cpu" and indices.is_contiguous()
-            and n and gs):
-        cb, shared = _pass_codebook(centroids)
-        cb_bytes = cb[0].numel() * cb.element_size()  # one group's codebook
-        return Pass(idx=indices, codebook=cb, v=centroids.shape[-1], group_size=gs, col0=col0, nvec=n,
-                    in_mode=False, direct=True, shared_codebook=shared,
-                    half_rows=BIG_CODEBOOK < cb_bytes <= l2_bytes())
+    if _in_place(indices) and n and gs:
+        return _direct_pass(centroids, indices, v=centroids.shape[-1], group_size=gs, col0=col0, nvec=n, in_mode=False)
     idx = indices.permute(1, 0, 2).reshape(n, G * gs)  # (n, G*gs): vector row r, stored column c
     return _pass(centroids, idx, v=centroids.shape[-1], group_size=max(gs, 1), col0=col0, nvec=n, in_mode=False)
+
+
+def _in_place(indices: Optional[torch.Tensor]) -> bool:
+    """Whether the kernel reads these stored indices as they are (`DIRECT`)."""
+    return (DIRECT and indices is not None and indices.dtype in DIRECT_DTYPES and indices.device.type == "cpu"
+            and indices.is_contiguous())
+
+
+def _direct_pass(centroids: torch.Tensor, indices: torch.Tensor, in_mode: bool, **kw) -> Pass:
+    """A pass reading `indices` in place, with half-row programs where one group's codebook is over
+    BIG_CODEBOOK but within the L2, and always in the IN layout (`IN_HALF_ROWS`)."""
+    cb, shared = _pass_codebook(centroids)
+    cb_bytes = cb[0].numel() * cb.element_size()  # one group's codebook
+    half = (in_mode and IN_HALF_ROWS) or BIG_CODEBOOK < cb_bytes <= l2_bytes()
+    return Pass(idx=indices, codebook=cb, direct=True, shared_codebook=shared, half_rows=half, in_mode=in_mode, **kw)
 
 
 @dataclass(eq=False)
@@ -402,7 +441,7 @@ def from_layout(lay: KernelLayout) -> CpuWeight:
     if norm[1] is not None and not bool(norm[1].any()):  # e.g. AQLM-style: scales only, no per-row offset
         norm = (norm[0], None)
     if lay.transposed:
-        return _from_transposed(q, norm)
+        return _from_transposed(q, norm, lay.codes)
     passes = [out_pass(q.centroids, q.indices, q.outlier_size)]
     if q.num_res_centroids:
         passes.append(out_pass(q.res_centroids, q.res_indices, q.outlier_size))
@@ -413,22 +452,32 @@ def from_layout(lay: KernelLayout) -> CpuWeight:
     return CpuWeight(q.out_features, q.in_features, passes, ydim, perm, *norm)
 
 
-def _from_transposed(q, norm) -> CpuWeight:
-    """q: the VQWeight of Wᵀ (in, out); vectors of length g run along W's input dimension."""
+def _from_transposed(q, norm, codes: Optional[torch.Tensor] = None) -> CpuWeight:
+    """q: the VQWeight of Wᵀ (in, out); vectors of length g run along W's input dimension. codes: the
+    weight's own (out, nj, M) codes (`KernelLayout.codes`), read in place where `DIRECT` allows."""
     if q.group_num != 1 or q.outlier_size or q.perm is not None:
         raise Unsupported("a transposed layout with groups, outliers or a permutation")
     out_f, in_f, g = q.in_features, q.out_features, q.vector_len
+    own = _in_place(codes) and codes.dtype in DIRECT_IN_DTYPES and tuple(codes.shape) == (out_f, q.indices.shape[1], 2 if q.num_res_centroids else 1) \
+        and codes.shape[1] > 0
 
-    def in_pass(centroids, indices):  # indices (1, nj, out): vector j of output row o
+    def in_pass(centroids, indices, m):  # indices (1, nj, out): vector j of output row o
         check_indices(indices, centroids.shape[1])
-        return _pass(centroids, indices[0].t(), v=g, group_size=indices.shape[1], col0=0, nvec=out_f, in_mode=True)
+        nj = indices.shape[1]
+        if own:
+            return _direct_pass(centroids, codes, v=g, group_size=nj, col0=0, nvec=out_f, in_mode=True,
+                                cstride=codes.shape[2], ioff=m)
+        return _pass(centroids, indices[0].t(), v=g, group_size=nj, col0=0, nvec=out_f, in_mode=True)
 
-    passes = [in_pass(q.centroids, q.indices)]
+    passes = [in_pass(q.centroids, q.indices, 0)]
     if q.num_res_centroids:
-        p1 = in_pass(q.res_centroids, q.res_indices)
+        p1 = in_pass(q.res_centroids, q.res_indices, 1)
         p0 = passes[0]
-        if FUSE_IN and p0.codebook.dtype == p1.codebook.dtype and p0.vp == p1.vp and p0.idx_bytes == p1.idx_bytes:
+        if (FUSE_IN and p0.codebook.dtype == p1.codebook.dtype and p0.vp == p1.vp and p0.idx_bytes == p1.idx_bytes
+                and p0.direct == p1.direct):
             passes = [dataclasses.replace(p0, second=p1)]  # one loop: w = C_0[i] + C_1[j]
+            if own and codes.dtype == torch.uint8 and SPLIT:  # both codes of a vector in one uint16 load
+                passes = [dataclasses.replace(passes[0], idx=codes.view(torch.uint16), cstride=1, split=True)]
         else:
             passes.append(p1)
     return CpuWeight(out_f, in_f, passes, out_f, None, *norm, transposed=True, g=g)

@@ -9,13 +9,16 @@
 //   OUT (VPTQ, `VQWeight`: vectors along the OUTPUT dimension within one input column):
 //     y[t, r*v + i] += sum_c x[t, c] * cb[g(c)][idx[r, c]][i]            i < v, g(c) = c / group_size
 //   IN  (AQLM-style: vectors along the INPUT dimension, x given zero-padded as (T, ncols, VP)):
-//     y[t, r]       += sum_c dot(x[t, c, 0:VP], cb[0][idx[r, c]][0:VP])
+//     y[t, r]       += sum_c dot(x[t, c, 0:VP], cb[0][idx[r, c]][0:VP])   (+ cb2[idx2[r, c]] summed into
+//                      the codeword first where a second stream is given: AQLM's M = 2)
 //
 // Buffers (cpu.py):
-//   idx  the weight's own indices, read in place (OUT, `idx_mode` 1 / 2): (G, nvec, group_size) uint16 /
-//        uint8 codeword numbers, row r of group g at idx[(g * nvec + r) * group_size]: a tile's R rows are
-//        R streams, one index per column each; no copy of the indices is kept.
-//        Or a tiled copy (`idx_mode` 0; IN, and OUT with `idx_bytes`): (ntiles, ncols, R) uint16, the R rows
+//   idx  the weight's own indices, read in place (`idx_mode` 1 / 2): (G, nvec, group_size, S) uint16 /
+//        uint8 codeword numbers, row r's index of column c of group g at
+//        idx[((g * nvec + r) * group_size + c) * S] (S = `idx_cstride`: 1 for VPTQ's indices; M for AQLM's
+//        codes (out, ncols, M), one group, idx2 = idx + 1 the second codebook's): a tile's R rows are R
+//        streams, one index per column each; no copy of the indices is kept.
+//        Or a tiled copy (`idx_mode` 0): (ntiles, ncols, R) uint16, the R rows
 //        of one tile adjacent for each column (rows past nvec: 0), codeword numbers or byte offsets into
 //        the group's codebook (`idx_bytes`, where every offset fits 16 bits: no shift per vector)
 //   cb   (G, k, VP)         float16  codewords zero-padded from v to VP lanes (VP in {4, 8, 16, 32}); or
@@ -48,7 +51,7 @@ struct VQPass {
   int32_t T;             // tokens
   const float* x;        // OUT: column c of token t at x[t*ldx + c]; IN: x[t*ldx + c*VP .. + VP)
   int64_t ldx;
-  const void* idx;       // idx_mode 0: (ntiles, ncols, R) uint16; 1 / 2: (G, nvec, group_size) uint16 / uint8
+  const void* idx;       // idx_mode 0: (ntiles, ncols, R) uint16; 1 / 2: (G, nvec, group_size, S) uint16 / uint8
   int32_t ntiles, ncols, R;
   int32_t VP, v;         // lanes per codeword (padded), lanes stored per row (OUT)
   const void* cb;        // (G, k, VP) float16 bits (or float32: cb_f32)
@@ -60,10 +63,11 @@ struct VQPass {
   int32_t nthreads;
   int32_t cb_f32;        // 1: cb holds float32 codewords (small codebooks), 0: float16 bits
   int32_t idx_bytes;     // 1: idx holds byte offsets into the group's codebook, 0: codeword numbers
-  int32_t idx_mode;      // 0: tiled uint16 copy; 1 / 2: the weight's own (G, nvec, group_size) uint16 / uint8
+  int32_t idx_mode;      // 0: tiled uint16 copy; 1 / 2: the weight's own (G, nvec, group_size, S) uint16 / uint8
   int32_t half_rows;     // idx_mode 1 / 2: one-token programs of half the rows (cpu.py decides: codebook vs L2)
-  const void* idx2;      // idx_mode 5 (IN only): a second tiled uint16 index stream, laid out as idx, and
+  const void* idx2;      // IN only, or null: a second index stream laid out as idx (same mode), and
   const void* cb2;       // its codebook (k2, VP), same lanes and dtype: w = cb[idx] + cb2[idx2] (AQLM's M = 2)
+  int32_t idx_cstride;   // idx_mode 1 / 2: S, index elements from one column to the next in a row (>= 1)
 };
 
 int vq_cpu_isa(void);
@@ -90,11 +94,12 @@ static float half_to_float(uint16_t h) {
   return f;
 }
 
-// index of row r of `tile`, column c (r < R, tile * R + r < nvec)
-static int64_t index_at(const VQPass& a, int tile, int r, int c) {
-  if (a.idx_mode == 0 || a.idx_mode == 5) return ((const uint16_t*)a.idx)[((int64_t)tile * a.ncols + c) * a.R + r];
-  const int64_t g = c / a.group_size, e = (g * a.nvec + (int64_t)tile * a.R + r) * a.group_size + c % a.group_size;
-  return a.idx_mode == 1 ? ((const uint16_t*)a.idx)[e] : ((const uint8_t*)a.idx)[e];
+// index of row r of `tile`, column c (r < R, tile * R + r < nvec) in stream idx (a.idx or a.idx2)
+static int64_t index_at(const VQPass& a, const void* idx, int tile, int r, int c) {
+  if (a.idx_mode == 0) return ((const uint16_t*)idx)[((int64_t)tile * a.ncols + c) * a.R + r];
+  const int64_t g = c / a.group_size, e = ((g * a.nvec + (int64_t)tile * a.R + r) * a.group_size + c % a.group_size) *
+                                          a.idx_cstride;
+  return a.idx_mode == 2 ? ((const uint8_t*)idx)[e] : ((const uint16_t*)idx)[e];
 }
 
 static void tile_scalar(const VQPass& a, int tile) {
@@ -113,12 +118,16 @@ static void tile_scalar(const VQPass& a, int tile) {
           cb += a.cb_gstride * es;
           gend += a.group_size;
         }
-        const int64_t ix = index_at(a, tile, r, c);
+        int64_t ix = index_at(a, a.idx, tile, r, c), ix2 = a.idx2 ? index_at(a, a.idx2, tile, r, c) : 0;
+        if (a.idx_mode == 3) {  // two uint8 codes in one uint16 word
+          ix2 = ix >> 8;
+          ix &= 0xFF;
+        }
         const char* wp = cb + (a.idx_bytes ? ix : ix * VP * es);
-        const int64_t ix2 = a.idx_mode == 5 ? ((const uint16_t*)a.idx2)[((int64_t)tile * a.ncols + c) * a.R + r] : 0;
         const char* wp2 = (const char*)a.cb2 + (a.idx_bytes ? ix2 : ix2 * VP * es);
+        const int two = a.idx2 || a.idx_mode == 3;
         for (int i = 0; i < VP; ++i) {
-          for (int s = 0; s < (a.idx_mode == 5 ? 2 : 1); ++s) {
+          for (int s = 0; s <= two; ++s) {
             const char* p = s ? wp2 : wp;
             float f;
             if (a.cb_f32) {
@@ -198,7 +207,7 @@ template <> struct Vec<4> {
 
 // One index stream walked column by column for RS rows of a tile, with the codebook it indexes (the group's:
 // it advances every group_size columns). IA 0: a tiled uint16 copy (ntiles, ncols, R), the tile's rows
-// adjacent per column; 1 / 2: the weight's own (G, nvec, gs) uint16 / uint8 indices, each row its own
+// adjacent per column; 1 / 2: the weight's own (G, nvec, gs, S) uint16 / uint8 indices, each row its own
 // stream (rows past nvec read row nvec - 1: not stored). OFF: the indices are byte offsets into the codebook.
 template <int IA, int RS, int VP, int ES, bool OFF>
 struct Stream {
@@ -212,13 +221,13 @@ struct Stream {
       : ip((const IT*)idx + (IA == 0 ? (int64_t)tile * a.ncols * a.R + r0 : 0)),
         cb((const char*)codebook),
         gstride(a.cb_gstride * ES),
-        gjump(IA == 0 ? 0 : (int64_t)(a.nvec - 1) * a.group_size),
+        gjump(IA == 0 ? 0 : (int64_t)(a.nvec - 1) * a.group_size * a.idx_cstride),
         gend(a.group_size),
         gs(a.group_size),
-        cstep(IA == 0 ? a.R : 1) {
+        cstep(IA == 0 ? a.R : a.idx_cstride) {
     VQ_UNROLL for (int r = 0; r < RS; ++r) {
       const int row = tile * a.R + r0 + r;
-      roff[r] = IA == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * a.group_size;
+      roff[r] = IA == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * a.group_size * a.idx_cstride;
     }
   }
   // at column c (every column, in order): where c starts a group, that group's codebook and indices
@@ -234,12 +243,14 @@ struct Stream {
   VQ_AVX2 inline const char* word(int r) const {
     return cb + (OFF ? (size_t)ip[roff[r]] : (size_t)ip[roff[r]] * (VP * ES));
   }
+  // row r's index at the current column
+  VQ_AVX2 inline size_t index(int r) const { return ip[roff[r]]; }
 };
 
 // rows r0 .. r0+RS of `tile` x tokens t0 .. t0+TT; NV registers of L lanes per codeword (VP = L*NV).
 // Every loop over RS/TT/NV is unrolled, so `acc` lives in registers (an indexed access would make GCC
 // keep it in memory and store it on every column: measured 2x slower).
-template <int L, int NV, int RS, int TT, bool IN, bool F32, bool OFF, int IM>
+template <int L, int NV, int RS, int TT, bool IN, bool F32, bool OFF, int IM, int DUO>
 VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   typedef Vec<L> V;
   typedef typename V::T reg;
@@ -251,9 +262,9 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
     VQ_UNROLL for (int t = 0; t < TT; ++t)
       VQ_UNROLL for (int j = 0; j < NV; ++j) acc[r][t][j] = V::zero();
   constexpr int ES = F32 ? 4 : 2;  // bytes per codeword lane
-  constexpr bool DUO = IM == 5;    // a second codebook summed into each codeword (IN, tiled)
-  Stream<DUO ? 0 : IM, RS, VP, ES, OFF> s(a, a.idx, a.cb, tile, r0);
-  Stream<0, RS, VP, ES, OFF> s2(a, DUO ? a.idx2 : a.idx, DUO ? a.cb2 : a.cb, tile, r0);  // DUO only; one group
+  // DUO: a second codebook summed into each codeword (IN: one group), its stream laid out as the first
+  Stream<IM, RS, VP, ES, OFF> s(a, a.idx, a.cb, tile, r0);
+  Stream<IM, RS, VP, ES, OFF> s2(a, DUO == 1 ? a.idx2 : a.idx, DUO == 1 ? a.cb2 : a.cb, tile, r0);  // DUO 1 only
   const float* xp = a.x + (int64_t)t0 * ldx;
   for (int c = 0; c < ncols; ++c, s.next(), s2.next()) {
     s.at(c);
@@ -267,7 +278,12 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
     }
     VQ_UNROLL for (int r = 0; r < RS; ++r) {
       const char* wp = s.word(r);
-      const char* wp2 = DUO ? s2.word(r) : nullptr;
+      const char* wp2 = DUO == 1 ? s2.word(r) : nullptr;
+      if (DUO == 2) {  // one uint16 word, two uint8 codes
+        const size_t i = s.index(r);
+        wp = s.cb + (i & 0xFF) * (VP * ES);
+        wp2 = (const char*)a.cb2 + (i >> 8) * (VP * ES);
+      }
       VQ_UNROLL for (int j = 0; j < NV; ++j) {
         reg w = F32 ? V::load((const float*)wp + j * L) : V::loadh((const uint16_t*)wp + j * L);
         if (DUO) w = V::add(w, F32 ? V::load((const float*)wp2 + j * L) : V::loadh((const uint16_t*)wp2 + j * L));
@@ -344,52 +360,59 @@ VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
 // reading the weight's own indices with `half_rows` (IM 3 / 4: IM 1 / 2 so marked; cpu.py sets it for a
 // codebook that nearly fills the L2): RS/2 rows, half as many index streams competing with the codebook
 // for the L2 (measured, docs/LOG.md, 2026-12-07 21:50 UTC session)
-template <int L, int NV, int TT, bool IN, bool F32, bool OFF, int IM>
+template <int L, int NV, int TT, bool IN, bool F32, bool OFF, int IM, int DUO>
 VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
   constexpr int RS0 = 8 / (TT * NV);
   constexpr int RS1 = RS0 < 1 ? 1 : RS0;
   constexpr int RS = RS1 > 1 && (IM == 3 || IM == 4) && TT == 1 ? RS1 / 2 : RS1;
-  constexpr int IMI = IM == 3 || IM == 4 ? IM - 2 : IM;  // the index layout (5: two tiled streams)
+  constexpr int IMI = IM == 3 || IM == 4 ? IM - 2 : IM;  // the index layout
   if constexpr (L == 4 && NV == 1 && !IN) {  // two rows per register: 16 rows' worth of accumulators
     constexpr int RP0 = 16 / TT > 8 ? 8 : 16 / TT;
     constexpr int RP = IM > 2 && TT == 1 ? RP0 / 2 : RP0;
     for (int r0 = 0; r0 < a.R; r0 += RP) tile_pair<RP, TT, F32, OFF, IMI>(a, tile, r0, t0);
     return;
   }
-  for (int r0 = 0; r0 < a.R; r0 += RS) tile_avx2<L, NV, RS, TT, IN, F32, OFF, IMI>(a, tile, r0, t0);
+  for (int r0 = 0; r0 < a.R; r0 += RS) tile_avx2<L, NV, RS, TT, IN, F32, OFF, IMI, DUO>(a, tile, r0, t0);
 }
 
 // tokens in chunks of 4, then 2, then 1
-template <int L, int NV, bool IN, bool F32, bool OFF, int IM>
+template <int L, int NV, bool IN, bool F32, bool OFF, int IM, int DUO = 0>
 VQ_AVX2 static void tile_tokens(const VQPass& a, int tile) {
   int t0 = 0;
-  for (; t0 + 4 <= a.T; t0 += 4) tile_rows<L, NV, 4, IN, F32, OFF, IM>(a, tile, t0);
+  for (; t0 + 4 <= a.T; t0 += 4) tile_rows<L, NV, 4, IN, F32, OFF, IM, DUO>(a, tile, t0);
   if (a.T - t0 >= 2) {
-    tile_rows<L, NV, 2, IN, F32, OFF, IM>(a, tile, t0);
+    tile_rows<L, NV, 2, IN, F32, OFF, IM, DUO>(a, tile, t0);
     t0 += 2;
   }
-  if (a.T - t0 >= 1) tile_rows<L, NV, 1, IN, F32, OFF, IM>(a, tile, t0);
+  if (a.T - t0 >= 1) tile_rows<L, NV, 1, IN, F32, OFF, IM, DUO>(a, tile, t0);
 }
 
 typedef void (*tile_fn)(const VQPass&, int);
 
-// tiled copies: IN or OUT, codeword numbers or byte offsets; the weight's own indices: OUT, codeword numbers
+// IN (AQLM-style) passes: one stream or two (`idx2`), tiled (codeword numbers or byte offsets) or the
+// weight's own uint16 / uint8 codes (IM 1 / 2; 3 / 4: half rows)
+template <int L, int NV, bool F32, int IM>
+static tile_fn pick_in(const VQPass& a) {
+  if (a.idx2) return a.idx_bytes ? &tile_tokens<L, NV, true, F32, true, IM, 1> : &tile_tokens<L, NV, true, F32, false, IM, 1>;
+  return a.idx_bytes ? &tile_tokens<L, NV, true, F32, true, IM> : &tile_tokens<L, NV, true, F32, false, IM>;
+}
+
+// tiled copies: IN or OUT, codeword numbers or byte offsets; the weight's own indices: codeword numbers
 template <int L, int NV, bool F32>
 static tile_fn pick_mode(const VQPass& a) {
+  const bool big = a.half_rows != 0;
   switch (a.idx_mode) {
     case 0:
-      if (a.in_mode) return a.idx_bytes ? &tile_tokens<L, NV, true, F32, true, 0> : &tile_tokens<L, NV, true, F32, false, 0>;
+      if (a.in_mode) return pick_in<L, NV, F32, 0>(a);
       return a.idx_bytes ? &tile_tokens<L, NV, false, F32, true, 0> : &tile_tokens<L, NV, false, F32, false, 0>;
     case 1:
-    case 2: {
-      if (a.in_mode || a.idx_bytes) return nullptr;
-      const bool big = a.half_rows != 0;
-      if (a.idx_mode == 1) return big ? &tile_tokens<L, NV, false, F32, false, 3> : &tile_tokens<L, NV, false, F32, false, 1>;
+      if (a.in_mode) return big ? pick_in<L, NV, F32, 3>(a) : pick_in<L, NV, F32, 1>(a);
+      return big ? &tile_tokens<L, NV, false, F32, false, 3> : &tile_tokens<L, NV, false, F32, false, 1>;
+    case 2:
+      if (a.in_mode) return big ? pick_in<L, NV, F32, 4>(a) : pick_in<L, NV, F32, 2>(a);
       return big ? &tile_tokens<L, NV, false, F32, false, 4> : &tile_tokens<L, NV, false, F32, false, 2>;
-    }
-    case 5:
-      if (!a.in_mode) return nullptr;
-      return a.idx_bytes ? &tile_tokens<L, NV, true, F32, true, 5> : &tile_tokens<L, NV, true, F32, false, 5>;
+    case 3:  // IN: uint16 words of two uint8 codes
+      return big ? &tile_tokens<L, NV, true, F32, false, 3, 2> : &tile_tokens<L, NV, true, F32, false, 1, 2>;
     default: return nullptr;
   }
 }
@@ -425,9 +448,10 @@ int vq_cpu_isa(void) {
 int vq_cpu_pass(const VQPass* ap, int force_scalar) {
   const VQPass& a = *ap;
   if (a.T < 1 || a.R < 1 || a.VP < 1 || a.VP > 32 || a.v < 1 || a.v > a.VP || a.group_size < 1 || a.ntiles < 0 ||
-      a.ncols < 0 || a.idx_mode < 0 || (a.idx_mode > 2 && a.idx_mode != 5) ||
-      (a.idx_mode == 5 && (!a.in_mode || !a.idx2 || !a.cb2)) ||
-      ((a.idx_mode == 1 || a.idx_mode == 2) && (a.in_mode || a.idx_bytes || a.nvec < 1 || a.ncols % a.group_size != 0)))
+      a.ncols < 0 || a.idx_mode < 0 || a.idx_mode > 3 || (a.idx2 && (!a.in_mode || !a.cb2)) ||
+      (a.idx_mode == 3 && (!a.in_mode || a.idx2 || !a.cb2)) ||
+      (a.idx_mode != 0 && (a.idx_bytes || a.nvec < 1 || a.idx_cstride < 1 || a.ncols % a.group_size != 0 ||
+                           (a.in_mode && a.group_size != a.ncols))))
     return -1;
   void (*fn)(const VQPass&, int) = tile_scalar;
   int isa = 0;
