@@ -11,7 +11,8 @@ The `aqlm` package is not a dependency of this project; install it (and numba) b
 One random 2x8 weight per shape (codes, float16-exact codebooks, per-row scales) loaded into both
 `baselines.aqlm.AQLMWeight` (ours) and `aqlm.inference.QuantizedLinear` (theirs, float32, its CPU rule:
 codes permuted to (in groups, out, M) on first use, numba-compiled per shape and excluded from timing).
-Calls are interleaved (fp32, ours, theirs, ...), one call per repetition, median; each route's output
+Calls are interleaved (fp32, ours, theirs, ...), one call per repetition, each after an untimed fp32
+call that evicts the caches (no route finds x warm from the one before it), median; each route's output
 is checked against `F.linear` with the dequantized weight (`err`: relative error).
 
 One thread only (torch's and numba's), for two measured reasons (docs/LOG.md, 2026-12-07): with two
@@ -85,7 +86,7 @@ def run(shapes: List[Tuple[int, int]], reps: int) -> Dict[str, float]:
           f"numba {numba.__version__}; kernel=cpu loop: {cpu.isa()}")
     print(f"date: {datetime.date.today().isoformat()}; load average at start: {load_average()}; "
           f"AQLM 2x8 g8, batch 1, one thread, median of {reps} "
-          "interleaved repetitions, one call each")
+          "interleaved repetitions, one call each, after an untimed fp32 call")
     header = (f"| {'shape (out x in)':>16} | {'fp32 ms':>8} | {'ours ms':>8} | {'aqlm ms':>8} | "
               f"{'ours/fp32':>9} | {'aqlm/fp32':>9} | {'ours err':>8} | {'aqlm err':>8} |")
     print(header)
@@ -102,7 +103,7 @@ def run(shapes: List[Tuple[int, int]], reps: int) -> Dict[str, float]:
             err = {n: float((fns[n]() - yr).norm() / yr.norm()) for n in ("ours", "aqlm")}  # + compile
             for f in fns.values():
                 f()
-            med = time_interleaved(fns, reps, 1, time.perf_counter)
+            med = time_interleaved(fns, reps, 1, time.perf_counter, fns["fp32"])  # each call after an untimed fp32 one
         sp = {n: med["fp32"] / med[n] for n in ("ours", "aqlm")}
         for n in sp:
             worst[n] = min(worst[n], sp[n])

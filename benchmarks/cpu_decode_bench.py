@@ -19,9 +19,11 @@ the two outputs agree (relative error, float32). `--clock thread` measures the c
 time instead of wall time (steadier beside other processes; meaningful with --threads 1 only).
 `--plain` adds a timed route, interleaved with the others: the same kernel with small codebooks left
 in float16 and indices as codeword numbers (`vptq.kernels.cpu.COMPACT` off), and the ratio plain / cpu.
-`--tiled` adds one with the VPTQ layout's indices copied into the kernel's tiled uint16 layout
-(`vptq.kernels.cpu.DIRECT` off: the route before 2026-12-07, which doubled the indices' memory), and
-the ratio tiled / cpu. `--unfused` adds one with AQLM-style M = 2 weights as two passes over x
+`--tiled` adds one with the weight's own indices (VPTQ's, AQLM's 8-bit codes) copied into the kernel's
+tiled uint16 layout (`vptq.kernels.cpu.DIRECT` off: the route before 2026-12-07, which doubled the
+indices' memory), and the ratio tiled / cpu. With any of these, every timed call follows an untimed fp32
+one: timed right after the default route, an alternative found the codebook they share (or x) warm, a
+bias in its favour in the tables before 2026-12-07 23:43 UTC (docs/LOG.md). `--unfused` adds one with AQLM-style M = 2 weights as two passes over x
 (`vptq.kernels.cpu.FUSE_IN` off: the route before 2026-12-07, 22:55 UTC).
 
 Formats (index bits per weight = bits per index / v; + codebook bits on these shapes):
@@ -44,7 +46,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -122,11 +124,16 @@ def cpu_switch(flag: str, value: bool):
         setattr(cpu, flag, old)
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, inner: int, clock) -> Dict[str, float]:
-    """Median seconds per call of each fn, repetitions interleaved across fns (drift hits all alike)."""
+def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, inner: int, clock,
+                     between: Optional[Callable[[], object]] = None) -> Dict[str, float]:
+    """Median seconds per call of each fn, repetitions interleaved across fns (drift hits all alike).
+    `between` (untimed) runs before each fn's calls: e.g. an fp32 GEMV that evicts the caches, so that no
+    route finds the data of the one timed before it warm (two routes sharing a codebook, or x)."""
     times: Dict[str, List[float]] = {n: [] for n in fns}
     for _ in range(reps):
         for n, f in fns.items():
+            if between is not None:
+                between()
             t0 = clock()
             for _ in range(inner):
                 f()
@@ -149,7 +156,8 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
     print(f"CPU: {cpu_summary()}; torch {torch.__version__}; "
           f"kernel=cpu loop: {isa} (library ready in {t_build:.1f} s)")
     print(f"date: {datetime.date.today().isoformat()}; load average at start: {load_average()}; clock: {clock_name}; "
-          f"median of {reps} interleaved repetitions x {inner} calls, warm-up excluded")
+          f"median of {reps} interleaved repetitions x {inner} calls, warm-up excluded"
+          + ("; each route's calls after an untimed fp32 call" if alts else ""))
     if isa == "unavailable":
         raise SystemExit("kernel=cpu is unavailable here (no C++ compiler?): nothing to compare")
     header = (f"| {'shape (out x in)':>16} | {'format':<16} | {'bits':>7} | {'batch':>5} | {'threads':>7} | "
@@ -185,7 +193,9 @@ def run(formats: List[str], shapes: List[Tuple[int, int]], batches: List[int], t
                         for f in fns.values():  # warm-up
                             f()
                             f()
-                        t = time_interleaved(fns, reps, inner, clock)
+                        # with alternative routes, every call follows an untimed fp32 one (caches evicted): the
+                        # route timed after another would find a codebook they share, or x, warm
+                        t = time_interleaved(fns, reps, inner, clock, fns["fp32"] if alts else None)
                     sp = t["fp32"] / t["cpu"]
                     if b == 1:
                         worst = min(worst, sp)
