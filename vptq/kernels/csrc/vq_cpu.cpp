@@ -17,7 +17,9 @@
 //        uint8 codeword numbers, row r's index of column c of group g at
 //        idx[((g * nvec + r) * group_size + c) * S] (S = `idx_cstride`: 1 for VPTQ's indices; M for AQLM's
 //        codes (out, ncols, M), one group, idx2 = idx + 1 the second codebook's): a tile's R rows are R
-//        streams, one index per column each; no copy of the indices is kept.
+//        streams, one index per column each; no copy of the indices is kept. `idx_mode` 3 (IN, AQLM's
+//        2x8): (nvec, ncols) uint16 words, each the two uint8 codes of a vector (low byte: cb's, high
+//        byte: cb2's), one load for both.
 //        Or a tiled copy (`idx_mode` 0): (ntiles, ncols, R) uint16, the R rows
 //        of one tile adjacent for each column (rows past nvec: 0), codeword numbers or byte offsets into
 //        the group's codebook (`idx_bytes`, where every offset fits 16 bits: no shift per vector)
@@ -63,11 +65,12 @@ struct VQPass {
   int32_t nthreads;
   int32_t cb_f32;        // 1: cb holds float32 codewords (small codebooks), 0: float16 bits
   int32_t idx_bytes;     // 1: idx holds byte offsets into the group's codebook, 0: codeword numbers
-  int32_t idx_mode;      // 0: tiled uint16 copy; 1 / 2: the weight's own (G, nvec, group_size, S) uint16 / uint8
-  int32_t half_rows;     // idx_mode 1 / 2: one-token programs of half the rows (cpu.py decides: codebook vs L2)
+  int32_t idx_mode;      // 0: tiled uint16 copy; 1 / 2: the weight's own (G, nvec, group_size, S) uint16 / uint8;
+                         // 3 (IN): the weight's own uint16 words of two uint8 codes, into cb and cb2
+  int32_t half_rows;     // idx_mode 1-3: one-token programs of half the rows (cpu.py decides)
   const void* idx2;      // IN only, or null: a second index stream laid out as idx (same mode), and
   const void* cb2;       // its codebook (k2, VP), same lanes and dtype: w = cb[idx] + cb2[idx2] (AQLM's M = 2)
-  int32_t idx_cstride;   // idx_mode 1 / 2: S, index elements from one column to the next in a row (>= 1)
+  int32_t idx_cstride;   // idx_mode 1-3: S, index elements from one column to the next in a row (>= 1)
 };
 
 int vq_cpu_isa(void);
