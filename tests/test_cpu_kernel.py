@@ -351,6 +351,43 @@ def test_aqlm_other_code_widths_are_copied():
     assert not any(p.direct for p in cpu.from_layout(lay).passes)
 
 
+class TransposedVQ(QuantizedWeight):
+    """A weight stored as the VPTQ layout of its transpose (how AQLM-style weights reach the kernel), of any
+    input width: the last input vector may be partial."""
+
+    def __init__(self, vq):
+        self.vq, self.out_features, self.in_features = vq, vq.in_features, vq.out_features
+
+    def dequantize(self, dtype=torch.float32):
+        return self.vq.dequantize(dtype).T.contiguous()
+
+    def storage(self):
+        return self.vq.storage()
+
+    def to(self, device):
+        self.vq.to(device)
+        return self
+
+    def kernel_layout(self):
+        from vptq.qweight import KernelLayout
+        return KernelLayout(self.vq, transposed=True)
+
+
+@pytest.mark.parametrize("v,inn", [(3, 22), (3, 24), (8, 22), (6, 30)])
+def test_transposed_vectors_shorter_than_lanes_and_partial(v, inn):
+    """x is read as it is, g floats per input vector (masked loads where g < the codeword's lanes), and
+    zero-padded only where in_features is not a multiple of g: within the rounding bound of the torch
+    path, 1 to 9 tokens, AVX2 and scalar."""
+    q = TransposedVQ(make_vq(out=inn, inn=13, v=v, k=37))
+    cw = cpu.from_layout(vptq.kernels.layout_of(q))
+    assert cw.transposed and cw.g == v and cw.passes[0].vp == cpu.lanes(v)
+    for T in (1, 2, 3, 4, 9):
+        x = torch.randn(T, inn)
+        y, yr = run_both(q, x)
+        check_close(y, yr, x, q)
+        check_close(cpu.matmul(cw, x, force_scalar=True), yr, x, q)
+
+
 def test_aqlm_three_codebooks_falls_back():
     q = make_aqlm(3, 4, 8)
     lin = QuantLinear(q, kernel="cpu")

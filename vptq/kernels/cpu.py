@@ -408,8 +408,8 @@ class CpuWeight:
         y = Σ_passes (x'[:, col0:col0+ncols] "times" pass)[:, :out] + (x · wbias) + bias,
         x' = (x * scale)[:, perm]
     perm (in,) int64, scale / wbias (in,) float32 by ORIGINAL column (None: identity / no norm; wbias
-    also None where it is all zero). IN mode (`transposed`, AQLM-style): x is zero-padded to (T, nj, VP)
-    (used as it is where g == VP), y = Σ_passes(...) * scale + (Σ x) * wbias + bias, scale / wbias
+    also None where it is all zero). IN mode (`transposed`, AQLM-style): x read as (T, nj, g) (zero-padded
+    where nj * g > in), y = Σ_passes(...) * scale + (Σ x) * wbias + bias, scale / wbias
     (out,) per output row."""
 
     out_features: int
@@ -494,15 +494,11 @@ def matmul(cw: CpuWeight, x: torch.Tensor, bias: Optional[torch.Tensor] = None, 
     T = x.shape[0]
     xf = x.float()  # (T, in)
     if cw.transposed:
-        p0 = cw.passes[0]
-        nj = p0.ncols
-        if cw.g == p0.vp and nj * cw.g == cw.in_features:  # x is already (T, nj, VP): no copy
-            xp = xf.contiguous()
-        else:
-            xp = torch.zeros(T, nj, p0.vp)  # (T, nj, VP): x by input vector, zero lanes
-            xpad = xf if nj * cw.g == cw.in_features else torch.nn.functional.pad(xf, (0, nj * cw.g - cw.in_features))
-            xp[..., :cw.g] = xpad.reshape(T, nj, cw.g)
-            xp = xp.reshape(T, nj * p0.vp)
+        nj = cw.passes[0].ncols
+        # x is (T, nj, g) as it is (the kernel reads g floats per column, masked where g < VP); zero-padded
+        # only where the last input vector is partial
+        pad = nj * cw.g - cw.in_features
+        xp = (xf if not pad else torch.nn.functional.pad(xf, (0, pad))).contiguous()
         y = torch.zeros(T, cw.ydim)
         for p in cw.passes:
             p.run(lib, xp, y, nthreads, force_scalar)

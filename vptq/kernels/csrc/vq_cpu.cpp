@@ -8,8 +8,8 @@
 //
 //   OUT (VPTQ, `VQWeight`: vectors along the OUTPUT dimension within one input column):
 //     y[t, r*v + i] += sum_c x[t, c] * cb[g(c)][idx[r, c]][i]            i < v, g(c) = c / group_size
-//   IN  (AQLM-style: vectors along the INPUT dimension, x given zero-padded as (T, ncols, VP)):
-//     y[t, r]       += sum_c dot(x[t, c, 0:VP], cb[0][idx[r, c]][0:VP])   (+ cb2[idx2[r, c]] summed into
+//   IN  (AQLM-style: vectors along the INPUT dimension, x given as (T, ncols, v), v <= VP):
+//     y[t, r]       += sum_c dot(x[t, c, 0:v], cb[0][idx[r, c]][0:v])   (+ cb2[idx2[r, c]] summed into
 //                      the codeword first where a second stream is given: AQLM's M = 2)
 //
 // Buffers (cpu.py):
@@ -51,11 +51,11 @@ extern "C" {
 struct VQPass {
   int32_t in_mode;       // 0: OUT layout, 1: IN layout
   int32_t T;             // tokens
-  const float* x;        // OUT: column c of token t at x[t*ldx + c]; IN: x[t*ldx + c*VP .. + VP)
+  const float* x;        // OUT: column c of token t at x[t*ldx + c]; IN: x[t*ldx + c*v .. + v)
   int64_t ldx;
   const void* idx;       // idx_mode 0: (ntiles, ncols, R) uint16; 1 / 2: (G, nvec, group_size, S) uint16 / uint8
   int32_t ntiles, ncols, R;
-  int32_t VP, v;         // lanes per codeword (padded), lanes stored per row (OUT)
+  int32_t VP, v;         // lanes per codeword (padded), lanes stored per row (OUT) / x's per column (IN)
   const void* cb;        // (G, k, VP) float16 bits (or float32: cb_f32)
   int64_t cb_gstride;    // k * VP
   int32_t group_size;    // columns per group: the codebook advances every group_size columns
@@ -147,8 +147,8 @@ static void tile_scalar(const VQPass& a, int tile) {
           const float xs = a.x[t * a.ldx + c];
           for (int i = 0; i < VP; ++i) acc[i] += xs * w[i];
         } else {
-          const float* xv = a.x + t * a.ldx + (int64_t)c * VP;
-          for (int i = 0; i < VP; ++i) acc[i] += xv[i] * w[i];
+          const float* xv = a.x + t * a.ldx + (int64_t)c * a.v;
+          for (int i = 0; i < a.v; ++i) acc[i] += xv[i] * w[i];
         }
       }
       if (!a.in_mode) {
@@ -253,7 +253,7 @@ struct Stream {
 // rows r0 .. r0+RS of `tile` x tokens t0 .. t0+TT; NV registers of L lanes per codeword (VP = L*NV).
 // Every loop over RS/TT/NV is unrolled, so `acc` lives in registers (an indexed access would make GCC
 // keep it in memory and store it on every column: measured 2x slower).
-template <int L, int NV, int RS, int TT, bool IN, bool F32, bool OFF, int IM, int DUO>
+template <int L, int NV, int RS, int TT, int IN, bool F32, bool OFF, int IM, int DUO>
 VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   typedef Vec<L> V;
   typedef typename V::T reg;
@@ -269,12 +269,16 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   Stream<IM, RS, VP, ES, OFF> s(a, a.idx, a.cb, tile, r0);
   Stream<IM, RS, VP, ES, OFF> s2(a, DUO == 1 ? a.idx2 : a.idx, DUO == 1 ? a.cb2 : a.cb, tile, r0);  // DUO 1 only
   const float* xp = a.x + (int64_t)t0 * ldx;
+  typename V::M mask[NV];  // lanes < v: OUT, of y; IN == 2, of x
+  VQ_UNROLL for (int j = 0; j < NV; ++j) mask[j] = V::first(a.v - j * L);
   for (int c = 0; c < ncols; ++c, s.next(), s2.next()) {
     s.at(c);
     reg xv[TT][IN ? NV : 1];
     VQ_UNROLL for (int t = 0; t < TT; ++t) {
-      if (IN) {
+      if (IN == 1) {  // v == VP
         VQ_UNROLL for (int j = 0; j < NV; ++j) xv[t][j] = V::load(xp + t * ldx + (int64_t)c * VP + j * L);
+      } else if (IN == 2) {  // v < VP floats per column: the lanes past v load as 0
+        VQ_UNROLL for (int j = 0; j < NV; ++j) xv[t][j] = V::mload(xp + t * ldx + (int64_t)c * a.v + j * L, mask[j]);
       } else {
         xv[t][0] = V::bcast(xp + t * ldx + c);
       }
@@ -294,8 +298,6 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
       }
     }
   }
-  typename V::M mask[NV];
-  VQ_UNROLL for (int j = 0; j < NV; ++j) mask[j] = V::first(a.v - j * L);
   VQ_UNROLL for (int r = 0; r < RS; ++r) {
     const int row = tile * R + r0 + r;
     if (row < a.nvec) {
@@ -363,7 +365,7 @@ VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
 // reading the weight's own indices with `half_rows` (IM 3 / 4: IM 1 / 2 so marked; cpu.py sets it for a
 // codebook that nearly fills the L2): RS/2 rows, half as many index streams competing with the codebook
 // for the L2 (measured, docs/LOG.md, 2026-12-07 21:50 UTC session)
-template <int L, int NV, int TT, bool IN, bool F32, bool OFF, int IM, int DUO>
+template <int L, int NV, int TT, int IN, bool F32, bool OFF, int IM, int DUO>
 VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
   constexpr int RS0 = 8 / (TT * NV);
   constexpr int RS1 = RS0 < 1 ? 1 : RS0;
@@ -379,7 +381,7 @@ VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
 }
 
 // tokens in chunks of 4, then 2, then 1
-template <int L, int NV, bool IN, bool F32, bool OFF, int IM, int DUO = 0>
+template <int L, int NV, int IN, bool F32, bool OFF, int IM, int DUO = 0>
 VQ_AVX2 static void tile_tokens(const VQPass& a, int tile) {
   int t0 = 0;
   for (; t0 + 4 <= a.T; t0 += 4) tile_rows<L, NV, 4, IN, F32, OFF, IM, DUO>(a, tile, t0);
@@ -394,10 +396,16 @@ typedef void (*tile_fn)(const VQPass&, int);
 
 // IN (AQLM-style) passes: one stream or two (`idx2`), tiled (codeword numbers or byte offsets) or the
 // weight's own uint16 / uint8 codes (IM 1 / 2; 3 / 4: half rows)
+template <int L, int NV, int X, bool F32, int IM>
+static tile_fn pick_in_x(const VQPass& a) {
+  if (a.idx2) return a.idx_bytes ? &tile_tokens<L, NV, X, F32, true, IM, 1> : &tile_tokens<L, NV, X, F32, false, IM, 1>;
+  return a.idx_bytes ? &tile_tokens<L, NV, X, F32, true, IM> : &tile_tokens<L, NV, X, F32, false, IM>;
+}
+
+// X 1: x holds VP = v floats per column; 2: v < VP (masked loads)
 template <int L, int NV, bool F32, int IM>
 static tile_fn pick_in(const VQPass& a) {
-  if (a.idx2) return a.idx_bytes ? &tile_tokens<L, NV, true, F32, true, IM, 1> : &tile_tokens<L, NV, true, F32, false, IM, 1>;
-  return a.idx_bytes ? &tile_tokens<L, NV, true, F32, true, IM> : &tile_tokens<L, NV, true, F32, false, IM>;
+  return a.v == a.VP ? pick_in_x<L, NV, 1, F32, IM>(a) : pick_in_x<L, NV, 2, F32, IM>(a);
 }
 
 // tiled copies: IN or OUT, codeword numbers or byte offsets; the weight's own indices: codeword numbers
@@ -415,7 +423,8 @@ static tile_fn pick_mode(const VQPass& a) {
       if (a.in_mode) return big ? pick_in<L, NV, F32, 4>(a) : pick_in<L, NV, F32, 2>(a);
       return big ? &tile_tokens<L, NV, false, F32, false, 4> : &tile_tokens<L, NV, false, F32, false, 2>;
     case 3:  // IN: uint16 words of two uint8 codes
-      return big ? &tile_tokens<L, NV, true, F32, false, 3, 2> : &tile_tokens<L, NV, true, F32, false, 1, 2>;
+      if (a.v != a.VP) return big ? &tile_tokens<L, NV, 2, F32, false, 3, 2> : &tile_tokens<L, NV, 2, F32, false, 1, 2>;
+      return big ? &tile_tokens<L, NV, 1, F32, false, 3, 2> : &tile_tokens<L, NV, 1, F32, false, 1, 2>;
     default: return nullptr;
   }
 }
