@@ -297,20 +297,20 @@ class AQLMWeight(QuantizedWeight):
 
     def kernel_layout(self):
         """The fast kernels' view (`vptq.qweight.KernelLayout`): Ŵᵀ (in, out) is a VQWeight, vectors of
-        length g along its rows within each column o, codebook C_0, C_1 as the residual when M = 2,
-        and a per-column scale (bias 0) = the per-row scale of Ŵ. M > 2 has no slot: Unsupported."""
-        from vptq.qweight import KernelLayout, Unsupported
+        length g along its rows within each column o, codebook C_0, C_1 as the residual when M >= 2,
+        C_2 .. C_{M-1} as the layout's `extra` codebooks (kernel=cpu only), and a per-column scale
+        (bias 0) = the per-row scale of Ŵ."""
+        from vptq.qweight import KernelLayout
         from vptq.vqweight import VQWeight
 
         M, k = self.num_codebooks, 2 ** self.nbits
-        if M > 2:
-            raise Unsupported(f"AQLM-style scheme {M}x{self.nbits}: the kernels take at most 2 codebooks")
         codes = self.codes().transpose(0, 1)[None]  # (1, n, out, M): vector row j of Ŵᵀ's column o
-        res = dict(num_res_centroids=k, res_centroids=self.codebooks[1:2], res_indices=codes[..., 1]) if M == 2 else {}
+        res = dict(num_res_centroids=k, res_centroids=self.codebooks[1:2], res_indices=codes[..., 1]) if M >= 2 else {}
+        extra = tuple((self.codebooks[m:m + 1], codes[..., m]) for m in range(2, M))
         vq = VQWeight(out_features=self.in_features, in_features=self.out_features, vector_len=self.in_group_size,
                       num_centroids=k, group_num=1, group_size=self.out_features, centroids=self.codebooks[0:1],
                       indices=codes[..., 0], weight_scale=self.scales, weight_bias=torch.zeros_like(self.scales), **res)
-        return KernelLayout(vq, transposed=True, codes=self.stored_codes())
+        return KernelLayout(vq, transposed=True, codes=self.stored_codes(), extra=extra)
 
     def stored_codes(self) -> Optional[torch.Tensor]:
         """The stored bit stream viewed as the (out, n, M) codes, without a copy, where B = 8 or 16 makes it

@@ -33,6 +33,10 @@ Formats (index bits per weight = bits per index / v; + codebook bits on these sh
     2b-v8k65536       v=8, k=65536            16 / 8 = 2.0   (optional: released 2-bit models)
     2b-aqlm1x16       AQLM-style, M=1, 16-bit codes, g=8   16 / 8 = 2.0   AQLM's 1x16 (transposed layout:
     2b-aqlm2x8        AQLM-style, M=2, 8-bit codes, g=8    16 / 8 = 2.0   AQLM's 2x8   vectors along the input)
+    2b-aqlm1x8g4      AQLM-style, M=1, 8-bit codes, g=4     8 / 4 = 2.0   `method=aqlm`'s own choices
+    2b-aqlm3x11g16    AQLM-style, M=3, 11-bit codes, g=16  33 / 16 = 2.06  (baselines.aqlm.choose_scheme):
+    3b-aqlm7x7g16     AQLM-style, M=7, 7-bit codes, g=16   49 / 16 = 3.06  2 bits on 4096 x 4096 / on
+                                                                          4096 x 11008 and larger; 3 bits
 
 The last line is `min speedup vs fp32 at batch 1: X.XX` (over every batch-1 row: all shapes,
 formats and thread counts).
@@ -62,6 +66,9 @@ FORMATS: Dict[str, dict] = {
     "2b-v8k65536": dict(v=8, k=65536, k_res=0),
     "2b-aqlm1x16": dict(aqlm=True, M=1, nbits=16, g=8),
     "2b-aqlm2x8": dict(aqlm=True, M=2, nbits=8, g=8),
+    "2b-aqlm1x8g4": dict(aqlm=True, M=1, nbits=8, g=4),
+    "2b-aqlm3x11g16": dict(aqlm=True, M=3, nbits=11, g=16),
+    "3b-aqlm7x7g16": dict(aqlm=True, M=7, nbits=7, g=16),
 }
 DEFAULT_FORMATS = "2b-v6k4096,3b-v4k4096,3b-v8k65536r256"
 ALTS = {"plain": "COMPACT", "tiled": "DIRECT", "unfused": "FUSE_IN"}  # extra timed routes: the vptq.kernels.cpu switch they turn off

@@ -388,12 +388,53 @@ def test_transposed_vectors_shorter_than_lanes_and_partial(v, inn):
         check_close(cpu.matmul(cw, x, force_scalar=True), yr, x, q)
 
 
-def test_aqlm_three_codebooks_falls_back():
-    q = make_aqlm(3, 4, 8)
-    lin = QuantLinear(q, kernel="cpu")
-    x = torch.randn(1, q.in_features)
-    assert cpu.cpu_linear(lin, x) is None
-    assert torch.equal(lin(x), QuantLinear(q)(x))
+AQLM_MANY = {"3x11_g16": (3, 11, 16), "7x7_g16": (7, 7, 16), "4x8_g8": (4, 8, 8), "3x8_g8": (3, 8, 8),
+             "5x8_g3": (5, 8, 3), "8x8_g4": (8, 8, 4), "3x16_g4": (3, 16, 4)}
+
+
+@pytest.mark.parametrize("case", list(AQLM_MANY))
+def test_aqlm_more_codebooks(monkeypatch, case):
+    """M > 2 codebooks (what `method=aqlm` chooses at 2 and 3 bits on 7B-70B shapes: 3x11/g16, 7x7/g16):
+    codebooks 2.. reach the kernel as the layout's `extra` ones, two per pass, ceil(M / 2) passes; 8-bit
+    codes in place (both codes of a pair in one uint16 load where M is even); within the rounding bound
+    of the torch path, where each pass sums its own codewords (so the bound takes Σ_m |C_m|, not
+    |Σ_m C_m|), AVX2 and scalar, 1 to 9 tokens; bitwise the tiled copy's output. kernel=triton refuses
+    the layout (it sums at most 2)."""
+    M, nbits, g = AQLM_MANY[case]
+    q = make_aqlm(M, nbits, g, out=37, n=5)
+    lay = vptq.kernels.layout_of(q)
+    assert len(lay.extra) == M - 2
+    with pytest.raises(vptq.kernels.Unsupported, match="kernel=triton sums at most 2"):
+        vptq.kernels.from_layout(lay)
+    cw = cpu.from_layout(lay)
+    assert len(cw.passes) == -(-M // 2) and [p.second is not None for p in cw.passes] == [True] * (M // 2) + [False] * (M % 2)
+    in_place = nbits == 8
+    assert all(p.direct == in_place for p in cw.passes)
+    assert all(p.split == (in_place and M % 2 == 0) for p in cw.passes)
+    if in_place:
+        assert all(p.idx.data_ptr() == q.packed_codes.data_ptr() for p in cw.passes)
+    monkeypatch.setattr(cpu, "DIRECT", False)
+    tiled = cpu.from_layout(lay)
+    C, codes = q.codebooks.double().abs(), q.codes()
+    W_abs = sum(C[m][codes[..., m]] for m in range(M)).reshape(q.out_features, -1) * q.scales.double().abs()[:, None]
+    for T in (1, 2, 3, 4, 9):
+        x = torch.randn(T, q.in_features)
+        y, yr = run_both(q, x)
+        tol = 2 * (q.in_features + M + 4) * 2.0 ** -24 * (x.double().abs() @ W_abs.T)
+        for out in (y, cpu.matmul(cw, x, force_scalar=True)):
+            assert bool(((out.double() - yr.double()).abs() <= tol).all())
+        assert torch.equal(cpu.matmul(cw, x, nthreads=1), cpu.matmul(tiled, x, nthreads=1))
+        assert torch.equal(cpu.matmul(cw, x, nthreads=2), cpu.matmul(cw, x, nthreads=1))
+
+
+def test_extra_codebooks_on_an_out_layout_are_refused():
+    """`extra` codebooks belong to transposed layouts: an OUT layout carrying them is refused, not read
+    without them."""
+    from vptq.qweight import KernelLayout
+    q = make_vq(**CASES["v6_k37_pad"])
+    lay = KernelLayout(q, extra=((q.centroids, q.indices),))
+    with pytest.raises(vptq.kernels.Unsupported, match="extra codebooks"):
+        cpu.from_layout(lay)
 
 
 # ---------------------------------------------------------------- what it does not take

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -59,12 +59,16 @@ class KernelLayout:
     when `transposed`, to its transpose (e.g. an AQLM-style weight: vectors along the input
     dimension are the VPTQ layout of Wᵀ).
     codes: `transposed` only, optional: the weight's own stored codes viewed as (out, nj, M) uint8 or
-    uint16, code m of output row o's input vector j equal to `weight`'s (res_)indices[0, j, o]; kernel=cpu
-    reads them in place instead of keeping a copy (None: it copies `weight`'s indices)."""
+    uint16, code m of output row o's input vector j equal to `weight`'s (res_)indices[0, j, o] (m = 0, 1)
+    or extra[m - 2]'s; kernel=cpu reads them in place instead of keeping a copy (None: it copies them).
+    extra: `transposed` only: more codebooks summed into each codeword like the residual, as
+    (centroids (1, k, g), indices (1, nj, out)) pairs (AQLM's codebooks 2..M-1). kernel=cpu reads them;
+    kernel=triton refuses such a layout (`Unsupported`)."""
 
     weight: "QuantizedWeight"
     transposed: bool = False
     codes: Optional[torch.Tensor] = None
+    extra: Tuple = ()
 
 
 class QuantizedWeight(abc.ABC):

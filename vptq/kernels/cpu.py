@@ -30,7 +30,7 @@ happens): tests bound it.
 
 What it does not take returns None (the torch path): tensors off the CPU, more than MAX_TOKENS tokens
 (prefill: see `vptq.qlinear.dense_weights`), calls that need autograd, weights without a kernel
-layout (GPTVQ, scalar grids, AQLM with M > 2) or with k > 65536 or v > 32, transposed layouts with
+layout (GPTVQ, scalar grids) or with k > 65536 or v > 32, transposed layouts with
 groups, outliers or a permutation, codebooks that float16 cannot hold exactly and that are too large
 for a float32 copy, and any machine where the library cannot be built (no compiler: one warning).
 The library: a plain C ABI called through ctypes, compiled with the system C++
@@ -104,8 +104,8 @@ BIG_CODEBOOK = 256 * 1024
 # codebook: 8 rows were slower for 1x16, 2x8 and 1x8 codes, 2 rows slower for 2x8 and 1x8 (docs/LOG.md,
 # 2026-12-07 23:43 UTC session).
 IN_HALF_ROWS = True
-# Transposed layouts with two codebooks (AQLM's M = 2) run one loop that adds both codewords before the
-# FMA, instead of two passes over x (measured in docs/LOG.md, 2026-12-07 21:50 UTC session).
+# Transposed layouts with two codebooks or more (AQLM's M >= 2) run one loop per pair of codebooks that adds
+# both codewords before the FMA, instead of one pass over x per codebook (measured in docs/LOG.md, 2026-12-07 21:50 UTC session).
 FUSE_IN = True
 # AQLM's 2x8 codes read in place: both 8-bit codes of a vector in one uint16 load, split in registers, instead
 # of two byte streams (which were up to 30 % slower than the tiled copy; docs/LOG.md, 2026-12-07 23:43 UTC
@@ -441,7 +441,9 @@ def from_layout(lay: KernelLayout) -> CpuWeight:
     if norm[1] is not None and not bool(norm[1].any()):  # e.g. AQLM-style: scales only, no per-row offset
         norm = (norm[0], None)
     if lay.transposed:
-        return _from_transposed(q, norm, lay.codes)
+        return _from_transposed(q, norm, lay.codes, lay.extra)
+    if lay.extra:
+        raise Unsupported("extra codebooks on a VPTQ (OUT) layout")
     passes = [out_pass(q.centroids, q.indices, q.outlier_size)]
     if q.num_res_centroids:
         passes.append(out_pass(q.res_centroids, q.res_indices, q.outlier_size))
@@ -452,34 +454,41 @@ def from_layout(lay: KernelLayout) -> CpuWeight:
     return CpuWeight(q.out_features, q.in_features, passes, ydim, perm, *norm)
 
 
-def _from_transposed(q, norm, codes: Optional[torch.Tensor] = None) -> CpuWeight:
-    """q: the VQWeight of Wᵀ (in, out); vectors of length g run along W's input dimension. codes: the
-    weight's own (out, nj, M) codes (`KernelLayout.codes`), read in place where `DIRECT` allows."""
+def _from_transposed(q, norm, codes: Optional[torch.Tensor] = None, extra: tuple = ()) -> CpuWeight:
+    """q: the VQWeight of Wᵀ (in, out); vectors of length g run along W's input dimension; its main and
+    residual codebooks and the `extra` (centroids, indices) pairs are the M codebooks summed into each
+    codeword (AQLM's). codes: the weight's own (out, nj, M) codes (`KernelLayout.codes`), read in place
+    where `DIRECT` allows. Codebooks go two to a pass (`FUSE_IN`: one loop adds both codewords)."""
     if q.group_num != 1 or q.outlier_size or q.perm is not None:
         raise Unsupported("a transposed layout with groups, outliers or a permutation")
     out_f, in_f, g = q.in_features, q.out_features, q.vector_len
-    own = _in_place(codes) and codes.dtype in DIRECT_IN_DTYPES and tuple(codes.shape) == (out_f, q.indices.shape[1], 2 if q.num_res_centroids else 1) \
-        and codes.shape[1] > 0
+    books = [(q.centroids, q.indices)] + ([(q.res_centroids, q.res_indices)] if q.num_res_centroids else []) + list(extra)
+    M, nj = len(books), q.indices.shape[1]
+    own = (_in_place(codes) and codes.dtype in DIRECT_IN_DTYPES and tuple(codes.shape) == (out_f, nj, M) and nj > 0)
 
-    def in_pass(centroids, indices, m):  # indices (1, nj, out): vector j of output row o
+    def in_pass(m):
+        centroids, indices = books[m]  # indices (1, nj, out): vector j of output row o
+        if tuple(indices.shape) != (1, nj, out_f) or centroids.shape[-1] != g:
+            raise Unsupported(f"codebook {m} of a transposed layout: indices {tuple(indices.shape)}, not (1, {nj}, {out_f})")
         check_indices(indices, centroids.shape[1])
-        nj = indices.shape[1]
         if own:
             return _direct_pass(centroids, codes, v=g, group_size=nj, col0=0, nvec=out_f, in_mode=True,
-                                cstride=codes.shape[2], ioff=m)
+                                cstride=M, ioff=m)
         return _pass(centroids, indices[0].t(), v=g, group_size=nj, col0=0, nvec=out_f, in_mode=True)
 
-    passes = [in_pass(q.centroids, q.indices, 0)]
-    if q.num_res_centroids:
-        p1 = in_pass(q.res_centroids, q.res_indices, 1)
-        p0 = passes[0]
-        if (FUSE_IN and p0.codebook.dtype == p1.codebook.dtype and p0.vp == p1.vp and p0.idx_bytes == p1.idx_bytes
-                and p0.direct == p1.direct):
-            passes = [dataclasses.replace(p0, second=p1)]  # one loop: w = C_0[i] + C_1[j]
-            if own and codes.dtype == torch.uint8 and SPLIT:  # both codes of a vector in one uint16 load
-                passes = [dataclasses.replace(passes[0], idx=codes.view(torch.uint16), cstride=1, split=True)]
-        else:
-            passes.append(p1)
+    single = [in_pass(m) for m in range(M)]
+    passes = []
+    for m in range(0, M, 2):
+        p0 = single[m]
+        p1 = single[m + 1] if m + 1 < M else None
+        if p1 is None or not (FUSE_IN and p0.codebook.dtype == p1.codebook.dtype and p0.vp == p1.vp
+                              and p0.idx_bytes == p1.idx_bytes and p0.direct == p1.direct):
+            passes += [p0] + ([p1] if p1 is not None else [])
+            continue
+        duo = dataclasses.replace(p0, second=p1)  # one loop: w = C_m[i] + C_m+1[j]
+        if own and codes.dtype == torch.uint8 and M % 2 == 0 and SPLIT:  # both codes in one uint16 load
+            duo = dataclasses.replace(duo, idx=codes.view(torch.uint16), cstride=M // 2, ioff=m // 2, split=True)
+        passes.append(duo)
     return CpuWeight(out_f, in_f, passes, out_f, None, *norm, transposed=True, g=g)
 
 

@@ -294,6 +294,8 @@ def from_layout(lay: KernelLayout) -> KernelWeight:
     """The Triton buffers of a kernel layout. A transposed layout (Wᵀ, e.g. AQLM-style weights) is
     dequantized by the same kernel (the caller transposes its output); the fused GEMV computes x·Wᵀ
     for the layout it reads and does not serve it (it would need x·Ŵᵀᵀ)."""
+    if lay.extra:
+        raise Unsupported(f"a layout with {2 + len(lay.extra)} codebooks per vector: kernel=triton sums at most 2")
     kw = from_vqweight(lay.weight)
     kw.transposed = lay.transposed
     return kw
