@@ -12,7 +12,8 @@ v weights and gathers a float16 codeword from a cache-resident codebook: for out
 summed over one PASS per codebook (main, residual, outlier columns), with x' = (s ∘ x)[perm] and
 y += (b · x) for the per-column norms W = W'·s + b. Transposed layouts (AQLM-style weights: vectors
 along the input dimension, `vptq.qweight.KernelLayout(transposed=True)`) run the same loop as dot
-products: y[t, o] = s[o] · Σ_j x[t, j*g:(j+1)*g] · C[I[o, j]] (+ C_1[...] as a second pass).
+products: y[t, o] = s[o] · Σ_j x[t, j*g:(j+1)*g] · Σ_m C_m[I_m[o, j]], two codebooks summed per pass
+(AQLM's M codebooks: the layout's main, residual and `extra` ones).
 
 Buffers per pass (`Pass`), built once per weight and cached on the `QuantLinear`:
     idx       (`DIRECT`) the weight's own indices, read in place, R = TILE_ROWS rows of a tile as R
