@@ -19,9 +19,9 @@ Buffers per pass (`Pass`), built once per weight and cached on the `QuantLinear`
     idx       (`DIRECT`) the weight's own indices, read in place, R = TILE_ROWS rows of a tile as R
               streams: the kernel adds no index bytes to the model's memory. VPTQ layout: the (G, n, gs)
               uint8 / int16 / uint16 indices; transposed: the stored codes the weight's layout offers
-              (`KernelLayout.codes`: AQLM's 8- and 16-bit codes, (out, nj, M)). Else (other transposed
-              layouts, `DIRECT` off) a tiled copy (ntiles, ncols, R) uint16, a tile's R rows adjacent per
-              column, byte offsets where they fit 16 bits ((k-1) * VP * 2 or 4 < 2^16)
+              (`KernelLayout.codes`, AQLM's (out, nj, M)) where 8-bit (`DIRECT_IN_DTYPES`). Else (other
+              transposed layouts, `DIRECT` off) a tiled copy (ntiles, ncols, R) uint16, a tile's R rows
+              adjacent per column, byte offsets where they fit 16 bits ((k-1) * VP * 2 or 4 < 2^16)
     codebook  (G, k, VP)         float16  codewords zero-padded to VP in {4, 8, 16, 32} lanes; float32
                                           where that is <= F32_CODEBOOK_BYTES (the residual's 256)
 Arithmetic is float32 (float16 codebooks convert exactly; a small float32 codebook is used as it is,
@@ -103,10 +103,11 @@ DIRECT_IN_DTYPES = (torch.uint8,)
 BIG_CODEBOOK = 256 * 1024
 # Transposed layouts reading the weight's own codes (AQLM's) run one-token programs of 4 rows whatever the
 # codebook: 8 rows were slower for 1x16, 2x8 and 1x8 codes, 2 rows slower for 2x8 and 1x8 (docs/LOG.md,
-# 2026-12-07 23:43 UTC session).
+# 2026-12-07 23:43 UTC session). The paired loop of g <= 4 keeps 8 there (vq_cpu.cpp `tile_rows`).
 IN_HALF_ROWS = True
 # Transposed layouts with two codebooks or more (AQLM's M >= 2) run one loop per pair of codebooks that adds
-# both codewords before the FMA, instead of one pass over x per codebook (measured in docs/LOG.md, 2026-12-07 21:50 UTC session).
+# both codewords before the FMA, instead of one pass over x per codebook (measured in docs/LOG.md,
+# 2026-12-07 21:50 UTC session).
 FUSE_IN = True
 # AQLM's 2x8 codes read in place: both 8-bit codes of a vector in one uint16 load, split in registers, instead
 # of two byte streams (which were up to 30 % slower than the tiled copy; docs/LOG.md, 2026-12-07 23:43 UTC
@@ -237,7 +238,7 @@ class Pass:
     idx_bytes: bool = False
     direct: bool = False
     shared_codebook: bool = False  # `codebook` is the weight's own tensor
-    half_rows: bool = False  # direct: one-token programs of 4 rows (BIG_CODEBOOK)
+    half_rows: bool = False  # direct: one-token programs of 4 rows (BIG_CODEBOOK; IN: IN_HALF_ROWS)
     cstride: int = 1  # direct: index elements from one column to the next of a row (AQLM's M)
     ioff: int = 0  # direct: this stream's first index element in idx (AQLM's code m)
     split: bool = False  # direct, with `second`: idx (nvec, ncols, 1) uint16 words of two uint8 codes, low byte
@@ -463,14 +464,17 @@ def _from_transposed(q, norm, codes: Optional[torch.Tensor] = None, extra: tuple
     if q.group_num != 1 or q.outlier_size or q.perm is not None:
         raise Unsupported("a transposed layout with groups, outliers or a permutation")
     out_f, in_f, g = q.in_features, q.out_features, q.vector_len
-    books = [(q.centroids, q.indices)] + ([(q.res_centroids, q.res_indices)] if q.num_res_centroids else []) + list(extra)
+    books = [(q.centroids, q.indices)] + list(extra)
+    if q.num_res_centroids:
+        books.insert(1, (q.res_centroids, q.res_indices))
     M, nj = len(books), q.indices.shape[1]
     own = (_in_place(codes) and codes.dtype in DIRECT_IN_DTYPES and tuple(codes.shape) == (out_f, nj, M) and nj > 0)
 
     def in_pass(m):
         centroids, indices = books[m]  # indices (1, nj, out): vector j of output row o
         if tuple(indices.shape) != (1, nj, out_f) or centroids.shape[-1] != g:
-            raise Unsupported(f"codebook {m} of a transposed layout: indices {tuple(indices.shape)}, not (1, {nj}, {out_f})")
+            raise Unsupported(f"codebook {m} of a transposed layout: indices {tuple(indices.shape)}, "
+                              f"not (1, {nj}, {out_f})")
         check_indices(indices, centroids.shape[1])
         if own:
             return _direct_pass(centroids, codes, v=g, group_size=nj, col0=0, nvec=out_f, in_mode=True,

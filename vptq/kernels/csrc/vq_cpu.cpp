@@ -364,7 +364,10 @@ VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
 // Two 4-lane codewords (rows r and r+1) in one 8-lane register, float32 or float16 bits
 template <bool F32>
 VQ_AVX2 static inline __m256 pair4(const char* w0, const char* w1) {
-  if (F32) return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps((const float*)w0)), _mm_loadu_ps((const float*)w1), 1);
+  if (F32) {
+    const __m256 lo = _mm256_castps128_ps256(_mm_loadu_ps((const float*)w0));
+    return _mm256_insertf128_ps(lo, _mm_loadu_ps((const float*)w1), 1);
+  }
   const __m128d lo = _mm_castsi128_pd(_mm_loadl_epi64((const __m128i*)w0));
   return _mm256_cvtph_ps(_mm_castpd_si128(_mm_loadh_pd(lo, (const double*)w1)));
 }
