@@ -101,10 +101,6 @@ DIRECT_IN_DTYPES = (torch.uint8,)
 # 2 MB one (v8 k65536 as float32, standing in for the Zen 3's 1 MB codebook in a 512 KB L2) 11-19 %
 # faster with 8 (docs/LOG.md, 2026-12-07 21:50 UTC session).
 BIG_CODEBOOK = 256 * 1024
-# Transposed layouts reading the weight's own codes (AQLM's) run one-token programs of 4 rows whatever the
-# codebook: 8 rows were slower for 1x16, 2x8 and 1x8 codes, 2 rows slower for 2x8 and 1x8 (docs/LOG.md,
-# 2026-12-07 23:43 UTC session). The paired loop of g <= 4 keeps 8 there (vq_cpu.cpp `tile_rows`).
-IN_HALF_ROWS = True
 # Transposed layouts with two codebooks or more (AQLM's M >= 2) run one loop per pair of codebooks that adds
 # both codewords before the FMA, instead of one pass over x per codebook (measured in docs/LOG.md,
 # 2026-12-07 21:50 UTC session).
@@ -238,7 +234,7 @@ class Pass:
     idx_bytes: bool = False
     direct: bool = False
     shared_codebook: bool = False  # `codebook` is the weight's own tensor
-    half_rows: bool = False  # direct: one-token programs of 4 rows (BIG_CODEBOOK; IN: IN_HALF_ROWS)
+    half_rows: bool = False  # direct: one-token programs of 4 rows (BIG_CODEBOOK)
     cstride: int = 1  # direct: index elements from one column to the next of a row (AQLM's M)
     ioff: int = 0  # direct: this stream's first index element in idx (AQLM's code m)
     split: bool = False  # direct, with `second`: idx (nvec, ncols, 1) uint16 words of two uint8 codes, low byte
@@ -397,10 +393,10 @@ def _in_place(indices: Optional[torch.Tensor]) -> bool:
 
 def _direct_pass(centroids: torch.Tensor, indices: torch.Tensor, in_mode: bool, **kw) -> Pass:
     """A pass reading `indices` in place, with half-row programs where one group's codebook is over
-    BIG_CODEBOOK but within the L2, and always in the IN layout (`IN_HALF_ROWS`)."""
+    BIG_CODEBOOK but within the L2."""
     cb, shared = _pass_codebook(centroids)
     cb_bytes = cb[0].numel() * cb.element_size()  # one group's codebook
-    half = (in_mode and IN_HALF_ROWS) or BIG_CODEBOOK < cb_bytes <= l2_bytes()
+    half = BIG_CODEBOOK < cb_bytes <= l2_bytes()
     return Pass(idx=indices, codebook=cb, direct=True, shared_codebook=shared, half_rows=half, in_mode=in_mode, **kw)
 
 
