@@ -89,8 +89,8 @@ COMPACT = True
 DIRECT = True
 DIRECT_DTYPES = (torch.uint8, torch.int16, torch.uint16)
 # Transposed layouts (AQLM's stored codes, `KernelLayout.codes`) are read in place for these code dtypes
-# only. 8-bit codes: half the tiled copy's index bytes; 2x8 1.06-1.30x faster in place (both codes in one
-# load, `SPLIT`), 1x8 0.86-1.13x the copy's time. 16-bit codes (1x16): as many bytes as the copy, and
+# only. 8-bit codes: half the tiled copy's index bytes; 2x8 1.03-1.37x faster in place (both codes in one
+# load, `SPLIT`; docs/benchmarks.md 2026-12-08 01:00), 1x8 0.86-1.13x the copy's time. 16-bit codes (1x16): as many bytes as the copy, and
 # 5-30 % slower in place on cold calls (an address register per row's stream against constant offsets in
 # one stream), so they keep the tiled copy (docs/LOG.md, 2026-12-07 23:43 UTC session).
 DIRECT_IN_DTYPES = (torch.uint8,)
