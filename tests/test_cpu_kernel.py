@@ -136,8 +136,11 @@ def test_compact_codebooks_change_nothing(monkeypatch, case):
     """Small codebooks as float32 and indices as byte offsets (`cpu.COMPACT`, in the tiled copy: the
     route with `cpu.DIRECT` off) compute the same products in the same order as float16 codebooks
     indexed by codeword: bitwise the same output, on the AVX2 and on the scalar loop; every combination
-    of the two reached (F32_CODEBOOK_BYTES raised: a float32 codebook too large for byte offsets)."""
+    of the two reached (F32_CODEBOOK_BYTES raised: a float32 codebook too large for byte offsets). And
+    codebooks of at most 256 entries read through a uint8 tiled copy of codeword numbers (`TILED_U8`, the
+    default, which takes the place of byte offsets there): bitwise the same again."""
     monkeypatch.setattr(cpu, "DIRECT", False)
+    monkeypatch.setattr(cpu, "TILED_U8", False)
     q = make_vq(**CASES[case])
     x = torch.randn(3, q.in_features)
     lay = vptq.kernels.layout_of(q)
@@ -158,6 +161,13 @@ def test_compact_codebooks_change_nothing(monkeypatch, case):
               "v12_k4096_res4096": {(torch.float16, False), (torch.float32, False)},  # 4096 x 32 B > 16 bits
               "v8_k65536": {(torch.float16, False), (torch.float32, False)}}[case]
     assert seen == expect
+    monkeypatch.setattr(cpu, "TILED_U8", True)
+    monkeypatch.setattr(cpu, "F32_CODEBOOK_BYTES", 16384)
+    u8 = cpu.from_layout(lay)
+    assert [p.idx.dtype == torch.uint8 for p in u8.passes] == [p.codebook.shape[1] <= 256 for p in u8.passes]
+    assert not any(p.idx_bytes for p in u8.passes if p.idx.dtype == torch.uint8)
+    assert torch.equal(cpu.matmul(u8, x), want)
+    assert torch.equal(cpu.matmul(u8, x, force_scalar=True), want_scalar)
 
 
 DIRECT_CASES = {  # every index type the weight holds, groups, padding rows, and the halved row programs
@@ -289,8 +299,8 @@ def test_aqlm_two_codebooks_in_one_loop(monkeypatch, M, nbits, g):
     fused = cpu.from_layout(lay)
     assert len(fused.passes) == 1 and fused.passes[0].second is not None
     p = fused.passes[0]
-    assert fused.nbytes() == sum((0 if s.direct else s.idx.numel() * 2) + s.codebook.numel() * s.codebook.element_size()
-                                 for s in (p, p.second)) + 4 * q.out_features
+    assert fused.nbytes() == sum((0 if s.direct else s.idx.numel() * s.idx.element_size())
+                                 + s.codebook.numel() * s.codebook.element_size() for s in (p, p.second)) + 4 * q.out_features
     monkeypatch.setattr(cpu, "FUSE_IN", False)
     two = cpu.from_layout(lay)
     assert len(two.passes) == 2
@@ -333,7 +343,9 @@ def test_aqlm_codes_read_in_place(monkeypatch, case):
                                for s in [p] + ([p.second] if p.second else [])) + 4 * q.out_features
     monkeypatch.setattr(cpu, "DIRECT", False)
     tiled = cpu.from_layout(lay)
-    assert not any(s.direct for s in tiled.passes) and tiled.nbytes() - own.nbytes() == 2 * 40 * 5 * M  # rows padded to 5 tiles
+    width = tiled.passes[0].idx.element_size()  # uint8 tiled copies for 256-entry codebooks (`TILED_U8`)
+    assert width == (1 if nbits == 8 else 2)
+    assert not any(s.direct for s in tiled.passes) and tiled.nbytes() - own.nbytes() == width * 40 * 5 * M  # 5 tiles
     for T in (1, 2, 3, 4, 9):
         x = torch.randn(T, q.in_features)
         want = cpu.matmul(tiled, x, nthreads=1)
@@ -400,7 +412,8 @@ def test_aqlm_more_codebooks(monkeypatch, case):
     codebooks 2.. reach the kernel as the layout's `extra` ones, two per pass, ceil(M / 2) passes; 8-bit
     codes in place (both codes of a pair in one uint16 load where M is even); within the rounding bound
     of the torch path, where each pass sums its own codewords (so the bound takes Σ_m |C_m|, not
-    |Σ_m C_m|), AVX2 and scalar, 1 to 9 tokens; bitwise the tiled copy's output. kernel=triton refuses
+    |Σ_m C_m|), AVX2 and scalar, 1 to 9 tokens; bitwise the tiled copy's output (uint8 for codebooks of at
+    most 256 entries, or uint16). kernel=triton refuses
     the layout (it sums at most 2)."""
     M, nbits, g = AQLM_MANY[case]
     q = make_aqlm(M, nbits, g, out=37, n=5)
@@ -417,6 +430,9 @@ def test_aqlm_more_codebooks(monkeypatch, case):
         assert all(p.idx.data_ptr() == q.packed_codes.data_ptr() for p in cw.passes)
     monkeypatch.setattr(cpu, "DIRECT", False)
     tiled = cpu.from_layout(lay)
+    assert [p.idx.dtype for p in tiled.passes] == [torch.uint8 if nbits <= 8 else torch.uint16] * len(tiled.passes)
+    monkeypatch.setattr(cpu, "TILED_U8", False)
+    tiled16 = cpu.from_layout(lay)  # uint16 codeword numbers or byte offsets: the same products
     C, codes = q.codebooks.double().abs(), q.codes()
     W_abs = sum(C[m][codes[..., m]] for m in range(M)).reshape(q.out_features, -1) * q.scales.double().abs()[:, None]
     for T in (1, 2, 3, 4, 9):
@@ -426,6 +442,7 @@ def test_aqlm_more_codebooks(monkeypatch, case):
         for out in (y, cpu.matmul(cw, x, force_scalar=True)):
             assert bool(((out.double() - yr.double()).abs() <= tol).all())
         assert torch.equal(cpu.matmul(cw, x, nthreads=1), cpu.matmul(tiled, x, nthreads=1))
+        assert torch.equal(cpu.matmul(tiled16, x, nthreads=1), cpu.matmul(tiled, x, nthreads=1))
         assert torch.equal(cpu.matmul(cw, x, nthreads=2), cpu.matmul(cw, x, nthreads=1))
 
 

@@ -20,8 +20,9 @@ Buffers per pass (`Pass`), built once per weight and cached on the `QuantLinear`
               streams: the kernel adds no index bytes to the model's memory. VPTQ layout: the (G, n, gs)
               uint8 / int16 / uint16 indices; transposed: the stored codes the weight's layout offers
               (`KernelLayout.codes`, AQLM's (out, nj, M)) where 8-bit (`DIRECT_IN_DTYPES`). Else (other
-              transposed layouts, `DIRECT` off) a tiled copy (ntiles, ncols, R) uint16, a tile's R rows
-              adjacent per column, byte offsets where they fit 16 bits ((k-1) * VP * 2 or 4 < 2^16)
+              transposed layouts, `DIRECT` off) a tiled copy (ntiles, ncols, R), a tile's R rows adjacent
+              per column: uint8 codeword numbers for codebooks of at most 256 entries (`TILED_U8`), else
+              uint16, byte offsets where they fit 16 bits ((k-1) * VP * 2 or 4 < 2^16)
     codebook  (G, k, VP)         float16  codewords zero-padded to VP in {4, 8, 16, 32} lanes; float32
                                           where that is <= F32_CODEBOOK_BYTES (the residual's 256)
 Arithmetic is float32 (float16 codebooks convert exactly; a small float32 codebook is used as it is,
@@ -89,10 +90,11 @@ COMPACT = True
 DIRECT = True
 DIRECT_DTYPES = (torch.uint8, torch.int16, torch.uint16)
 # Transposed layouts (AQLM's stored codes, `KernelLayout.codes`) are read in place for these code dtypes
-# only. 8-bit codes: half the tiled copy's index bytes; 2x8 1.03-1.37x faster in place (both codes in one
-# load, `SPLIT`; docs/benchmarks.md 2026-12-08 01:00), 1x8 0.86-1.13x the copy's time. 16-bit codes (1x16): as many bytes as the copy, and
-# 5-30 % slower in place on cold calls (an address register per row's stream against constant offsets in
-# one stream), so they keep the tiled copy (docs/LOG.md, 2026-12-07 23:43 UTC session).
+# only. 8-bit codes: half the index bytes of a tiled uint16 copy; 2x8 1.03-1.37x faster in place (both
+# codes in one load, `SPLIT`; docs/benchmarks.md 2026-12-08 01:00), 1x8 0.86-1.13x the copy's time.
+# 16-bit codes (1x16): as many bytes as the copy, and 5-30 % slower in place on cold calls (an address
+# register per row's stream against constant offsets in one stream), so they keep the tiled copy
+# (docs/LOG.md, 2026-12-07 23:43 UTC session).
 DIRECT_IN_DTYPES = (torch.uint8,)
 # With the weight's own indices, a tile's 8 rows are 8 streams. Where a pass's codebook is over
 # BIG_CODEBOOK bytes but within the core's L2 (it nearly fills it), one-token programs run 4 rows, whose
@@ -109,6 +111,10 @@ FUSE_IN = True
 # of two byte streams (which were up to 30 % slower than the tiled copy; docs/LOG.md, 2026-12-07 23:43 UTC
 # session).
 SPLIT = True
+# Tiled copies of indices into codebooks of at most 256 entries are uint8 codeword numbers, not uint16 (byte
+# offsets or numbers): half the bytes, and faster (7x7/g16 8-17 %, 1x6/g3 4-7 %, cold, one and two threads:
+# docs/LOG.md, 2026-12-07 23:43 UTC session). What AQLM codes of fewer than 8 bits get.
+TILED_U8 = True
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STATS: Counter = Counter()  # route -> calls ("cpu", "torch"); tests check the kernel really ran
 
@@ -221,7 +227,7 @@ class Pass:
     (OUT) or all of x (IN); codebook (G, k, VP) float16 or float32. idx: the weight's own indices, read
     in place (`direct`, codeword numbers): OUT, VPTQ's (G, nvec, group_size) uint8 / int16 / uint16; IN,
     AQLM's stored codes (nvec, ncols, M) uint8 / uint16, this pass's codebook being code `ioff` of M
-    (`cstride`). Or a tiled copy (ntiles, ncols, R) uint16 of codeword numbers or byte offsets
+    (`cstride`). Or a tiled copy (ntiles, ncols, R) uint8 / uint16 of codeword numbers or byte offsets
     (`idx_bytes`)."""
 
     idx: torch.Tensor
@@ -258,14 +264,17 @@ class Pass:
 
     def nbytes(self) -> int:
         """Bytes the kernel's buffers add to the weight's own tensors."""
-        own = 0 if self.direct else self.idx.numel() * 2
+        own = 0 if self.direct else self.idx.numel() * self.idx.element_size()
         own += 0 if self.second is None else self.second.nbytes()
         return own + (0 if self.shared_codebook else self.codebook.numel() * self.codebook.element_size())
 
     def run(self, lib, x: torch.Tensor, y: torch.Tensor, nthreads: int, force_scalar: bool = False) -> int:
         """y (T, ldy) float32 += this pass of x (T, ldx) float32 (both with unit column stride)."""
         if self._args is None:  # the fields that do not change between calls, set once
-            mode = 0 if not self.direct else 3 if self.split else 2 if self.idx.element_size() == 1 else 1
+            if not self.direct:
+                mode = 4 if self.idx.dtype == torch.uint8 else 0
+            else:
+                mode = 3 if self.split else 2 if self.idx.element_size() == 1 else 1
             two = self.second
             self._args = bytes(_Pass(in_mode=int(self.in_mode), idx=self._stream(), ntiles=self.ntiles,
                                      ncols=self.ncols, R=TILE_ROWS, VP=self.vp, v=self.v,
@@ -332,8 +341,8 @@ def _codebook(centroids: torch.Tensor, f32: bool = False) -> torch.Tensor:
     return out
 
 
-def _tiles(idx: torch.Tensor, scale: int = 1) -> torch.Tensor:
-    """(rows, ncols) integer indices (times `scale`: byte offsets) -> (ntiles, ncols, R) uint16, rows
+def _tiles(idx: torch.Tensor, scale: int = 1, dtype: torch.dtype = torch.uint16) -> torch.Tensor:
+    """(rows, ncols) integer indices (times `scale`: byte offsets) -> (ntiles, ncols, R) `dtype`, rows
     padded to a multiple of R."""
     rows, ncols = idx.shape
     nt = -(-rows // TILE_ROWS)
@@ -341,7 +350,7 @@ def _tiles(idx: torch.Tensor, scale: int = 1) -> torch.Tensor:
     out[:rows] = idx.cpu()
     if scale != 1:
         out *= scale
-    return out.reshape(nt, TILE_ROWS, ncols).permute(0, 2, 1).to(torch.uint16).contiguous()  # (nt, ncols, R)
+    return out.reshape(nt, TILE_ROWS, ncols).permute(0, 2, 1).to(dtype).contiguous()  # (nt, ncols, R)
 
 
 def check_indices(idx: torch.Tensor, k: int) -> None:
@@ -360,6 +369,8 @@ def _pass(centroids: torch.Tensor, idx: torch.Tensor, **kw) -> Pass:
     it applies (F32_CODEBOOK_BYTES, byte offsets). Indices checked by the caller (`check_indices`)."""
     cb, shared = _pass_codebook(centroids)
     stride = cb.shape[-1] * cb.element_size()  # bytes per codeword
+    if TILED_U8 and centroids.shape[1] <= 256:
+        return Pass(idx=_tiles(idx, dtype=torch.uint8), codebook=cb, shared_codebook=shared, **kw)
     offsets = COMPACT and (centroids.shape[1] - 1) * stride < 65536
     return Pass(idx=_tiles(idx, stride if offsets else 1), codebook=cb, idx_bytes=offsets, shared_codebook=shared,
                 **kw)

@@ -10,7 +10,7 @@
 //     y[t, r*v + i] += sum_c x[t, c] * cb[g(c)][idx[r, c]][i]            i < v, g(c) = c / group_size
 //   IN  (AQLM-style: vectors along the INPUT dimension, x given as (T, ncols, v), v <= VP):
 //     y[t, r]       += sum_c dot(x[t, c, 0:v], cb[0][idx[r, c]][0:v])   (+ cb2[idx2[r, c]] summed into
-//                      the codeword first where a second stream is given: AQLM's M = 2)
+//                      the codeword first where a second stream is given: AQLM's codebooks, two per pass)
 //
 // Buffers (cpu.py):
 //   idx  the weight's own indices, read in place (`idx_mode` 1 / 2): (G, nvec, group_size, S) uint16 /
@@ -20,7 +20,7 @@
 //        streams, one index per column each; no copy of the indices is kept. `idx_mode` 3 (IN, AQLM's
 //        2x8): (nvec, ncols) uint16 words, each the two uint8 codes of a vector (low byte: cb's, high
 //        byte: cb2's), one load for both.
-//        Or a tiled copy (`idx_mode` 0): (ntiles, ncols, R) uint16, the R rows
+//        Or a tiled copy (`idx_mode` 0; 4: uint8 codeword numbers): (ntiles, ncols, R) uint16, the R rows
 //        of one tile adjacent for each column (rows past nvec: 0), codeword numbers or byte offsets into
 //        the group's codebook (`idx_bytes`, where every offset fits 16 bits: no shift per vector)
 //   cb   (G, k, VP)         float16  codewords zero-padded from v to VP lanes (VP in {4, 8, 16, 32}); or
@@ -66,7 +66,8 @@ struct VQPass {
   int32_t cb_f32;        // 1: cb holds float32 codewords (small codebooks), 0: float16 bits
   int32_t idx_bytes;     // 1: idx holds byte offsets into the group's codebook, 0: codeword numbers
   int32_t idx_mode;      // 0: tiled uint16 copy; 1 / 2: the weight's own (G, nvec, group_size, S) uint16 / uint8;
-                         // 3 (IN): the weight's own uint16 words of two uint8 codes, into cb and cb2
+                         // 3 (IN): the weight's own uint16 words of two uint8 codes, into cb and cb2;
+                         // 4: a tiled uint8 copy of codeword numbers
   int32_t half_rows;     // idx_mode 1-3: one-token programs of half the rows (cpu.py decides)
   const void* idx2;      // IN only, or null: a second index stream laid out as idx (same mode), and
   const void* cb2;       // its codebook (k2, VP), same lanes and dtype: w = cb[idx] + cb2[idx2] (AQLM's M = 2)
@@ -100,6 +101,7 @@ static float half_to_float(uint16_t h) {
 // index of row r of `tile`, column c (r < R, tile * R + r < nvec) in stream idx (a.idx or a.idx2)
 static int64_t index_at(const VQPass& a, const void* idx, int tile, int r, int c) {
   if (a.idx_mode == 0) return ((const uint16_t*)idx)[((int64_t)tile * a.ncols + c) * a.R + r];
+  if (a.idx_mode == 4) return ((const uint8_t*)idx)[((int64_t)tile * a.ncols + c) * a.R + r];
   const int64_t g = c / a.group_size, e = ((g * a.nvec + (int64_t)tile * a.R + r) * a.group_size + c % a.group_size) *
                                           a.idx_cstride;
   return a.idx_mode == 2 ? ((const uint8_t*)idx)[e] : ((const uint16_t*)idx)[e];
@@ -210,27 +212,28 @@ template <> struct Vec<4> {
 
 // One index stream walked column by column for RS rows of a tile, with the codebook it indexes (the group's:
 // it advances every group_size columns). IA 0: a tiled uint16 copy (ntiles, ncols, R), the tile's rows
-// adjacent per column; 1 / 2: the weight's own (G, nvec, gs, S) uint16 / uint8 indices, each row its own
-// stream (rows past nvec read row nvec - 1: not stored). OFF: the indices are byte offsets into the codebook.
+// adjacent per column (5: uint8); 1 / 2: the weight's own (G, nvec, gs, S) uint16 / uint8 indices, each row
+// its own stream (rows past nvec read row nvec - 1: not stored). OFF: the indices are byte offsets into the codebook.
 template <int IA, int RS, int VP, int ES, bool OFF>
 struct Stream {
-  typedef typename std::conditional<IA == 2, uint8_t, uint16_t>::type IT;
+  static constexpr bool TILED = IA == 0 || IA == 5;  // 5: a tiled uint8 copy
+  typedef typename std::conditional<IA == 2 || IA == 5, uint8_t, uint16_t>::type IT;
   const IT* ip;
   const char* cb;
   int64_t roff[RS];
   int64_t gstride, gjump;  // bytes from one group's codebook to the next; row r's end in group g -> its start in g+1
   int gend, gs, cstep;
   VQ_AVX2 inline Stream(const VQPass& a, const void* idx, const void* codebook, int tile, int r0)
-      : ip((const IT*)idx + (IA == 0 ? (int64_t)tile * a.ncols * a.R + r0 : 0)),
+      : ip((const IT*)idx + (TILED ? (int64_t)tile * a.ncols * a.R + r0 : 0)),
         cb((const char*)codebook),
         gstride(a.cb_gstride * ES),
-        gjump(IA == 0 ? 0 : (int64_t)(a.nvec - 1) * a.group_size * a.idx_cstride),
+        gjump(TILED ? 0 : (int64_t)(a.nvec - 1) * a.group_size * a.idx_cstride),
         gend(a.group_size),
         gs(a.group_size),
-        cstep(IA == 0 ? a.R : a.idx_cstride) {
+        cstep(TILED ? a.R : a.idx_cstride) {
     VQ_UNROLL for (int r = 0; r < RS; ++r) {
       const int row = tile * a.R + r0 + r;
-      roff[r] = IA == 0 ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * a.group_size * a.idx_cstride;
+      roff[r] = TILED ? r : (int64_t)(row < a.nvec ? row : a.nvec - 1) * a.group_size * a.idx_cstride;
     }
   }
   // at column c (every column, in order): where c starts a group, that group's codebook and indices
@@ -316,6 +319,17 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   }
 }
 
+// Two 4-lane codewords (rows r and r+1) in one 8-lane register, float32 or float16 bits
+template <bool F32>
+VQ_AVX2 static inline __m256 pair4(const char* w0, const char* w1) {
+  if (F32) {
+    const __m256 lo = _mm256_castps128_ps256(_mm_loadu_ps((const float*)w0));
+    return _mm256_insertf128_ps(lo, _mm_loadu_ps((const float*)w1), 1);
+  }
+  const __m128d lo = _mm_castsi128_pd(_mm_loadl_epi64((const __m128i*)w0));
+  return _mm256_cvtph_ps(_mm_castpd_si128(_mm_loadh_pd(lo, (const double*)w1)));
+}
+
 // VP == 4 (v <= 4), OUT layout: two rows per 8-lane register (row 2p in lanes 0-3, row 2p+1 in lanes
 // 4-7), so one float16 conversion and one FMA serve two vectors (the 4-lane loop spent one of each per
 // vector; measured, docs/LOG.md, 2026-12-07 21:50 UTC session). The same products, in the same order per lane.
@@ -337,13 +351,7 @@ VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
     VQ_UNROLL for (int p = 0; p < NP; ++p) {
       const char* w0 = s.word(2 * p);
       const char* w1 = s.word(2 * p + 1);
-      __m256 w;
-      if (F32) {
-        w = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps((const float*)w0)), _mm_loadu_ps((const float*)w1), 1);
-      } else {
-        const __m128d lo = _mm_castsi128_pd(_mm_loadl_epi64((const __m128i*)w0));
-        w = _mm256_cvtph_ps(_mm_castpd_si128(_mm_loadh_pd(lo, (const double*)w1)));
-      }
+      const __m256 w = pair4<F32>(w0, w1);
       VQ_UNROLL for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_fmadd_ps(w, xv[t], acc[p][t]);
     }
   }
@@ -359,17 +367,6 @@ VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
       }
     }
   }
-}
-
-// Two 4-lane codewords (rows r and r+1) in one 8-lane register, float32 or float16 bits
-template <bool F32>
-VQ_AVX2 static inline __m256 pair4(const char* w0, const char* w1) {
-  if (F32) {
-    const __m256 lo = _mm256_castps128_ps256(_mm_loadu_ps((const float*)w0));
-    return _mm256_insertf128_ps(lo, _mm_loadu_ps((const float*)w1), 1);
-  }
-  const __m128d lo = _mm_castsi128_pd(_mm_loadl_epi64((const __m128i*)w0));
-  return _mm256_cvtph_ps(_mm_castpd_si128(_mm_loadh_pd(lo, (const double*)w1)));
 }
 
 // VP == 4 (g <= 4), IN layout: two rows per 8-lane register as in `tile_pair`, a column's x (g floats,
@@ -438,7 +435,7 @@ VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
   if constexpr (L == 4 && NV == 1) {  // two rows per register: 16 rows' worth of accumulators; IN keeps 8
     // rows at one token even where half rows are asked (AQLM g <= 4 in place: 8-13 % faster than 4, docs/LOG.md)
     constexpr int RP0 = 16 / TT > 8 ? 8 : 16 / TT;
-    constexpr int RP = IM > 2 && TT == 1 && !IN ? RP0 / 2 : RP0;
+    constexpr int RP = (IM == 3 || IM == 4) && TT == 1 && !IN ? RP0 / 2 : RP0;
     for (int r0 = 0; r0 < a.R; r0 += RP) {
       if constexpr (IN != 0) {
         tile_pair_in<RP, TT, IN, F32, OFF, IMI, DUO>(a, tile, r0, t0);
@@ -493,6 +490,10 @@ static tile_fn pick_mode(const VQPass& a) {
     case 2:
       if (a.in_mode) return big ? pick_in<L, NV, F32, 4>(a) : pick_in<L, NV, F32, 2>(a);
       return big ? &tile_tokens<L, NV, false, F32, false, 4> : &tile_tokens<L, NV, false, F32, false, 2>;
+    case 4:  // a tiled uint8 copy, codeword numbers
+      if (a.idx_bytes) return nullptr;
+      if (a.in_mode) return pick_in<L, NV, F32, 5>(a);
+      return &tile_tokens<L, NV, false, F32, false, 5>;
     case 3:  // IN: uint16 words of two uint8 codes
       if (a.v != a.VP) return big ? &tile_tokens<L, NV, 2, F32, false, 3, 2> : &tile_tokens<L, NV, 2, F32, false, 1, 2>;
       return big ? &tile_tokens<L, NV, 1, F32, false, 3, 2> : &tile_tokens<L, NV, 1, F32, false, 1, 2>;
@@ -531,10 +532,12 @@ int vq_cpu_isa(void) {
 int vq_cpu_pass(const VQPass* ap, int force_scalar) {
   const VQPass& a = *ap;
   if (a.T < 1 || a.R < 1 || a.VP < 1 || a.VP > 32 || a.v < 1 || a.v > a.VP || a.group_size < 1 || a.ntiles < 0 ||
-      a.ncols < 0 || a.idx_mode < 0 || a.idx_mode > 3 || (a.idx2 && (!a.in_mode || !a.cb2)) ||
+      a.ncols < 0 || a.idx_mode < 0 || a.idx_mode > 4 || (a.idx2 && (!a.in_mode || !a.cb2)) ||
+      (a.idx_mode == 4 && a.idx_bytes) ||
       (a.idx_mode == 3 && (!a.in_mode || a.idx2 || !a.cb2)) ||
-      (a.idx_mode != 0 && (a.idx_bytes || a.nvec < 1 || a.idx_cstride < 1 || a.ncols % a.group_size != 0 ||
-                           (a.in_mode && a.group_size != a.ncols))))
+      (a.idx_mode != 0 && a.idx_mode != 4 &&
+       (a.idx_bytes || a.nvec < 1 || a.idx_cstride < 1 || a.ncols % a.group_size != 0 ||
+        (a.in_mode && a.group_size != a.ncols))))
     return -1;
   void (*fn)(const VQPass&, int) = tile_scalar;
   int isa = 0;
