@@ -365,8 +365,9 @@ def check_indices(idx: torch.Tensor, k: int) -> None:
 
 
 def _pass(centroids: torch.Tensor, idx: torch.Tensor, **kw) -> Pass:
-    """A Pass of codebook `centroids` (G, k, v) and indices idx (rows, ncols), in the compact form where
-    it applies (F32_CODEBOOK_BYTES, byte offsets). Indices checked by the caller (`check_indices`)."""
+    """A Pass of codebook `centroids` (G, k, v) and a tiled copy of indices idx (rows, ncols), in the
+    compact form where it applies (F32_CODEBOOK_BYTES; uint8 codeword numbers for at most 256 entries,
+    `TILED_U8`; else uint16 byte offsets where they fit). Indices checked by the caller (`check_indices`)."""
     cb, shared = _pass_codebook(centroids)
     stride = cb.shape[-1] * cb.element_size()  # bytes per codeword
     if TILED_U8 and centroids.shape[1] <= 256:
