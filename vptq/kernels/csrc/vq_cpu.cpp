@@ -26,7 +26,7 @@
 //   cb   (G, k, VP)         float16  codewords zero-padded from v to VP lanes (VP in {4, 8, 16, 32}); or
 //                           float32  (`cb_f32`, small codebooks: one load+FMA per vector, no conversion)
 // One program computes RS rows x TT tokens of one tile over all columns with the accumulators in
-// registers (RS*TT*NV <= 8; VP = 4 in the OUT layout: two rows per 8-lane register, `tile_pair`), then adds
+// registers (RS*TT*NV <= 8; VP = 4: two rows per 8-lane register, `tile_pair`), then adds
 // them to y; rows at or past nvec (the last tile's padding) are not stored, nor lanes at or past v (OUT).
 // Measured on Zen3 (docs/LOG.md): float16 codebooks beat float32
 // ones from k = 4096 up (half the cache footprint); float32 + byte offsets make the 256-entry residual
@@ -274,7 +274,7 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
   const float* xp = a.x + (int64_t)t0 * ldx;
   typename V::M mask[NV];  // lanes < v: OUT, of y; IN == 2, of x
   VQ_UNROLL for (int j = 0; j < NV; ++j) mask[j] = V::first(a.v - j * L);
-  for (int c = 0; c < ncols; ++c, s.next(), s2.next()) {
+  for (int c = 0; c < ncols; ++c) {
     s.at(c);
     reg xv[TT][IN ? NV : 1];
     VQ_UNROLL for (int t = 0; t < TT; ++t) {
@@ -300,6 +300,9 @@ VQ_AVX2 static void tile_avx2(const VQPass& a, int tile, int r0, int t0) {
         VQ_UNROLL for (int t = 0; t < TT; ++t) acc[r][t][j] = V::fma(w, xv[t][IN ? j : 0], acc[r][t][j]);
       }
     }
+    s.next();
+    if (DUO == 1) s2.next();  // only where it is read: GCC did not always drop an unused stream's advance
+                              // (v4 4096 x 11008 batch 1 15 % slower, tiled 1x16 3-12 %; docs/LOG.md)
   }
   VQ_UNROLL for (int r = 0; r < RS; ++r) {
     const int row = tile * R + r0 + r;
@@ -330,10 +333,13 @@ VQ_AVX2 static inline __m256 pair4(const char* w0, const char* w1) {
   return _mm256_cvtph_ps(_mm_castpd_si128(_mm_loadh_pd(lo, (const double*)w1)));
 }
 
-// VP == 4 (v <= 4), OUT layout: two rows per 8-lane register (row 2p in lanes 0-3, row 2p+1 in lanes
-// 4-7), so one float16 conversion and one FMA serve two vectors (the 4-lane loop spent one of each per
-// vector; measured, docs/LOG.md, 2026-12-07 21:50 UTC session). The same products, in the same order per lane.
-template <int RS, int TT, bool F32, bool OFF, int IM>
+// VP == 4: two rows per 8-lane register (row 2p in lanes 0-3, row 2p+1 in lanes 4-7), so one float16
+// conversion and one FMA serve two vectors (the 4-lane loop spent one of each per vector; measured,
+// docs/LOG.md, 2026-12-07 21:50 UTC session), with the same products in the same order per lane.
+//   OUT (IN == 0, v <= 4): x[t, c] broadcast to all 8 lanes; each half added to its row's v outputs.
+//   IN (g <= 4): a column's x (g floats, masked where g < 4: IN == 2) in both halves; each half summed as
+//     Vec<4>::hsum sums the 4-lane loop's register, so the same result bit for bit; DUO as in tile_avx2.
+template <int RS, int TT, int IN, bool F32, bool OFF, int IM, int DUO>
 VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
   static_assert(RS % 2 == 0, "rows come in pairs");
   constexpr int NP = RS / 2, VP = 4, ES = F32 ? 4 : 2;
@@ -343,55 +349,20 @@ VQ_AVX2 static void tile_pair(const VQPass& a, int tile, int r0, int t0) {
   VQ_UNROLL for (int p = 0; p < NP; ++p)
     VQ_UNROLL for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_setzero_ps();
   Stream<IM, RS, VP, ES, OFF> s(a, a.idx, a.cb, tile, r0);
-  const float* xp = a.x + (int64_t)t0 * ldx;
-  for (int c = 0; c < ncols; ++c, s.next()) {
-    s.at(c);
-    __m256 xv[TT];
-    VQ_UNROLL for (int t = 0; t < TT; ++t) xv[t] = _mm256_broadcast_ss(xp + t * ldx + c);
-    VQ_UNROLL for (int p = 0; p < NP; ++p) {
-      const char* w0 = s.word(2 * p);
-      const char* w1 = s.word(2 * p + 1);
-      const __m256 w = pair4<F32>(w0, w1);
-      VQ_UNROLL for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_fmadd_ps(w, xv[t], acc[p][t]);
-    }
-  }
-  const __m128i mask = Vec<4>::first(a.v);
-  VQ_UNROLL for (int p = 0; p < NP; ++p) {
-    VQ_UNROLL for (int h = 0; h < 2; ++h) {
-      const int row = tile * R + r0 + 2 * p + h;
-      if (row >= a.nvec) continue;
-      VQ_UNROLL for (int t = 0; t < TT; ++t) {
-        float* yp = a.y + (int64_t)(t0 + t) * a.ldy + (int64_t)row * a.v;
-        const __m128 s = h ? _mm256_extractf128_ps(acc[p][t], 1) : _mm256_castps256_ps128(acc[p][t]);
-        _mm_maskstore_ps(yp, mask, _mm_add_ps(_mm_maskload_ps(yp, mask), s));
-      }
-    }
-  }
-}
-
-// VP == 4 (g <= 4), IN layout: two rows per 8-lane register as in `tile_pair`, a column's x (g floats,
-// masked where g < 4: IN == 2) in both halves; each half summed as Vec<4>::hsum sums the 4-lane loop's
-// register, so the same result bit for bit, with one FMA per two vectors (and per two codewords of DUO).
-template <int RS, int TT, int IN, bool F32, bool OFF, int IM, int DUO>
-VQ_AVX2 static void tile_pair_in(const VQPass& a, int tile, int r0, int t0) {
-  static_assert(RS % 2 == 0, "rows come in pairs");
-  constexpr int NP = RS / 2, VP = 4, ES = F32 ? 4 : 2;
-  const int R = a.R, ncols = a.ncols;
-  const int64_t ldx = a.ldx;
-  __m256 acc[NP][TT];
-  VQ_UNROLL for (int p = 0; p < NP; ++p)
-    VQ_UNROLL for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_setzero_ps();
-  Stream<IM, RS, VP, ES, OFF> s(a, a.idx, a.cb, tile, r0);
   Stream<IM, RS, VP, ES, OFF> s2(a, DUO == 1 ? a.idx2 : a.idx, DUO == 1 ? a.cb2 : a.cb, tile, r0);  // DUO 1 only
-  const __m128i xmask = Vec<4>::first(a.v);
+  const __m128i mask = Vec<4>::first(a.v);  // OUT: y's lanes; IN == 2: x's
   const float* xp = a.x + (int64_t)t0 * ldx;
-  for (int c = 0; c < ncols; ++c, s.next(), s2.next()) {
+  for (int c = 0; c < ncols; ++c) {
     s.at(c);
     __m256 xv[TT];
     VQ_UNROLL for (int t = 0; t < TT; ++t) {
-      const __m128 h = IN == 1 ? _mm_loadu_ps(xp + t * ldx + (int64_t)c * VP)
-                               : _mm_maskload_ps(xp + t * ldx + (int64_t)c * a.v, xmask);
-      xv[t] = _mm256_insertf128_ps(_mm256_castps128_ps256(h), h, 1);
+      if (IN == 0) {
+        xv[t] = _mm256_broadcast_ss(xp + t * ldx + c);
+      } else {
+        const __m128 h = IN == 1 ? _mm_loadu_ps(xp + t * ldx + (int64_t)c * VP)
+                                 : _mm_maskload_ps(xp + t * ldx + (int64_t)c * a.v, mask);
+        xv[t] = _mm256_insertf128_ps(_mm256_castps128_ps256(h), h, 1);
+      }
     }
     VQ_UNROLL for (int p = 0; p < NP; ++p) {
       const char *w0 = s.word(2 * p), *w1 = s.word(2 * p + 1), *v0 = nullptr, *v1 = nullptr;
@@ -409,6 +380,8 @@ VQ_AVX2 static void tile_pair_in(const VQPass& a, int tile, int r0, int t0) {
       if (DUO) w = _mm256_add_ps(w, pair4<F32>(v0, v1));
       VQ_UNROLL for (int t = 0; t < TT; ++t) acc[p][t] = _mm256_fmadd_ps(w, xv[t], acc[p][t]);
     }
+    s.next();
+    if (DUO == 1) s2.next();
   }
   VQ_UNROLL for (int p = 0; p < NP; ++p) {
     VQ_UNROLL for (int h = 0; h < 2; ++h) {
@@ -416,7 +389,12 @@ VQ_AVX2 static void tile_pair_in(const VQPass& a, int tile, int r0, int t0) {
       if (row >= a.nvec) continue;
       VQ_UNROLL for (int t = 0; t < TT; ++t) {
         const __m128 half = h ? _mm256_extractf128_ps(acc[p][t], 1) : _mm256_castps256_ps128(acc[p][t]);
-        a.y[(int64_t)(t0 + t) * a.ldy + row] += Vec<4>::hsum(half);
+        if (IN == 0) {
+          float* yp = a.y + (int64_t)(t0 + t) * a.ldy + (int64_t)row * a.v;
+          _mm_maskstore_ps(yp, mask, _mm_add_ps(_mm_maskload_ps(yp, mask), half));
+        } else {
+          a.y[(int64_t)(t0 + t) * a.ldy + row] += Vec<4>::hsum(half);
+        }
       }
     }
   }
@@ -436,13 +414,7 @@ VQ_AVX2 static void tile_rows(const VQPass& a, int tile, int t0) {
     // rows at one token even where half rows are asked (AQLM g <= 4 in place: 8-13 % faster than 4, docs/LOG.md)
     constexpr int RP0 = 16 / TT > 8 ? 8 : 16 / TT;
     constexpr int RP = (IM == 3 || IM == 4) && TT == 1 && !IN ? RP0 / 2 : RP0;
-    for (int r0 = 0; r0 < a.R; r0 += RP) {
-      if constexpr (IN != 0) {
-        tile_pair_in<RP, TT, IN, F32, OFF, IMI, DUO>(a, tile, r0, t0);
-      } else {
-        tile_pair<RP, TT, F32, OFF, IMI>(a, tile, r0, t0);
-      }
-    }
+    for (int r0 = 0; r0 < a.R; r0 += RP) tile_pair<RP, TT, IN, F32, OFF, IMI, DUO>(a, tile, r0, t0);
     return;
   }
   for (int r0 = 0; r0 < a.R; r0 += RS) tile_avx2<L, NV, RS, TT, IN, F32, OFF, IMI, DUO>(a, tile, r0, t0);
