@@ -63,6 +63,19 @@ def run_both(q, x, bias=None):
     return y, yr
 
 
+def assert_same_as_tiled(cw, tiled, in_features: int) -> torch.Tensor:
+    """cw (a route reading the weight's own indices) gives bitwise the tiled copy's output: 1 to 9 tokens (the
+    4/2/1-token programs), one and two threads, AVX2 and scalar (the same products in the same order).
+    -> the last x."""
+    for T in (1, 2, 3, 4, 9):
+        x = torch.randn(T, in_features)
+        want = cpu.matmul(tiled, x, nthreads=1)
+        assert torch.equal(cpu.matmul(cw, x, nthreads=1), want)
+        assert torch.equal(cpu.matmul(cw, x, nthreads=2), want)
+        assert torch.equal(cpu.matmul(cw, x, force_scalar=True), cpu.matmul(tiled, x, force_scalar=True))
+    return x
+
+
 # ---------------------------------------------------------------- VPTQ layout: every feature
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16, 64, 256])
@@ -207,12 +220,7 @@ def test_direct_indices_match_the_tiled_copy(monkeypatch, case, l2):
     monkeypatch.setattr(cpu, "DIRECT", False)
     tiled = cpu.from_layout(lay)
     assert not any(p.direct for p in tiled.passes)
-    for T in (1, 2, 3, 4, 9):
-        x = torch.randn(T, q.in_features)
-        want = cpu.matmul(tiled, x, nthreads=1)
-        assert torch.equal(cpu.matmul(direct, x, nthreads=1), want)
-        assert torch.equal(cpu.matmul(direct, x, nthreads=2), want)
-        assert torch.equal(cpu.matmul(direct, x, force_scalar=True), cpu.matmul(tiled, x, force_scalar=True))
+    x = assert_same_as_tiled(direct, tiled, q.in_features)
     check_close(cpu.matmul(direct, x), QuantLinear(q).forward(x).detach(), x, q)
 
 
@@ -346,12 +354,7 @@ def test_aqlm_codes_read_in_place(monkeypatch, case):
     width = tiled.passes[0].idx.element_size()  # uint8 tiled copies for 256-entry codebooks (`TILED_U8`)
     assert width == (1 if nbits == 8 else 2)
     assert not any(s.direct for s in tiled.passes) and tiled.nbytes() - own.nbytes() == width * 40 * 5 * M  # 5 tiles
-    for T in (1, 2, 3, 4, 9):
-        x = torch.randn(T, q.in_features)
-        want = cpu.matmul(tiled, x, nthreads=1)
-        assert torch.equal(cpu.matmul(own, x, nthreads=1), want)
-        assert torch.equal(cpu.matmul(own, x, nthreads=2), want)
-        assert torch.equal(cpu.matmul(own, x, force_scalar=True), cpu.matmul(tiled, x, force_scalar=True))
+    x = assert_same_as_tiled(own, tiled, q.in_features)
     A = x.double().abs() @ q.dequantize(torch.float64).abs().T
     tol = 2 * (q.in_features + 4) * 2.0 ** -24 * A
     assert bool(((cpu.matmul(own, x).double() - QuantLinear(q).forward(x).detach().double()).abs() <= tol).all())
